@@ -1,0 +1,291 @@
+"""PreferenceDataset: who compared which two segments, and what they said."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from egalitarian_rl.preferences.segments import Transitions, concatenate_transitions
+
+_FORMAT_VERSION = 1
+_VALID_LABELS = (0.0, 0.5, 1.0)
+
+
+class PreferenceDatasetError(ValueError):
+    """A preference dataset (in memory or on disk) is malformed."""
+
+
+@dataclass
+class PreferenceDataset:
+    """Pairwise comparisons of segments by identified users.
+
+    :param user_ids: ``(N,)`` which user made comparison ``i``.
+    :param segments_a: first segment of each comparison, leading shape ``(N, L)``.
+    :param segments_b: second segment, same shapes as ``segments_a``.
+    :param labels: ``(N,)`` probability that ``a`` is preferred: 1 (a), 0 (b) or 0.5 (equal).
+    :param users: ``(U,)`` every known user id (a user may have no comparisons,
+        for example after a split).
+    :param user_groups: ``(U,)`` true group index of each user, -1 where unknown.
+    :param group_names: names of the true groups indexed by ``user_groups``.
+    :param metadata: JSON-serialisable facts about the data (env id, action count, ...).
+    """
+
+    user_ids: np.ndarray
+    segments_a: Transitions
+    segments_b: Transitions
+    labels: np.ndarray
+    users: np.ndarray
+    user_groups: np.ndarray
+    group_names: tuple[str, ...] = ()
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.user_ids = np.asarray(self.user_ids, dtype=np.int64)
+        self.labels = np.asarray(self.labels, dtype=np.float32)
+        self.users = np.asarray(self.users, dtype=np.int64)
+        self.user_groups = np.asarray(self.user_groups, dtype=np.int64)
+        self.group_names = tuple(self.group_names)
+        self.validate()
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        """Raise :class:`PreferenceDatasetError` naming the first problem found."""
+        n = len(self.labels)
+        if self.labels.ndim != 1 or self.user_ids.shape != (n,):
+            raise PreferenceDatasetError(f"wrong shape: labels {self.labels.shape} and user_ids {self.user_ids.shape} must both be (N,)")
+        if self.users.ndim != 1 or self.user_groups.shape != self.users.shape:
+            raise PreferenceDatasetError(f"wrong shape: users {self.users.shape} and user_groups {self.user_groups.shape} must both be (U,)")
+        if len(np.unique(self.users)) != len(self.users):
+            raise PreferenceDatasetError("duplicate user ids in users")
+        for name, seg in (("segments_a", self.segments_a), ("segments_b", self.segments_b)):
+            self._check_segments(name, seg, n)
+        if self.segments_a.obs.shape != self.segments_b.obs.shape or self.segments_a.acts.shape != self.segments_b.acts.shape:
+            raise PreferenceDatasetError(
+                f"wrong shape: segments_a {self.segments_a.obs.shape} and segments_b {self.segments_b.obs.shape} differ"
+            )
+        if set(self.segments_a.infos) != set(self.segments_b.infos):
+            raise PreferenceDatasetError("segments_a and segments_b record different info keys")
+        if not np.all(np.isfinite(self.labels)):
+            raise PreferenceDatasetError("label is NaN or infinite")
+        bad = ~np.isin(self.labels, _VALID_LABELS)
+        if bad.any():
+            raise PreferenceDatasetError(f"label outside {{0, 0.5, 1}}: {self.labels[bad][:5].tolist()}")
+        unknown = ~np.isin(self.user_ids, self.users)
+        if unknown.any():
+            raise PreferenceDatasetError(f"unknown user id {np.unique(self.user_ids[unknown])[:5].tolist()} not in users")
+        bad_group = (self.user_groups < -1) | (self.user_groups >= max(len(self.group_names), 0))
+        if self.group_names and bad_group.any():
+            raise PreferenceDatasetError(f"user group index out of range for {len(self.group_names)} groups")
+        if not self.group_names and (self.user_groups != -1).any():
+            raise PreferenceDatasetError("user_groups given without group_names")
+
+    @staticmethod
+    def _check_segments(name: str, seg: Transitions, n: int) -> None:
+        fields = {"obs": seg.obs, "acts": seg.acts, "next_obs": seg.next_obs, **{f"infos[{k}]": v for k, v in seg.infos.items()}}
+        length = seg.acts.shape[1] if seg.acts.ndim >= 2 else None
+        for field_name, array in fields.items():
+            if array.ndim < 2 or array.shape[0] != n or array.shape[1] != length:
+                raise PreferenceDatasetError(
+                    f"wrong shape: {name}.{field_name} is {array.shape}, expected ({n}, segment_length, ...) "
+                    f"with segment_length {length}"
+                )
+            if array.dtype.kind not in "biuf":
+                raise PreferenceDatasetError(f"{name}.{field_name} has non-numeric dtype {array.dtype}")
+            if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+                raise PreferenceDatasetError(f"NaN or infinite value in {name}.{field_name}")
+        if seg.obs.shape != seg.next_obs.shape:
+            raise PreferenceDatasetError(f"wrong shape: {name}.obs {seg.obs.shape} != {name}.next_obs {seg.next_obs.shape}")
+
+    # --------------------------------------------------------------- accessors
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def n_users(self) -> int:
+        return len(self.users)
+
+    @property
+    def segment_length(self) -> int:
+        return self.segments_a.acts.shape[1]
+
+    def user_index(self) -> np.ndarray:
+        """``(N,)`` position in ``users`` of each comparison's user (0..U-1)."""
+        order = np.argsort(self.users)
+        return order[np.searchsorted(self.users, self.user_ids, sorter=order)]
+
+    def comparison_groups(self) -> np.ndarray:
+        """``(N,)`` true group index of each comparison's user (-1 unknown)."""
+        return self.user_groups[self.user_index()]
+
+    def comparisons_per_user(self) -> np.ndarray:
+        """``(U,)`` number of comparisons of each user in ``users``."""
+        return np.bincount(self.user_index(), minlength=self.n_users)
+
+    # ------------------------------------------------------------- selections
+    def subset(self, comparison_idx: np.ndarray, users: np.ndarray | None = None) -> PreferenceDataset:
+        """The comparisons at ``comparison_idx``; keeps every user unless ``users`` is given."""
+        comparison_idx = np.asarray(comparison_idx)
+        keep_users = np.isin(self.users, users) if users is not None else np.ones(self.n_users, dtype=bool)
+        return PreferenceDataset(
+            self.user_ids[comparison_idx],
+            self.segments_a.index(comparison_idx),
+            self.segments_b.index(comparison_idx),
+            self.labels[comparison_idx],
+            self.users[keep_users],
+            self.user_groups[keep_users],
+            self.group_names,
+            dict(self.metadata),
+        )
+
+    def for_users(self, users: np.ndarray) -> PreferenceDataset:
+        """Only the given users and their comparisons."""
+        return self.subset(np.flatnonzero(np.isin(self.user_ids, users)), users=users)
+
+    def split_by_user(self, test_fraction: float, seed: int = 0) -> tuple[PreferenceDataset, PreferenceDataset]:
+        """Disjoint users in train and test (for held-out users, e.g. ``assign``)."""
+        _check_fraction(test_fraction)
+        rng = np.random.default_rng(seed)
+        shuffled = rng.permutation(self.users)
+        n_test = max(1, round(test_fraction * self.n_users))
+        return self.for_users(shuffled[n_test:]), self.for_users(shuffled[:n_test])
+
+    def split_by_comparison(self, test_fraction: float, seed: int = 0) -> tuple[PreferenceDataset, PreferenceDataset]:
+        """Held-out comparisons of the same users, stratified per user."""
+        _check_fraction(test_fraction)
+        rng = np.random.default_rng(seed)
+        test = np.zeros(len(self), dtype=bool)
+        for user in self.users:
+            rows = rng.permutation(np.flatnonzero(self.user_ids == user))
+            test[rows[: int(round(test_fraction * len(rows)))]] = True
+        return self.subset(np.flatnonzero(~test)), self.subset(np.flatnonzero(test))
+
+    @staticmethod
+    def concatenate(datasets: Sequence[PreferenceDataset]) -> PreferenceDataset:
+        """Join datasets; a user id present in several must have the same true group."""
+        if not datasets:
+            raise PreferenceDatasetError("nothing to concatenate")
+        names = datasets[0].group_names
+        if any(d.group_names != names for d in datasets):
+            raise PreferenceDatasetError(f"datasets have different group names: {[d.group_names for d in datasets]}")
+        group_of: dict[int, int] = {}
+        for d in datasets:
+            for user, group in zip(d.users.tolist(), d.user_groups.tolist()):
+                if group_of.setdefault(user, group) != group:
+                    raise PreferenceDatasetError(f"user {user} has true group {group_of[user]} in one dataset and {group} in another")
+        users = np.array(sorted(group_of), dtype=np.int64)
+        return PreferenceDataset(
+            np.concatenate([d.user_ids for d in datasets]),
+            concatenate_transitions([d.segments_a for d in datasets]),
+            concatenate_transitions([d.segments_b for d in datasets]),
+            np.concatenate([d.labels for d in datasets]),
+            users,
+            np.array([group_of[u] for u in users.tolist()], dtype=np.int64),
+            names,
+            dict(datasets[0].metadata),
+        )
+
+    # ---------------------------------------------------------------- storage
+    def _arrays(self) -> dict[str, np.ndarray]:
+        arrays = {"user_ids": self.user_ids, "labels": self.labels, "users": self.users, "user_groups": self.user_groups}
+        for side, seg in (("a", self.segments_a), ("b", self.segments_b)):
+            arrays[f"{side}.obs"] = seg.obs
+            arrays[f"{side}.acts"] = seg.acts
+            arrays[f"{side}.next_obs"] = seg.next_obs
+            for key, value in seg.infos.items():
+                arrays[f"{side}.infos.{key}"] = np.asarray(value)
+        return arrays
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write an ``.npz`` (no pickle) atomically: a temp file renamed into place."""
+        path = Path(path)
+        arrays = self._arrays()
+        header = {
+            "format_version": _FORMAT_VERSION,
+            "group_names": list(self.group_names),
+            "metadata": self.metadata,
+            "sha256": _digest(arrays),
+        }
+        arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez_compressed(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> PreferenceDataset:
+        """Read a file written by :meth:`save`, verifying its checksum and contents."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"preference dataset {path} does not exist")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {key: npz[key] for key in npz.files}
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as err:
+            raise PreferenceDatasetError(f"{path} is truncated or corrupt ({type(err).__name__}: {err})") from None
+        try:
+            header = json.loads(arrays.pop("header").tobytes().decode())
+        except (KeyError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise PreferenceDatasetError(f"{path} has no readable header ({type(err).__name__}): not a preference dataset") from None
+        if header.get("format_version") != _FORMAT_VERSION:
+            raise PreferenceDatasetError(f"{path}: unsupported format version {header.get('format_version')!r}")
+        if _digest(arrays) != header.get("sha256"):
+            raise PreferenceDatasetError(f"{path}: checksum mismatch, the file was modified after it was saved")
+        try:
+            segments = {
+                side: Transitions(
+                    arrays[f"{side}.obs"],
+                    arrays[f"{side}.acts"],
+                    arrays[f"{side}.next_obs"],
+                    {k.split(".", 2)[2]: v for k, v in arrays.items() if k.startswith(f"{side}.infos.")},
+                )
+                for side in ("a", "b")
+            }
+            return cls(
+                arrays["user_ids"],
+                segments["a"],
+                segments["b"],
+                arrays["labels"],
+                arrays["users"],
+                arrays["user_groups"],
+                tuple(header["group_names"]),
+                header.get("metadata", {}),
+            )
+        except KeyError as err:
+            raise PreferenceDatasetError(f"{path} lacks array {err}") from None
+
+    def __repr__(self) -> str:
+        return (
+            f"PreferenceDataset({len(self)} comparisons, {self.n_users} users, "
+            f"segment_length={self.segment_length}, groups={list(self.group_names)})"
+        )
+
+
+def _digest(arrays: dict[str, np.ndarray]) -> str:
+    sha = hashlib.sha256()
+    for key in sorted(arrays):
+        array = np.ascontiguousarray(arrays[key])
+        sha.update(f"{key}|{array.dtype.str}|{array.shape}".encode())
+        sha.update(array.tobytes())
+    return sha.hexdigest()
+
+
+def _check_fraction(fraction: float) -> None:
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {fraction}")

@@ -1,0 +1,150 @@
+"""Trajectory segments: the pieces of behaviour that users compare.
+
+A :class:`Transitions` holds step data with *any* leading batch shape: one
+step (no batch axis), a batch of steps ``(n,)`` or a batch of segments
+``(n_segments, segment_length)``. Group reward functions are written once
+against it and broadcast over whatever leading shape they are given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple, Union
+
+import gymnasium as gym
+import numpy as np
+from tqdm.auto import tqdm
+
+
+class Transitions(NamedTuple):
+    """Step data sharing one leading batch shape ``(...)``.
+
+    :param obs: observations before the step, ``(..., *obs_shape)``.
+    :param acts: actions taken, ``(..., *act_shape)`` (``(...)`` for discrete actions).
+    :param next_obs: observations after the step, ``(..., *obs_shape)``.
+    :param infos: named step features read from the env's ``info`` (for example
+        ``x_velocity``), each ``(..., *feature_shape)``. For a single step this can
+        be the ``info`` dict itself.
+    """
+
+    obs: np.ndarray
+    acts: np.ndarray
+    next_obs: np.ndarray
+    infos: Mapping[str, Any]
+
+    def index(self, idx: Any) -> Transitions:
+        """Select along the first axis (numpy indexing) in every field."""
+        return Transitions(
+            self.obs[idx],
+            self.acts[idx],
+            self.next_obs[idx],
+            {key: value[idx] for key, value in self.infos.items()},
+        )
+
+
+def concatenate_transitions(parts: Sequence[Transitions]) -> Transitions:
+    """Concatenate along the first axis; all parts must have the same info keys."""
+    keys = set(parts[0].infos)
+    for part in parts[1:]:
+        if set(part.infos) != keys:
+            raise ValueError(f"cannot concatenate transitions with info keys {sorted(keys)} and {sorted(part.infos)}")
+    return Transitions(
+        np.concatenate([p.obs for p in parts]),
+        np.concatenate([p.acts for p in parts]),
+        np.concatenate([p.next_obs for p in parts]),
+        {key: np.concatenate([p.infos[key] for p in parts]) for key in sorted(keys)},
+    )
+
+
+#: What can generate behaviour: ``"random"``, an SB3-style model with
+#: ``predict(obs, deterministic=False)``, or a callable ``obs -> action``.
+Behaviour = Union[str, Callable[[np.ndarray], Any], Any]
+
+
+def _make_policy(behaviour: Behaviour, env: gym.Env) -> Callable[[np.ndarray], Any]:
+    if isinstance(behaviour, str):
+        if behaviour != "random":
+            raise ValueError(f"unknown behaviour {behaviour!r}: use 'random', a model with .predict, or a callable")
+        return lambda _obs: env.action_space.sample()
+    if hasattr(behaviour, "predict"):
+        return lambda obs: behaviour.predict(obs, deterministic=False)[0]
+    if callable(behaviour):
+        return behaviour
+    raise TypeError(f"behaviour must be 'random', a model with .predict or a callable, got {type(behaviour).__name__}")
+
+
+def rollout_segments(
+    env: gym.Env,
+    n_segments: int,
+    segment_length: int,
+    behaviour: Behaviour = "random",
+    info_keys: Sequence[str] = (),
+    seed: int | None = None,
+    progress_bar: bool = False,
+) -> Transitions:
+    """Roll out ``behaviour`` in ``env`` and cut episodes into segments.
+
+    Segments are consecutive, non-overlapping windows of ``segment_length``
+    steps inside one episode (an episode's remainder shorter than a segment is
+    dropped), so no segment straddles a reset.
+
+    :param env: any gymnasium env (wrapped or not).
+    :param n_segments: how many segments to return.
+    :param segment_length: steps per segment, ``L``.
+    :param behaviour: who acts: ``"random"``, an SB3 model or a callable ``obs -> action``.
+    :param info_keys: ``info`` entries to record with every step (what group rewards read).
+    :param seed: seeds the env's first reset and its action space.
+    :return: transitions with leading shape ``(n_segments, segment_length)``.
+    """
+    if n_segments < 1 or segment_length < 1:
+        raise ValueError(f"n_segments and segment_length must be >= 1, got {n_segments} and {segment_length}")
+    policy = _make_policy(behaviour, env)
+    env.action_space.seed(seed)
+    obs, _ = env.reset(seed=seed)
+    obs_buf, act_buf, next_buf = [], [], []
+    info_buf: dict[str, list[Any]] = {key: [] for key in info_keys}
+    segments: list[Transitions] = []
+    with tqdm(total=n_segments, desc="segments", unit="seg", disable=not progress_bar) as bar:
+        while len(segments) < n_segments:
+            action = policy(obs)
+            next_obs, _, terminated, truncated, info = env.step(action)
+            obs_buf.append(obs)
+            act_buf.append(action)
+            next_buf.append(next_obs)
+            for key in info_keys:
+                if key not in info:
+                    raise KeyError(f"info has no key {key!r} needed by the group rewards; it has {sorted(info)}")
+                info_buf[key].append(info[key])
+            if len(act_buf) == segment_length:
+                segments.append(
+                    Transitions(
+                        np.asarray(obs_buf),
+                        np.asarray(act_buf),
+                        np.asarray(next_buf),
+                        {key: np.asarray(values) for key, values in info_buf.items()},
+                    )
+                )
+                bar.update(1)
+                obs_buf, act_buf, next_buf = [], [], []
+                info_buf = {key: [] for key in info_keys}
+            obs = next_obs
+            if terminated or truncated:
+                obs, _ = env.reset()
+                obs_buf, act_buf, next_buf = [], [], []
+                info_buf = {key: [] for key in info_keys}
+    return Transitions(
+        np.stack([s.obs for s in segments]),
+        np.stack([s.acts for s in segments]),
+        np.stack([s.next_obs for s in segments]),
+        {key: np.stack([s.infos[key] for s in segments]) for key in info_keys},
+    )
+
+
+def sample_pairs(n_segments: int, n_pairs: int, rng: np.random.Generator) -> np.ndarray:
+    """Draw ``n_pairs`` pairs of distinct segment indices, shape ``(n_pairs, 2)``."""
+    if n_segments < 2:
+        raise ValueError(f"need at least 2 segments to form pairs, got {n_segments}")
+    first = rng.integers(n_segments, size=n_pairs)
+    # Shift by 1..n-1 so the second index is uniform over the others, never equal.
+    second = (first + rng.integers(1, n_segments, size=n_pairs)) % n_segments
+    return np.stack([first, second], axis=1)
