@@ -1,5 +1,6 @@
 """egalitarian-rl: align RL policies with diverse human preferences (MaxMin-RLHF)."""
 
+import envs  # noqa: F401  (registers the egalitarian_rl/ envs)
 from egalitarian_rl.preferences import (
     MultiUserPreferenceWrapper,
     Population,
@@ -7,8 +8,6 @@ from egalitarian_rl.preferences import (
     UserGroup,
     collect_preferences,
 )
-
-import envs  # noqa: E402, F401  (registers the egalitarian_rl/ envs)
 
 __version__ = "0.1.0"
 

@@ -63,7 +63,9 @@ class PreferenceDataset:
         if self.labels.ndim != 1 or self.user_ids.shape != (n,):
             raise PreferenceDatasetError(f"wrong shape: labels {self.labels.shape} and user_ids {self.user_ids.shape} must both be (N,)")
         if self.users.ndim != 1 or self.user_groups.shape != self.users.shape:
-            raise PreferenceDatasetError(f"wrong shape: users {self.users.shape} and user_groups {self.user_groups.shape} must both be (U,)")
+            raise PreferenceDatasetError(
+                f"wrong shape: users {self.users.shape} and user_groups {self.user_groups.shape} must both be (U,)"
+            )
         if len(np.unique(self.users)) != len(self.users):
             raise PreferenceDatasetError("duplicate user ids in users")
         for name, seg in (("segments_a", self.segments_a), ("segments_b", self.segments_b)):
@@ -165,7 +167,7 @@ class PreferenceDataset:
         test = np.zeros(len(self), dtype=bool)
         for user in self.users:
             rows = rng.permutation(np.flatnonzero(self.user_ids == user))
-            test[rows[: int(round(test_fraction * len(rows)))]] = True
+            test[rows[: round(test_fraction * len(rows))]] = True
         return self.subset(np.flatnonzero(~test)), self.subset(np.flatnonzero(test))
 
     @staticmethod

@@ -9,7 +9,7 @@ against it and broadcast over whatever leading shape they are given.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import gymnasium as gym
 import numpy as np
@@ -58,7 +58,7 @@ def concatenate_transitions(parts: Sequence[Transitions]) -> Transitions:
 
 #: What can generate behaviour: ``"random"``, an SB3-style model with
 #: ``predict(obs, deterministic=False)``, or a callable ``obs -> action``.
-Behaviour = Union[str, Callable[[np.ndarray], Any], Any]
+Behaviour = str | Callable[[np.ndarray], Any] | Any
 
 
 def _make_policy(behaviour: Behaviour, env: gym.Env) -> Callable[[np.ndarray], Any]:
