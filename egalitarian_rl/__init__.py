@@ -11,7 +11,19 @@ from egalitarian_rl.preferences import (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # The agent pulls in torch and stable-baselines3: import it only when asked
+    # for, so that ``import envs`` (e.g. in SubprocVecEnv workers) stays light.
+    if name == "MaxMinPPO":
+        from egalitarian_rl.algorithms.maxmin_ppo import MaxMinPPO
+
+        return MaxMinPPO
+    raise AttributeError(f"module 'egalitarian_rl' has no attribute {name!r}")
+
+
 __all__ = [
+    "MaxMinPPO",
     "MultiUserPreferenceWrapper",
     "Population",
     "PreferenceDataset",

@@ -16,14 +16,35 @@ from gymnasium.envs.registration import register, registry
 from egalitarian_rl.preferences.population import GroupRewardLibrary, Population
 
 FAIRGRID_ID = "egalitarian_rl/FairGrid-v0"
+MO_HALFCHEETAH_ID = "egalitarian_rl/MOHalfCheetah-v0"
+MO_HOPPER_ID = "egalitarian_rl/MOHopper-v0"
 
-if FAIRGRID_ID not in registry:
-    register(id=FAIRGRID_ID, entry_point="envs.gridworld:FairGridEnv", max_episode_steps=30)
+# String entry points: nothing below imports MuJoCo or mo_gymnasium until an env is made.
+_REGISTRATIONS = {
+    FAIRGRID_ID: dict(entry_point="envs.gridworld:FairGridEnv", max_episode_steps=30),
+    # Env reward with weights (1, 0.1) = HalfCheetah-v5's reward; the groups read info["vector_reward"].
+    MO_HALFCHEETAH_ID: dict(
+        entry_point="envs.mo:make_mo_env",
+        max_episode_steps=1000,
+        kwargs={"mo_env_id": "mo-halfcheetah-v5", "weights": (1.0, 0.1)},
+    ),
+    MO_HOPPER_ID: dict(entry_point="envs.mo:make_mo_env", max_episode_steps=1000, kwargs={"mo_env_id": "mo-hopper-v5"}),
+}
+for _env_id, _spec in _REGISTRATIONS.items():
+    if _env_id not in registry:
+        register(id=_env_id, **_spec)
 
 # env id -> "module:attribute" of its group library, imported on first use so
 # that importing envs stays cheap (no MuJoCo or transformers at import time).
+# Gymnasium's own ids are listed too: their groups read the env's info / obs.
 _GROUP_LIBRARIES = {
     FAIRGRID_ID: "envs.gridworld:GROUPS",
+    MO_HALFCHEETAH_ID: "envs.mo:MO_HALFCHEETAH_GROUPS",
+    MO_HOPPER_ID: "envs.mo:MO_HOPPER_GROUPS",
+    "HalfCheetah-v5": "envs.mujoco:HALF_CHEETAH_GROUPS",
+    "Hopper-v5": "envs.mujoco:WALKER_GROUPS",
+    "Walker2d-v5": "envs.mujoco:WALKER_GROUPS",
+    "CartPole-v1": "envs.classic:CARTPOLE_GROUPS",
 }
 
 
@@ -40,4 +61,4 @@ def make_population(env_id: str, shares: dict[str, float], **answering: float | 
     return group_library(env_id).population(shares, **answering)
 
 
-__all__ = ["FAIRGRID_ID", "group_library", "make_population"]
+__all__ = ["FAIRGRID_ID", "MO_HALFCHEETAH_ID", "MO_HOPPER_ID", "group_library", "make_population"]

@@ -77,7 +77,7 @@ class FairGridEnv(gym.Env):
         (gives varied segments for preference collection).
     """
 
-    metadata = {"render_modes": ["ansi"]}
+    metadata = {"render_modes": ["ansi"], "render_fps": 4}
     min_episode_return = 0.0
 
     def __init__(self, random_start: bool = False, render_mode: str | None = None) -> None:

@@ -12,7 +12,7 @@ from egalitarian_rl.preferences.population import Population
 GROUP_REWARDS_KEY = "group_rewards"
 
 
-class MultiUserPreferenceWrapper(gym.Wrapper):
+class MultiUserPreferenceWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
     """Puts each group's true step reward into ``info["group_rewards"]``, shape ``(K,)``.
 
     Observations, actions and the env's own reward pass through unchanged; the
@@ -24,7 +24,10 @@ class MultiUserPreferenceWrapper(gym.Wrapper):
     """
 
     def __init__(self, env: gym.Env, population: Population) -> None:
-        super().__init__(env)
+        # Recorded constructor arguments let gymnasium rebuild the wrapped env
+        # from ``env.spec`` (``gym.make(env.spec)``, ``check_env``'s close check).
+        gym.utils.RecordConstructorArgs.__init__(self, population=population)
+        gym.Wrapper.__init__(self, env)
         self.population = population
         self._last_obs: Any = None
 

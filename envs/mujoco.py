@@ -1,0 +1,97 @@
+"""User groups for Gymnasium's MuJoCo locomotion envs.
+
+The envs are Gymnasium's own (``gym.make("HalfCheetah-v5")``); this module only
+names the groups whose true rewards a population can be built from. Importing
+it does not import MuJoCo: the functions read arrays from :class:`Transitions`.
+
+Every function takes transitions with any leading shape ``(...)`` (one step, a
+batch, or segments ``(n, L)``) and returns rewards of that shape. They are
+called once per group on every env step by
+:class:`~egalitarian_rl.preferences.MultiUserPreferenceWrapper`, so they use
+builtin ``abs`` and plain arithmetic (cheap on numpy scalars, broadcasting on
+arrays) rather than numpy ufuncs, which cost about a microsecond on a scalar.
+
+HalfCheetah-v5 ``info`` (measured, gymnasium 1.4): ``x_position``,
+``x_velocity``, ``reward_forward`` (= ``x_velocity``) and ``reward_ctrl``
+(``-0.1 * |a|^2``, float32; ``|a|^2 <= 6``, about 2 per step under uniform
+random actions). Hopper-v5 and Walker2d-v5 add ``z_distance_from_origin`` and
+``reward_survive`` (1.0 while healthy, 0.0 on the step that makes the robot
+unhealthy, which ends the episode by default).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from egalitarian_rl.preferences.population import GroupRewardLibrary
+from egalitarian_rl.preferences.segments import Transitions
+
+#: Speed (m/s) the HalfCheetah "gentle" group wants; a trained PPO runner reaches ~2-5.
+GENTLE_SPEED = 1.0
+#: Weight on ``|a|^2`` relative to the speed error in "gentle" (``10 * reward_ctrl = -|a|^2``).
+GENTLE_CTRL_SCALE = 10.0
+#: Observation index of the torso angle (radians) in Hopper-v5 and Walker2d-v5 with the
+#: default ``exclude_current_positions_from_observation=True`` (obs = qpos[1:], qvel: z, angle, ...).
+TORSO_ANGLE_INDEX = 1
+
+
+# --- HalfCheetah-v5 ---------------------------------------------------------------------------
+
+
+def cheetah_fast(t: Transitions) -> np.ndarray:
+    """Forward velocity ``x_velocity`` (m/s): the usual HalfCheetah objective without control cost."""
+    return t.infos["x_velocity"]
+
+
+def cheetah_backward(t: Transitions) -> np.ndarray:
+    """Backward velocity ``-x_velocity``: maximal conflict with "fast" (its compromise is standing still)."""
+    return -t.infos["x_velocity"]
+
+
+def cheetah_gentle(t: Transitions) -> np.ndarray:
+    """Run at a moderate speed with small actions: ``10 * reward_ctrl - |x_velocity - 1|`` = ``-|a|^2 - |v - 1|``.
+
+    Plain ``-|a|^2`` barely conflicts with "fast" (a trained runner already uses
+    small actions, see DESIGN.md); the speed target makes a fast runner cost
+    this group ``|v - 1|`` per step. Best value 0 (standing still costs 1 per step).
+    """
+    return GENTLE_CTRL_SCALE * t.infos["reward_ctrl"] - abs(t.infos["x_velocity"] - GENTLE_SPEED)
+
+
+def cheetah_calm(t: Transitions) -> np.ndarray:
+    """Stay put with small actions: ``reward_ctrl - |x_velocity|`` (DESIGN.md's "calm"). Best value 0."""
+    return t.infos["reward_ctrl"] - abs(t.infos["x_velocity"])
+
+
+HALF_CHEETAH_GROUPS = GroupRewardLibrary(
+    {"fast": cheetah_fast, "backward": cheetah_backward, "gentle": cheetah_gentle, "calm": cheetah_calm},
+    info_keys=("x_velocity", "reward_ctrl"),
+)
+
+
+# --- Hopper-v5 and Walker2d-v5 ----------------------------------------------------------------
+
+
+def walker_fast(t: Transitions) -> np.ndarray:
+    """Forward velocity ``x_velocity`` (no survival bonus, no control cost)."""
+    return t.infos["x_velocity"]
+
+
+def walker_steady(t: Transitions) -> np.ndarray:
+    """Stay healthy and slow: ``reward_survive - |x_velocity|`` (1 per step standing still, 0 for the fall)."""
+    return t.infos["reward_survive"] - abs(t.infos["x_velocity"])
+
+
+def walker_upright(t: Transitions) -> np.ndarray:
+    """Stay healthy with the torso vertical: ``reward_survive - |torso angle|`` (angle from ``next_obs``).
+
+    Assumes the default observation layout (``exclude_current_positions_from_observation=True``).
+    """
+    return t.infos["reward_survive"] - abs(t.next_obs[..., TORSO_ANGLE_INDEX])
+
+
+#: Same groups for Hopper-v5 and Walker2d-v5 (both put z then the torso angle first in obs).
+WALKER_GROUPS = GroupRewardLibrary(
+    {"fast": walker_fast, "steady": walker_steady, "upright": walker_upright},
+    info_keys=("x_velocity", "reward_survive"),
+)
