@@ -77,7 +77,7 @@ class FairGridEnv(gym.Env):
         (gives varied segments for preference collection).
     """
 
-    metadata = {"render_modes": ["ansi"], "render_fps": 4}
+    metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
     min_episode_return = 0.0
 
     def __init__(self, random_start: bool = False, render_mode: str | None = None) -> None:
@@ -108,7 +108,17 @@ class FairGridEnv(gym.Env):
         cell = self._position[0] * SIZE + self._position[1]
         return self._obs(), float(self._env_reward[cell]), False, False, {}
 
-    def render(self) -> str:
+    def render(self) -> str | np.ndarray:
+        """``ansi``: the grid as text; ``rgb_array``: a (100, 100, 3) picture (goals coloured, agent black)."""
+        if self.render_mode == "rgb_array":
+            cell = 20
+            image = np.full((SIZE * cell, SIZE * cell, 3), 235, dtype=np.uint8)
+            colours = {MAJORITY_GOAL: (66, 133, 244), MINORITY_GOAL: (234, 67, 53), COMPROMISE: (251, 188, 5)}
+            for (row, col), colour in colours.items():
+                image[row * cell : (row + 1) * cell, col * cell : (col + 1) * cell] = colour
+            row, col = self._position
+            image[row * cell + 5 : (row + 1) * cell - 5, col * cell + 5 : (col + 1) * cell - 5] = 0
+            return image
         grid = [["." for _ in range(SIZE)] for _ in range(SIZE)]
         for mark, (row, col) in (("A", MAJORITY_GOAL), ("B", MINORITY_GOAL), ("C", COMPROMISE)):
             grid[row][col] = mark

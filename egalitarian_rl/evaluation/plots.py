@@ -1,0 +1,218 @@
+"""PNG plots of evaluation metrics and learning curves.
+
+Figures are built with :class:`matplotlib.figure.Figure` and rendered by the
+Agg backend without touching pyplot's global state, so these functions are
+safe in scripts, tests and notebooks alike. A group has the same colour in
+every plot (:func:`group_colors`); files are written atomically.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib as mpl
+import numpy as np
+from matplotlib.figure import Figure
+
+from egalitarian_rl.evaluation.io import write_atomic
+from egalitarian_rl.evaluation.metrics import check_metrics
+
+#: One learning curve: ``(steps (n_points,), values (n_points,) or (n_seeds, n_points))``.
+Curve = tuple[Any, Any]
+#: ``method -> curve`` (one value per method) or ``method -> {group -> curve}``.
+Curves = Mapping[str, Curve | Mapping[str, Curve]]
+
+_DPI = 120
+
+
+def group_colors(group_names: Sequence[str]) -> dict[str, Any]:
+    """Colour of each group, by its position in ``group_names`` (tab10, then tab20)."""
+    palette = list(mpl.colormaps["tab10"].colors)
+    palette += [c for c in mpl.colormaps["tab20"].colors if c not in palette]
+    return {name: palette[i % len(palette)] for i, name in enumerate(group_names)}
+
+
+def method_colors(methods: Sequence[str]) -> dict[str, Any]:
+    """Colour of each method (Dark2, distinct from the group palette)."""
+    palette = list(mpl.colormaps["Dark2"].colors) + list(mpl.colormaps["Set1"].colors)
+    return {name: palette[i % len(palette)] for i, name in enumerate(methods)}
+
+
+def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
+    return write_atomic(path, lambda handle: fig.savefig(handle, format="png", dpi=_DPI))
+
+
+def _method_axis(ax: Any, methods: list[str]) -> None:
+    rotate = len(methods) > 4 or max(len(m) for m in methods) > 12
+    ax.set_xticks(np.arange(len(methods)))
+    ax.set_xticklabels(methods, rotation=25 if rotate else 0, ha="right" if rotate else "center")
+    ax.set_xlabel("method")
+
+
+def plot_group_returns(metrics: Mapping[str, Any], path: str | os.PathLike[str], title: str | None = None) -> Path:
+    """Grouped bar chart: each method's mean true return per group, with std error bars.
+
+    :param metrics: output of :func:`~egalitarian_rl.evaluation.build_metrics`.
+    :param path: the PNG to write.
+    :return: ``path``.
+    """
+    check_metrics(metrics)
+    methods, groups = list(metrics["methods"]), list(metrics["groups"])
+    colors = group_colors(groups)
+    width = 0.8 / len(groups)
+    x = np.arange(len(methods))
+    fig = Figure(figsize=(max(6.0, 1.3 * len(methods) + 2.5), 4.5), layout="constrained")
+    ax = fig.subplots()
+    for k, group in enumerate(groups):
+        means = [metrics["methods"][m]["groups"][group]["mean_return"] for m in methods]
+        stds = [metrics["methods"][m]["groups"][group]["std_return"] for m in methods]
+        bars = ax.bar(x + (k - (len(groups) - 1) / 2) * width, means, width, yerr=stds, capsize=3, color=colors[group], label=group)
+        ax.bar_label(bars, fmt="%.3g", fontsize=7, padding=2)
+    if metrics.get("min_episode_return") is not None:
+        ax.axhline(metrics["min_episode_return"], color="grey", linestyle=":", linewidth=1, label="lowest possible return")
+    ax.axhline(0.0, color="black", linewidth=0.6)
+    _method_axis(ax, methods)
+    ax.set_ylabel("mean true episode return")
+    n_episodes = sorted({metrics["methods"][m].get("n_episodes") for m in methods} - {None})
+    over = f" over {n_episodes[0]} episodes" if len(n_episodes) == 1 else ""
+    ax.set_title(title or f"True return per user group (mean ± std{over})")
+    ax.legend(title="group", fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_win_rates(metrics: Mapping[str, Any], path: str | os.PathLike[str], title: str | None = None) -> Path:
+    """Grouped bar chart: each method's per-group win-rate vs the baseline (0.5 = no difference).
+
+    :param metrics: output of :func:`~egalitarian_rl.evaluation.build_metrics`.
+    :param path: the PNG to write.
+    :return: ``path``.
+    """
+    check_metrics(metrics)
+    baseline, groups = metrics["baseline"], list(metrics["groups"])
+    methods = [m for m in metrics["methods"] if m != baseline]
+    colors = group_colors(groups)
+    win_key = f"win_rate_vs_{baseline}"
+    fig = Figure(figsize=(max(6.0, 1.3 * len(methods) + 2.5), 4.5), layout="constrained")
+    ax = fig.subplots()
+    if methods:
+        width = 0.8 / len(groups)
+        x = np.arange(len(methods))
+        for k, group in enumerate(groups):
+            rates = [metrics["methods"][m]["groups"][group][win_key] for m in methods]
+            bars = ax.bar(x + (k - (len(groups) - 1) / 2) * width, rates, width, color=colors[group], label=group)
+            ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
+        _method_axis(ax, methods)
+        ax.legend(title="group", fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    else:
+        ax.text(0.5, 0.5, f"only the baseline {baseline!r} was evaluated", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xticks([])
+    ax.axhline(0.5, color="black", linestyle="--", linewidth=1)
+    ax.set_ylim(0.0, 1.08)
+    ax.set_ylabel(f"win-rate vs {baseline} (ties count half)")
+    ax.set_title(title or f"Per-group win-rate vs {baseline} (dashed: 0.5, no difference)")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def _is_curve(value: Any) -> bool:
+    return isinstance(value, (tuple, list)) and len(value) == 2 and not isinstance(value, Mapping)
+
+
+def _curve_arrays(where: str, curve: Any) -> tuple[np.ndarray, np.ndarray]:
+    if not _is_curve(curve):
+        raise ValueError(f"curves{where} must be a (steps, values) pair, got {type(curve).__name__}")
+    steps = np.asarray(curve[0], dtype=np.float64)
+    values = np.asarray(curve[1], dtype=np.float64)
+    if steps.ndim != 1 or values.ndim not in (1, 2) or values.shape[-1] != steps.shape[0]:
+        raise ValueError(
+            f"curves{where}: steps {steps.shape} and values {values.shape} must be (n_points,) and (n_points,) or (n_seeds, n_points)"
+        )
+    if steps.size == 0:
+        raise ValueError(f"curves{where} has no points")
+    return steps, values
+
+
+def _draw_curve(ax: Any, steps: np.ndarray, values: np.ndarray, color: Any, label: str) -> None:
+    if values.ndim == 1:
+        ax.plot(steps, values, color=color, label=label)
+        return
+    mean = np.nanmean(values, axis=0)
+    std = np.nanstd(values, axis=0)
+    ax.plot(steps, mean, color=color, label=f"{label} (mean ± std, {values.shape[0]} seeds)")
+    ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+
+
+def plot_learning_curves(
+    curves: Curves,
+    path: str | os.PathLike[str],
+    title: str = "Learning curves",
+    xlabel: str = "environment steps",
+    ylabel: str = "mean true episode return",
+    group_names: Sequence[str] | None = None,
+) -> Path:
+    """Learning curves, one line per method or one line per group and a panel per method.
+
+    :param curves: either ``method -> (steps, values)`` (one axes, a line per method)
+        or ``method -> {group -> (steps, values)}`` (a panel per method with a shared
+        y axis, a line per group in the group's colour). ``steps`` is ``(n_points,)``;
+        ``values`` is ``(n_points,)`` or ``(n_seeds, n_points)`` (drawn as mean ± std).
+    :param path: the PNG to write.
+    :param group_names: group order (fixes the colours, as in the other plots);
+        default: order of first appearance.
+    :raises ValueError: empty ``curves``, mixed forms, or mismatched steps and values.
+    :return: ``path``.
+    """
+    if len(curves) == 0:
+        raise ValueError("curves is empty: nothing to plot")
+    per_group = [isinstance(value, Mapping) for value in curves.values()]
+    if any(per_group) and not all(per_group):
+        raise ValueError("curves mixes method -> (steps, values) and method -> {group: (steps, values)}; use one form")
+    methods = [str(m) for m in curves]
+    if not all(per_group):
+        fig = Figure(figsize=(7.0, 4.5), layout="constrained")
+        ax = fig.subplots()
+        colors = method_colors(methods)
+        for method, curve in curves.items():
+            steps, values = _curve_arrays(f"[{method!r}]", curve)
+            _draw_curve(ax, steps, values, colors[str(method)], str(method))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(title="method", fontsize="small")
+        ax.grid(alpha=0.3)
+        return _save(fig, path)
+
+    order = list(group_names or [])
+    for groups in curves.values():
+        order += [str(g) for g in groups if str(g) not in order]  # type: ignore[union-attr]
+    colors = group_colors(order)
+    ncols = min(len(methods), 3)
+    nrows = math.ceil(len(methods) / ncols)
+    fig = Figure(figsize=(4.2 * ncols + 1.5, 3.4 * nrows + 0.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, sharey=True, squeeze=False)).ravel()
+    handles: dict[str, Any] = {}
+    for ax, (method, groups) in zip(axes, curves.items()):
+        for group, curve in groups.items():  # type: ignore[union-attr]
+            steps, values = _curve_arrays(f"[{method!r}][{group!r}]", curve)
+            _draw_curve(ax, steps, values, colors[str(group)], str(group))
+            handles.setdefault(str(group), ax.get_lines()[-1])
+        ax.set_title(str(method))
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(methods) :]:
+        ax.set_visible(False)
+    for row in range(nrows):
+        axes[row * ncols].set_ylabel(ylabel)
+    ordered = [g for g in order if g in handles]
+    fig.legend([handles[g] for g in ordered], ordered, title="group", loc="outside right upper", fontsize="small")
+    multi_seed = any(np.ndim(curve[1]) == 2 for groups in curves.values() for curve in groups.values())  # type: ignore[union-attr]
+    fig.suptitle(title + (" (lines: mean over seeds, bands: ± std)" if multi_seed else ""))
+    return _save(fig, path)
+
+
+__all__ = ["group_colors", "method_colors", "plot_group_returns", "plot_learning_curves", "plot_win_rates"]

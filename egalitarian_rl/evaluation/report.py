@@ -1,0 +1,257 @@
+"""``report.md`` with ``metrics.json`` and plots: what was run, the numbers, a plain verdict."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from egalitarian_rl.evaluation.io import save_json_atomic, to_jsonable, write_text_atomic
+from egalitarian_rl.evaluation.metrics import check_metrics, shifted_ratio
+from egalitarian_rl.evaluation.plots import Curves, plot_group_returns, plot_learning_curves, plot_win_rates
+
+METRICS_FILE = "metrics.json"
+REPORT_FILE = "report.md"
+GROUP_RETURNS_PLOT = "group_returns.png"
+WIN_RATES_PLOT = "win_rates.png"
+LEARNING_CURVES_PLOT = "learning_curves.png"
+
+#: Share of its baseline return the majority must keep for the verdict to say "kept" (issue 4: 75%).
+MAJORITY_KEEP = 0.75
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.2f}" if abs(value) < 1e5 else f"{value:.3g}"
+
+
+def _markdown_table(metrics: Mapping[str, Any]) -> str:
+    baseline, groups = metrics["baseline"], list(metrics["groups"])
+    win_key, ratio_key, seed_key = f"win_rate_vs_{baseline}", f"ratio_vs_{baseline}", f"seed_win_rate_vs_{baseline}"
+    header = ["method", *[f"{g}: mean ± std" for g in groups], *[f"{g}: win-rate" for g in groups], "worst group"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for method, entry in metrics["methods"].items():
+        name = f"`{method}`" + (" (baseline)" if method == baseline else "")
+        cells = [name]
+        for g in groups:
+            stats = entry["groups"][g]
+            cell = f"{_fmt(stats['mean_return'])} ± {_fmt(stats['std_return'])}"
+            if ratio_key in stats and method != baseline:
+                ratio = stats[ratio_key]
+                cell += f" (×{ratio:.2f})" if ratio is not None else " (×∞)"
+            cells.append(cell)
+        for g in groups:
+            stats = entry["groups"][g]
+            seed_rate = stats.get(seed_key)
+            cells.append(f"{stats[win_key]:.2f}" + (f" (seeds {seed_rate:.2f})" if seed_rate is not None else ""))
+        cells.append(f"{_fmt(entry['worst_group_return'])} ({entry['worst_group']})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _choose_method(metrics: Mapping[str, Any], method: str | None) -> str | None:
+    baseline, methods = metrics["baseline"], metrics["methods"]
+    if method is not None:
+        if method not in methods:
+            raise ValueError(f"method {method!r} is not in metrics; methods: {list(methods)}")
+        return method
+    if "maxmin" in methods and baseline != "maxmin":
+        return "maxmin"
+    others = [m for m in methods if m != baseline]
+    return max(others, key=lambda m: methods[m]["worst_group_return"]) if others else None
+
+
+def _majority(metrics: Mapping[str, Any], group_shares: Mapping[str, float] | None) -> tuple[str, str]:
+    baseline, groups = metrics["baseline"], list(metrics["groups"])
+    shares = group_shares if group_shares is not None else metrics.get("extra", {}).get("group_shares")
+    if isinstance(shares, Mapping) and all(g in shares for g in groups):
+        majority = max(groups, key=lambda g: shares[g])
+        return majority, f"majority ({majority}, {shares[majority]:.0%} of users)"
+    base = metrics["methods"][baseline]["groups"]
+    majority = max(groups, key=lambda g: base[g]["mean_return"])
+    return majority, f"group `{baseline}` serves best ({majority}, taken as the majority: no group shares were given)"
+
+
+def verdict(
+    metrics: Mapping[str, Any],
+    method: str | None = None,
+    group_shares: Mapping[str, float] | None = None,
+    keep: float = MAJORITY_KEEP,
+) -> str:
+    """One plain-language paragraph: did ``method`` lift the worst-off group without costing the majority?
+
+    The worst-off group is the one with the lowest mean true return under the
+    baseline. The majority is the group with the largest share (``group_shares``,
+    or ``metrics["extra"]["group_shares"]``), else the group the baseline serves
+    best. The majority "kept its return" if ``method`` reaches at least ``keep``
+    times its baseline return, counted from ``metrics["min_episode_return"]`` when
+    known (else from 0).
+
+    :param method: the method to judge; default ``maxmin`` if present, else the
+        non-baseline method with the highest worst-group return.
+    """
+    check_metrics(metrics)
+    baseline, groups = metrics["baseline"], list(metrics["groups"])
+    chosen = _choose_method(metrics, method)
+    if chosen is None:
+        return f"Only the baseline `{baseline}` was evaluated, so there is nothing to compare it with."
+    base, other = metrics["methods"][baseline], metrics["methods"][chosen]
+    win_key = f"win_rate_vs_{baseline}"
+    floor = metrics.get("min_episode_return")
+    worst = min(groups, key=lambda g: base["groups"][g]["mean_return"])
+    b_worst, c_worst = base["groups"][worst]["mean_return"], other["groups"][worst]["mean_return"]
+    wr_worst = other["groups"][worst][win_key]
+    if c_worst > b_worst:
+        lifted = "raised"
+    elif c_worst == b_worst:
+        lifted = "left unchanged"
+    else:
+        lifted = "lowered"
+    text = (
+        f"Compared with `{baseline}`, `{chosen}` {lifted} the true return of the group worst off under `{baseline}`, "
+        f"{worst}, from {_fmt(b_worst)} to {_fmt(c_worst)} (win-rate {wr_worst:.2f}, where 0.5 means no difference)."
+    )
+    majority, who = _majority(metrics, group_shares)
+    b_maj, c_maj = base["groups"][majority]["mean_return"], other["groups"][majority]["mean_return"]
+    counted_from = 0.0 if floor is None else float(floor)
+    kept_ok: bool
+    if majority == worst and len(groups) > 1:
+        text += f" The {who} is itself the worst-off group under `{baseline}`."
+        kept_ok = c_maj >= b_maj
+    else:
+        try:
+            ratio = shifted_ratio(c_maj, b_maj, counted_from)
+        except ValueError:  # returns below 0 with no known floor: a ratio means nothing
+            ratio = math.nan
+        if math.isnan(ratio):
+            kept_ok = c_maj >= b_maj
+            share = "no meaningful share (returns below 0 and no floor known)"
+        elif math.isinf(ratio):
+            kept_ok = True
+            share = f"more than `{baseline}` gave it (which was the lowest possible return)"
+        else:
+            kept_ok = ratio >= keep
+            share = f"{ratio:.0%} of its `{baseline}` return"
+        if floor is not None:
+            floor_note = f", counted from the lowest possible return {_fmt(counted_from)}"
+        else:
+            floor_note = ", counted from 0 (no lowest possible return was given)"
+        text += (
+            f" The {who} {'kept' if kept_ok else 'did not keep'} its return: it got {_fmt(c_maj)} vs {_fmt(b_maj)}, "
+            f"{share}{floor_note} (threshold {keep:.0%})."
+        )
+    b_min, c_min = base["worst_group_return"], other["worst_group_return"]
+    best = max(metrics["methods"], key=lambda m: metrics["methods"][m]["worst_group_return"])
+    text += (
+        f" `{chosen}`'s worst-group return is {_fmt(c_min)} ({other['worst_group']}) against {_fmt(b_min)} "
+        f"({base['worst_group']}) for `{baseline}`; the highest worst-group return of all evaluated methods is "
+        f"`{best}`'s ({_fmt(metrics['methods'][best]['worst_group_return'])})."
+    )
+    if lifted == "raised" and kept_ok:
+        text += f" In short: yes, `{chosen}` served the worst-off group better without costing the majority much."
+    elif lifted == "raised":
+        text += f" In short: `{chosen}` helped the worst-off group, but at a real cost to the majority."
+    else:
+        text += f" In short: no, `{chosen}` did not serve the worst-off group better than `{baseline}`."
+    return text
+
+
+def _what_was_run(metrics: Mapping[str, Any], config: Any) -> str:
+    baseline, groups, methods = metrics["baseline"], list(metrics["groups"]), metrics["methods"]
+    names = ", ".join(f"`{m}`" + (" (baseline)" if m == baseline else "") for m in methods)
+    episodes = ", ".join(f"`{m}`: {e.get('n_episodes', '?')} episodes over {e.get('n_seeds', 1)} seed(s)" for m, e in methods.items())
+    lines = [
+        f"- Methods: {names}.",
+        f"- User groups: {', '.join(groups)}. Every policy is scored by every group's *true* return "
+        "(the sum of the group's true step rewards over an episode), never by a learned reward.",
+        f"- Evaluation: {episodes}.",
+        f"- Win-rate vs `{baseline}`: over all pairs (episode of the method, episode of `{baseline}`), the fraction "
+        "in which the method's true group return is higher, ties counting half; 0.5 means no difference.",
+    ]
+    if any(f"seed_win_rate_vs_{baseline}" in e["groups"][g] for e in methods.values() for g in groups):
+        lines.append(
+            f'- Seed win-rate vs `{baseline}` ("seeds" in the table): the same over training seeds\' mean returns, '
+            "seed-paired when both have as many seeds."
+        )
+    if metrics.get("min_episode_return") is not None:
+        lines.append(
+            f"- Ratio (×) vs `{baseline}`: (return − m) / ({baseline} return − m) with m = "
+            f"{_fmt(metrics['min_episode_return'])}, the lowest possible episode return; ∞ where `{baseline}` is at m."
+        )
+    lines.append(
+        "- The worst group of a method is the group with its lowest mean return (raw returns: groups are compared as they are scaled)."
+    )
+    text = "\n".join(lines)
+    if config is not None:
+        rendered = json.dumps(to_jsonable(config), indent=2)
+        text += f"\n\nConfiguration:\n\n```json\n{rendered}\n```"
+    extra = {k: v for k, v in metrics.get("extra", {}).items() if k != "group_shares"}
+    if extra:
+        text += f"\n\nAlso recorded:\n\n```json\n{json.dumps(extra, indent=2)}\n```"
+    return text
+
+
+def write_report(
+    metrics: Mapping[str, Any],
+    out_dir: str | os.PathLike[str],
+    curves: Curves | None = None,
+    config: Any = None,
+    *,
+    method: str | None = None,
+    group_shares: Mapping[str, float] | None = None,
+    title: str = "MaxMin-RLHF evaluation",
+) -> Path:
+    """Write ``metrics.json``, the plots and ``report.md`` into ``out_dir`` (each file atomically).
+
+    Files: ``metrics.json`` (``metrics`` as strict JSON), ``group_returns.png``,
+    ``win_rates.png``, ``learning_curves.png`` (only with ``curves``) and
+    ``report.md``: what was run, the per-group table, a plain-language verdict
+    (:func:`verdict`) and the plots embedded by relative links. ``report.md`` is
+    written last, so its presence means the report is complete.
+
+    :param metrics: output of :func:`~egalitarian_rl.evaluation.build_metrics`.
+    :param out_dir: folder for the files (created if needed).
+    :param curves: learning curves for :func:`~egalitarian_rl.evaluation.plot_learning_curves`;
+        ``None`` or empty: no learning-curve plot.
+    :param config: what was run (a dataclass, a mapping, ...), shown as JSON.
+    :param method: the method the verdict judges (see :func:`verdict`).
+    :param group_shares: group name -> share of users, names the majority in the verdict.
+    :param title: the report's heading.
+    :return: the path of ``report.md``.
+    :raises ValueError: ``metrics`` is not shaped like :func:`build_metrics` output.
+    """
+    check_metrics(metrics)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_json_atomic(metrics, out / METRICS_FILE)
+    baseline = metrics["baseline"]
+    plots = [
+        (GROUP_RETURNS_PLOT, "Mean true return per group (error bars: std over episodes)"),
+        (WIN_RATES_PLOT, f"Per-group win-rate vs {baseline}"),
+    ]
+    plot_group_returns(metrics, out / GROUP_RETURNS_PLOT)
+    plot_win_rates(metrics, out / WIN_RATES_PLOT)
+    if curves:  # None or empty: no learning-curve plot
+        plot_learning_curves(curves, out / LEARNING_CURVES_PLOT, group_names=metrics["groups"])
+        plots.append((LEARNING_CURVES_PLOT, "Learning curves"))
+    sections = [
+        f"# {title}",
+        "## What was run\n\n" + _what_was_run(metrics, config),
+        "## Results\n\n" + _markdown_table(metrics) + f"\n\nFull numbers: [`{METRICS_FILE}`]({METRICS_FILE}).",
+        "## Verdict\n\n" + verdict(metrics, method=method, group_shares=group_shares),
+        "## Plots\n\n" + "\n\n".join(f"![{caption}]({name})" for name, caption in plots),
+    ]
+    return write_text_atomic("\n\n".join(sections) + "\n", out / REPORT_FILE)
+
+
+__all__ = [
+    "GROUP_RETURNS_PLOT",
+    "LEARNING_CURVES_PLOT",
+    "METRICS_FILE",
+    "REPORT_FILE",
+    "WIN_RATES_PLOT",
+    "verdict",
+    "write_report",
+]
