@@ -10,39 +10,25 @@ Target: ratio <= 1.15 (at ~30 µs per raw step, a budget of ~4 µs per step).
 Writes ``benchmarks/results/wrapper_overhead.json`` and updates this
 benchmark's line in ``benchmarks/RESULTS.md``.
 
-    .venv/bin/python benchmarks/wrapper_overhead.py [--steps 5000] [--repeats 9]
+    .venv/bin/python -m benchmarks.wrapper_overhead [--steps 5000] [--repeats 9]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import statistics
 import time
-from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 
 import envs
+from benchmarks.common import write_result
 from egalitarian_rl.preferences import MultiUserPreferenceWrapper
 
 NAME = "wrapper_overhead"
 TARGET_RATIO = 1.15
-HERE = Path(__file__).resolve().parent
-RESULTS_JSON = HERE / "results" / f"{NAME}.json"
-RESULTS_MD = HERE / "RESULTS.md"
-MD_HEADER = """# Benchmark results
-
-One line per benchmark, updated in place by each benchmark script (details in `results/*.json`).
-
-| date | benchmark | key numbers | target | result |
-|---|---|---|---|---|
-"""
 
 
 def run(env: gym.Env, actions: np.ndarray, seed: int) -> float:
@@ -55,44 +41,6 @@ def run(env: gym.Env, actions: np.ndarray, seed: int) -> float:
         if terminated or truncated:
             env.reset()
     return time.perf_counter() - start
-
-
-def machine_info() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    packages = {}
-    for package in ("numpy", "gymnasium", "mujoco"):
-        try:
-            packages[package] = version(package)
-        except PackageNotFoundError:
-            packages[package] = None
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        **packages,
-    }
-
-
-def update_results_md(line_cells: list[str]) -> None:
-    """Replace this benchmark's row in RESULTS.md (matched by the benchmark column), or append it."""
-    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else MD_HEADER
-    row = "| " + " | ".join(line_cells) + " |"
-    lines = text.rstrip("\n").split("\n")
-    for i, line in enumerate(lines):
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("|") and len(cells) > 1 and cells[1] == NAME:
-            lines[i] = row
-            break
-    else:
-        lines.append(row)
-    RESULTS_MD.write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -138,21 +86,16 @@ def main() -> None:
         "statistic": "median over interleaved repeats",
         "raw_seconds": times["raw"],
         "wrapped_seconds": times["wrapped"],
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": machine_info(),
     }
-    RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_JSON.write_text(json.dumps(result, indent=2) + "\n")
-    update_results_md(
-        [
-            result["date"][:10],
-            NAME,
+    write_result(
+        NAME,
+        result,
+        (
             f"{args.env} {population!r}: raw {result['raw_steps_per_s']:,.0f} steps/s, "
             f"wrapped {result['wrapped_steps_per_s']:,.0f} steps/s, ratio {ratio:.3f} "
-            f"(+{result['overhead_us_per_step']:.1f} µs/step; median of {args.repeats} x {args.steps} steps)",
-            f"ratio <= {TARGET_RATIO}",
-            "pass" if result["passed"] else "FAIL",
-        ]
+            f"(+{result['overhead_us_per_step']:.1f} µs/step; median of {args.repeats} x {args.steps} steps)"
+        ),
+        f"ratio <= {TARGET_RATIO}",
     )
     print(json.dumps({k: v for k, v in result.items() if not k.endswith("_seconds")}, indent=2))
 

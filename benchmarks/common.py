@@ -1,0 +1,77 @@
+"""What every benchmark shares: machine facts, and writing its JSON and its line in RESULTS.md."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+RESULTS_MD = HERE / "RESULTS.md"
+MD_HEADER = """# Benchmark results
+
+One line per benchmark, updated in place by each benchmark script (details in `results/*.json`).
+
+| date | benchmark | key numbers | target | result |
+|---|---|---|---|---|
+"""
+
+
+def machine_info() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    packages = {}
+    for package in ("numpy", "gymnasium", "mujoco"):
+        try:
+            packages[package] = version(package)
+        except PackageNotFoundError:
+            packages[package] = None
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        **packages,
+    }
+
+
+def update_results_md(name: str, line_cells: list[str]) -> None:
+    """Replace this benchmark's row in RESULTS.md (matched by the benchmark column), or append it."""
+    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else MD_HEADER
+    row = "| " + " | ".join(line_cells) + " |"
+    lines = text.rstrip("\n").split("\n")
+    for i, line in enumerate(lines):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) > 1 and cells[1] == name:
+            lines[i] = row
+            break
+    else:
+        lines.append(row)
+    RESULTS_MD.write_text("\n".join(lines) + "\n")
+
+
+
+def write_result(name: str, result: dict[str, Any], summary: str, target: str) -> Path:
+    """Write ``results/<name>.json`` (with date and machine) and replace this benchmark's line in RESULTS.md.
+
+    :param result: the measurements; must hold a boolean ``passed``.
+    :param summary: the key numbers in one line.
+    :param target: the target in words, e.g. ``ratio <= 1.15``.
+    """
+    result = {**result, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine_info()}
+    path = HERE / "results" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
+    update_results_md(name, [result["date"][:10], name, summary, target, "pass" if result["passed"] else "FAIL"])
+    return path
