@@ -59,7 +59,6 @@ def update_results_md(name: str, line_cells: list[str]) -> None:
     RESULTS_MD.write_text("\n".join(lines) + "\n")
 
 
-
 def write_result(name: str, result: dict[str, Any], summary: str, target: str) -> Path:
     """Write ``results/<name>.json`` (with date and machine) and replace this benchmark's line in RESULTS.md.
 

@@ -97,8 +97,7 @@ class PreferenceDataset:
         for field_name, array in fields.items():
             if array.ndim < 2 or array.shape[0] != n or array.shape[1] != length:
                 raise PreferenceDatasetError(
-                    f"wrong shape: {name}.{field_name} is {array.shape}, expected ({n}, segment_length, ...) "
-                    f"with segment_length {length}"
+                    f"wrong shape: {name}.{field_name} is {array.shape}, expected ({n}, segment_length, ...) with segment_length {length}"
                 )
             if array.dtype.kind not in "biuf":
                 raise PreferenceDatasetError(f"{name}.{field_name} has non-numeric dtype {array.dtype}")
@@ -119,10 +118,14 @@ class PreferenceDataset:
     def segment_length(self) -> int:
         return self.segments_a.acts.shape[1]
 
+    def positions_of(self, user_ids: np.ndarray) -> np.ndarray:
+        """Position in ``users`` of each of ``user_ids`` (all must be known users)."""
+        order = np.argsort(self.users)
+        return order[np.searchsorted(self.users, user_ids, sorter=order)]
+
     def user_index(self) -> np.ndarray:
         """``(N,)`` position in ``users`` of each comparison's user (0..U-1)."""
-        order = np.argsort(self.users)
-        return order[np.searchsorted(self.users, self.user_ids, sorter=order)]
+        return self.positions_of(self.user_ids)
 
     def comparison_groups(self) -> np.ndarray:
         """``(N,)`` true group index of each comparison's user (-1 unknown)."""

@@ -1,0 +1,411 @@
+"""Bradley-Terry reward learning: the single reward of standard RLHF, and the training loop EM reuses.
+
+Model: a user prefers segment ``a`` over ``b`` with probability
+``sigmoid(R(a) - R(b))``, where ``R`` is the (optionally discounted) sum of
+the learned step rewards over the segment. The loss is the binary
+cross-entropy of that probability against the label, i.e.
+``-logsigmoid(R_chosen - R_rejected)`` for strict answers; an "equal" answer
+(label 0.5) is a soft target that pulls both returns together.
+
+:func:`train_reward` is the one training loop. It trains all K members of a
+:class:`~egalitarian_rl.rewards.nets.RewardMixture` at once, each on the
+comparisons given to it by a ``(N, K)`` weight matrix: all ones for a single
+reward (K = 1), one-hot rows for hard EM, responsibilities for soft EM.
+Each member computes only on its own comparisons (rows with weight), all
+members in one batched forward per step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from egalitarian_rl.preferences.dataset import PreferenceDataset
+from egalitarian_rl.rewards.nets import RewardMixture, spaces_from_dataset
+
+
+class RewardTrainingError(RuntimeError):
+    """Reward training diverged (non-finite loss or parameters)."""
+
+
+@dataclass
+class TrainingHistory:
+    """What :func:`train_reward` did.
+
+    :param train_loss: per epoch, the weighted mean BT loss over the training comparisons.
+    :param validation_loss: per epoch, the weighted mean BT loss over the held-out
+        comparisons (empty without a validation set).
+    :param best_epoch: ``(K,)`` per member, the epoch (1-based) whose parameters were
+        kept (the last epoch when there was no validation signal for that member).
+    :param epochs: number of epochs run.
+    :param stopped_early: whether early stopping ended training before ``epochs``.
+    """
+
+    train_loss: list[float] = field(default_factory=list)
+    validation_loss: list[float] = field(default_factory=list)
+    best_epoch: list[int] = field(default_factory=list)
+    epochs: int = 0
+    stopped_early: bool = False
+
+
+@dataclass
+class FitResult:
+    """A fitted single BT reward and its loss curves.
+
+    :param reward: the fitted ``K = 1`` :class:`RewardMixture`.
+    :param train_loss: per epoch, mean BT loss on the training comparisons.
+    :param validation_loss: per epoch, mean BT loss on the held-out comparisons.
+    :param best_epoch: the epoch whose parameters were kept (1-based).
+    :param epochs: epochs run.
+    :param validation_idx: indices of the held-out comparisons in the dataset.
+    """
+
+    reward: RewardMixture
+    train_loss: list[float]
+    validation_loss: list[float]
+    best_epoch: int
+    epochs: int
+    validation_idx: np.ndarray
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def dataset_features(
+    reward: RewardMixture, dataset: PreferenceDataset, fit_normalization: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prepared network inputs of both sides of every comparison, each ``(N, L, input_dim)``.
+
+    Encoding once per fit (not per step) keeps training loops to pure tensor work.
+
+    :param fit_normalization: first fit the reward's input standardisation on these segments.
+    """
+    raw_a = reward.raw_features(dataset.segments_a.obs, dataset.segments_a.acts, dataset.segments_a.next_obs)
+    raw_b = reward.raw_features(dataset.segments_b.obs, dataset.segments_b.acts, dataset.segments_b.next_obs)
+    if fit_normalization:
+        reward.fit_input_normalization(torch.cat([raw_a, raw_b]))
+    shift, scale = reward.input_shift, reward.input_scale
+    return (raw_a - shift) / scale, (raw_b - shift) / scale
+
+
+@torch.no_grad()
+def comparison_log_likelihoods(
+    reward: RewardMixture,
+    features_a: torch.Tensor,
+    features_b: torch.Tensor,
+    labels: torch.Tensor,
+    discount: float = 1.0,
+    members: Sequence[int] | None = None,
+    chunk_size: int = 256,
+) -> torch.Tensor:
+    """BT log-likelihood of every comparison under every member, ``(N, M)``.
+
+    For a strict label this is ``logsigmoid(R_chosen - R_rejected)``; for 0.5 the
+    cross-entropy against the soft target (so ties count the same way as in training).
+
+    :param features_a: prepared inputs ``(N, L, input_dim)``; likewise ``features_b``.
+    :param labels: ``(N,)`` probability that ``a`` is preferred.
+    :param members: which members (all ``K`` by default).
+    :param chunk_size: comparisons per forward. Small chunks keep activations in cache
+        (measured ~1.7x faster than 4096 on this CPU) and bound memory.
+    """
+    out = []
+    for start in range(0, len(labels), chunk_size):
+        end = start + chunk_size
+        n = len(labels[start:end])
+        # Both sides in one forward: (2n, L, D) -> returns (2n, M).
+        returns = reward.returns_from_features(torch.cat([features_a[start:end], features_b[start:end]]), discount, members)
+        logits = returns[:n] - returns[n:]
+        target = labels[start:end, None].expand_as(logits)
+        out.append(-F.binary_cross_entropy_with_logits(logits, target, reduction="none"))
+    if not out:
+        return torch.zeros(0, reward.n_members if members is None else len(members))
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _member_batches(rows: list[torch.Tensor], batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Shuffle each member's rows and deal them into the same number of steps.
+
+    Member ``m`` gets ``ceil(n_m / S)`` rows per step with ``S = ceil(max_m n_m / batch_size)``,
+    so every member sees each of its comparisons once per epoch; shorter lists are padded
+    (padding rows are masked out with a zero weight).
+
+    :return: ``index`` ``(S, M, b)`` comparison indices, ``mask`` ``(S, M, b)`` 1 for real rows, and ``S``.
+    """
+    n_max = max(len(r) for r in rows)
+    steps = max(1, math.ceil(n_max / batch_size))
+    width = max(math.ceil(len(r) / steps) for r in rows)
+    index = torch.zeros(len(rows), steps * width, dtype=torch.long)
+    mask = torch.zeros(len(rows), steps * width)
+    for m, member_rows in enumerate(rows):
+        per_step = math.ceil(len(member_rows) / steps)
+        shuffled = member_rows[torch.randperm(len(member_rows), generator=generator)]
+        slots = torch.zeros(steps * per_step, dtype=torch.long)
+        slots[: len(shuffled)] = shuffled
+        valid = torch.zeros(steps * per_step)
+        valid[: len(shuffled)] = 1.0
+        index[m].view(steps, width)[:, :per_step] = slots.view(steps, per_step)
+        mask[m].view(steps, width)[:, :per_step] = valid.view(steps, per_step)
+    return index.view(len(rows), steps, width).transpose(0, 1), mask.view(len(rows), steps, width).transpose(0, 1), steps
+
+
+def _grouped_returns(reward: RewardMixture, features: torch.Tensor, members: torch.Tensor, discount: float) -> torch.Tensor:
+    """Returns ``(M, b)`` of segments ``(M, b, L, D)``, segment row ``m`` under member ``members[m]``."""
+    n_members, batch, length, dim = features.shape
+    rewards = reward.forward_grouped(features.reshape(n_members, batch * length, dim), members).view(n_members, batch, length)
+    if discount == 1.0:
+        return rewards.sum(-1)
+    return rewards @ (discount ** torch.arange(length, dtype=rewards.dtype))
+
+
+def train_reward(
+    reward: RewardMixture,
+    features_a: torch.Tensor,
+    features_b: torch.Tensor,
+    labels: torch.Tensor,
+    member_weights: torch.Tensor | None = None,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    weight_decay: float = 0.0,
+    validation_mask: torch.Tensor | None = None,
+    exclude_mask: torch.Tensor | None = None,
+    patience: int | None = None,
+    discount: float = 1.0,
+    generator: torch.Generator | None = None,
+    min_weight: float = 1e-3,
+    logger: Any = None,
+    log_prefix: str = "reward",
+    progress_bar: bool = False,
+) -> TrainingHistory:
+    """Fit the members of ``reward`` by weighted Bradley-Terry loss (warm start: training continues from its parameters).
+
+    Member ``k`` minimises ``sum_i w_ik * BCE(R_k(a_i) - R_k(b_i), y_i) / sum_i w_ik``;
+    members share no parameters, so this trains K independent rewards at once.
+
+    :param reward: the mixture to train in place.
+    :param features_a: prepared inputs of the first segments, ``(N, L, input_dim)``
+        (see :func:`dataset_features`); ``features_b`` likewise.
+    :param labels: ``(N,)`` probability that ``a`` is preferred, in {0, 0.5, 1}.
+    :param member_weights: ``(N, K)`` weight of comparison ``i`` for member ``k``; ``None`` = all ones.
+        Rows with weight ``<= min_weight`` are skipped for that member (no compute spent on them).
+    :param epochs: maximum passes over each member's comparisons.
+    :param lr: Adam learning rate.
+    :param batch_size: comparisons per step for the member with the most comparisons
+        (the others get proportionally fewer, so all finish an epoch together).
+    :param weight_decay: decoupled weight decay (as in AdamW), applied to the trained members only.
+    :param validation_mask: ``(N,)`` True for held-out comparisons: not trained on; every member
+        ends with its parameters of the epoch with its lowest held-out loss (and may stop early,
+        see ``patience``). ``None`` trains on everything and keeps the last epoch.
+    :param exclude_mask: ``(N,)`` True for comparisons not to train on (in addition to
+        ``validation_mask``), e.g. a hold-out kept for a later early stopping.
+    :param patience: stop when no member's validation loss improved for this many epochs.
+        ``None`` never stops early (all ``epochs`` run: a fixed, data-independent budget).
+    :param discount: step ``t`` of a segment is weighted ``discount ** t`` in its return.
+    :param generator: torch RNG for shuffling (seeded by the caller for reproducibility).
+    :param min_weight: weight at or below which a comparison is skipped for a member.
+    :param logger: SB3-style logger (``record``/``dump``); records ``{log_prefix}/train_loss``
+        and ``{log_prefix}/validation_loss`` per epoch.
+    :param progress_bar: show a tqdm bar over epochs.
+    :raises RewardTrainingError: if the loss becomes NaN or infinite.
+    """
+    n, k = len(labels), reward.n_members
+    if n == 0:
+        raise ValueError("no comparisons to train on")
+    if features_a.shape != features_b.shape or features_a.shape[0] != n:
+        raise ValueError(f"features {tuple(features_a.shape)} / {tuple(features_b.shape)} do not match {n} labels")
+    weights = torch.ones(n, k) if member_weights is None else member_weights.to(torch.float32)
+    if weights.shape != (n, k):
+        raise ValueError(f"member_weights must be (N, K) = ({n}, {k}), got {tuple(weights.shape)}")
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    val = torch.zeros(n, dtype=torch.bool) if validation_mask is None else validation_mask.to(torch.bool)
+    skip = val if exclude_mask is None else val | exclude_mask.to(torch.bool)
+    train_w = torch.where(skip[:, None], torch.zeros_like(weights), weights)
+    # Members without training rows are left untouched (and not computed at all).
+    rows = [torch.nonzero(train_w[:, m] > min_weight).squeeze(1) for m in range(k)]
+    active = torch.tensor([m for m in range(k) if len(rows[m]) > 0], dtype=torch.long)
+    history = TrainingHistory(best_epoch=[0] * k)
+    if len(active) == 0:
+        return history
+    rows = [rows[m] for m in active.tolist()]
+    all_members = len(active) == k
+    members_arg = None if all_members else active
+
+    val_idx = torch.nonzero(val).squeeze(1)
+    val_w = weights[val_idx]  # (Nv, K)
+    has_val = (val_w > min_weight).any(0)  # members with a validation signal keep their best epoch
+    best_val = torch.full((k,), math.inf)
+    best_state = [p.detach().clone() for p in reward.parameters()]
+    since_best = 0
+
+    # Adam plus decoupled weight decay (as AdamW) applied by hand: AdamW would also shrink the
+    # members that are not being trained, since all members live in the same tensors.
+    optimizer = torch.optim.Adam(reward.parameters(), lr=lr)
+    decay = torch.ones(k)
+    decay[active] = 1.0 - lr * weight_decay
+    bar = tqdm(range(epochs), desc=log_prefix, unit="epoch", disable=not progress_bar, leave=False)
+    for epoch in bar:
+        reward.train()
+        index, mask, steps = _member_batches(rows, batch_size, generator)
+        total_loss, total_weight = 0.0, 0.0
+        for step in range(steps):
+            idx, valid = index[step], mask[step]  # (M, b)
+            w = train_w[idx, active[:, None]] * valid  # weight of row j for member m
+            segs = torch.cat([features_a[idx], features_b[idx]], dim=1)  # (M, 2b, L, D): one forward for both sides
+            returns = _grouped_returns(reward, segs, members_arg, discount)
+            logits = returns[:, : idx.shape[1]] - returns[:, idx.shape[1] :]
+            losses = F.binary_cross_entropy_with_logits(logits, labels[idx], reduction="none")
+            member_w = w.sum(1)
+            # Per-member weighted mean: members' loss scales do not depend on their cluster sizes.
+            loss = ((losses * w).sum(1) / member_w.clamp_min(1e-12)).sum()
+            if not torch.isfinite(loss):
+                raise RewardTrainingError(
+                    f"Bradley-Terry loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} "
+                    f"(lr={lr}); lower the learning rate or check the inputs for extreme values"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if weight_decay:
+                with torch.no_grad():
+                    for param in reward.parameters():
+                        param.mul_(decay.view(-1, *([1] * (param.dim() - 1))))
+            optimizer.step()
+            total_loss += float((losses.detach() * w).sum())
+            total_weight += float(member_w.sum())
+        history.train_loss.append(total_loss / max(total_weight, 1e-12))
+        history.epochs = epoch + 1
+
+        if len(val_idx) > 0:
+            val_ll = comparison_log_likelihoods(reward, features_a[val_idx], features_b[val_idx], labels[val_idx], discount)
+            if not torch.isfinite(val_ll).all():
+                raise RewardTrainingError(f"validation log-likelihood became non-finite at epoch {epoch + 1} (lr={lr})")
+            per_member = -(val_ll * val_w).sum(0) / val_w.sum(0).clamp_min(1e-12)
+            history.validation_loss.append(float(-(val_ll * val_w).sum() / val_w.sum().clamp_min(1e-12)))
+            improved = has_val & (per_member < best_val - 1e-6)
+            if improved.any():
+                best_val = torch.where(improved, per_member, best_val)
+                with torch.no_grad():
+                    for saved, param in zip(best_state, reward.parameters()):
+                        saved[improved] = param[improved]
+                for m in torch.nonzero(improved).squeeze(1).tolist():
+                    history.best_epoch[m] = epoch + 1
+                since_best = 0
+            else:
+                since_best += 1
+        if logger is not None:
+            logger.record(f"{log_prefix}/train_loss", history.train_loss[-1])
+            if history.validation_loss:
+                logger.record(f"{log_prefix}/validation_loss", history.validation_loss[-1])
+            logger.dump(step=epoch + 1)
+        if progress_bar:
+            bar.set_postfix(
+                train=f"{history.train_loss[-1]:.4f}", val=f"{history.validation_loss[-1]:.4f}" if history.validation_loss else "-"
+            )
+        if patience is not None and has_val.any() and since_best >= patience:
+            history.stopped_early = epoch + 1 < epochs
+            break
+    bar.close()
+
+    # Members with a validation signal keep their best epoch; the others keep the last one.
+    with torch.no_grad():
+        for saved, param in zip(best_state, reward.parameters()):
+            param[has_val] = saved[has_val]
+    for m in range(k):
+        if not has_val[m]:
+            history.best_epoch[m] = history.epochs
+    reward.eval()
+    return history
+
+
+# ----------------------------------------------------------------------------- single reward
+
+
+def fit_bradley_terry(
+    dataset: PreferenceDataset,
+    observation_space: gym.Space | None = None,
+    action_space: gym.Space | None = None,
+    *,
+    epochs: int = 100,
+    lr: float = 3e-3,
+    batch_size: int = 128,
+    validation_fraction: float = 0.1,
+    patience: int = 5,
+    seed: int = 0,
+    weight_decay: float = 1e-4,
+    hidden_sizes: tuple[int, ...] = (64, 64),
+    use_state: bool = True,
+    use_action: bool = True,
+    use_next_state: bool = False,
+    normalize_inputs: bool = True,
+    discount: float = 1.0,
+    logger: Any = None,
+    progress_bar: bool = False,
+) -> FitResult:
+    """Fit one Bradley-Terry reward to all comparisons (standard single-reward RLHF).
+
+    :param dataset: the comparisons (every user's, pooled: users are ignored).
+    :param observation_space: the env's observation space; inferred from the data if ``None``
+        (see :func:`~egalitarian_rl.rewards.nets.spaces_from_dataset`).
+    :param action_space: the env's action space; inferred likewise.
+    :param epochs: maximum epochs.
+    :param lr: Adam learning rate.
+    :param batch_size: comparisons per step.
+    :param validation_fraction: share of comparisons held out for early stopping (0 = none).
+    :param patience: epochs without validation improvement before stopping.
+    :param seed: seeds initialisation, the validation split and shuffling.
+    :param weight_decay: decoupled (AdamW-style) weight decay.
+    :param hidden_sizes: hidden widths of the reward MLP.
+    :param use_state: feed ``s``; ``use_action`` feeds ``a``; ``use_next_state`` feeds ``s'``.
+    :param normalize_inputs: standardise continuous inputs with statistics of the data.
+    :param discount: step ``t`` of a segment is weighted ``discount ** t`` in its return.
+    :param logger: SB3-style logger; records ``bt/train_loss`` and ``bt/validation_loss`` per epoch.
+    :param progress_bar: show a tqdm bar over epochs.
+    :return: the fitted reward (its best-validation parameters) and loss curves.
+    """
+    if len(dataset) == 0:
+        raise ValueError("cannot fit a reward to an empty preference dataset")
+    if not 0.0 <= validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+    if observation_space is None or action_space is None:
+        inferred_obs, inferred_act = spaces_from_dataset(dataset)
+        observation_space = inferred_obs if observation_space is None else observation_space
+        action_space = inferred_act if action_space is None else action_space
+    generator = torch.Generator().manual_seed(seed)
+    reward = RewardMixture(
+        observation_space,
+        action_space,
+        1,
+        use_state=use_state,
+        use_action=use_action,
+        use_next_state=use_next_state,
+        hidden_sizes=hidden_sizes,
+    )
+    reward.reset_parameters(generator=generator)
+    features_a, features_b = dataset_features(reward, dataset, fit_normalization=normalize_inputs)
+    labels = torch.as_tensor(dataset.labels, dtype=torch.float32)
+
+    n_val = round(validation_fraction * len(dataset))
+    if validation_fraction > 0 and len(dataset) - n_val < 1:
+        raise ValueError(f"{len(dataset)} comparisons are too few for validation_fraction={validation_fraction}")
+    validation_idx = np.sort(np.random.default_rng(seed).permutation(len(dataset))[:n_val])
+    mask = torch.zeros(len(dataset), dtype=torch.bool)
+    mask[torch.as_tensor(validation_idx, dtype=torch.long)] = True
+    history = train_reward(
+        reward, features_a, features_b, labels, None,
+        epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
+        validation_mask=mask if n_val > 0 else None, patience=patience if n_val > 0 else None,
+        discount=discount, generator=generator, logger=logger, log_prefix="bt", progress_bar=progress_bar,
+    )  # fmt: skip
+    return FitResult(reward, history.train_loss, history.validation_loss, history.best_epoch[0], history.epochs, validation_idx)

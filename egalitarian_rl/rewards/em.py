@@ -1,0 +1,851 @@
+"""EM reward mixture (MaxMin-RLHF, "Learning Rewards with EM"): K rewards for K hidden user groups.
+
+Users fall into groups with different reward functions, but nobody tells us
+which user is in which group. EM alternates:
+
+* **E-step** -- for every *user* (all their comparisons together) and every
+  member ``k``, the summed Bradley-Terry log-likelihood ``LL[u, k]``. Hard EM
+  (the paper's) assigns the user to ``argmax_k LL[u, k]``; soft EM keeps the
+  responsibilities ``softmax_k(LL[u, k] + log share_k)``.
+* **M-step** -- every member is trained on its users' comparisons (weighted
+  by responsibility in soft EM), continuing from its current parameters.
+
+until no assignment changes (or the log-likelihood changes by less than
+``tol`` relative) or ``max_iter`` iterations.
+
+Initialisation avoids the degenerate "everyone in one cluster" start. A
+single BT reward is fitted to all the data and copied into every member.
+Each user is then described by the gradient of their log-likelihood with
+respect to the last layer of the reward that represents them
+(``mean_i (y_i - P_i(a > b)) * (H(a_i) - H(b_i))``, ``H`` = a segment's summed
+last hidden layer), i.e. *how that reward would have to change to explain
+this user*: a well-served group has small, incoherent gradients, a group the
+reward ignores has large, consistent ones. ``init="split"`` (default) splits
+clusters one at a time with 2-means on this embedding, refitting the members
+in between, so a small group hidden behind a large one is found once the
+large one has a member of its own; ``init="kmeans"`` runs k-means++
+(sklearn's ``KMeans``) once on the pooled reward's embedding;
+``init="random"`` starts from a random balanced partition and fresh members.
+``n_init`` restarts keep the fit with the best final log-likelihood.
+
+After EM stops, a last, longer M-step (``final_epochs``) trains every member
+on its final users and keeps each member's best epoch on held-out comparisons
+(never trained on): EM can stop after a few short M-steps, before the members
+are fully trained.
+
+Empty clusters (hard EM): a member left without users takes over the users
+the current fit explains worst (lowest mean log-likelihood per comparison,
+``reseed_fraction`` of all users), so K members stay in use. In soft EM a
+member's share may shrink towards zero; it is kept as it is.
+
+Users and bad input: every user listed in the dataset must have at least one
+comparison (``ValueError`` naming the user otherwise; drop them with
+``dataset.for_users``), K must lie in ``1..n_users``, an empty dataset is
+rejected, and a non-finite loss or log-likelihood raises
+:class:`~egalitarian_rl.rewards.bradley_terry.RewardTrainingError`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from sklearn.cluster import KMeans
+from tqdm.auto import tqdm
+
+from egalitarian_rl.preferences.dataset import PreferenceDataset
+from egalitarian_rl.rewards.bradley_terry import (
+    RewardTrainingError,
+    comparison_log_likelihoods,
+    dataset_features,
+    train_reward,
+)
+from egalitarian_rl.rewards.metrics import (
+    AccuracyReport,
+    accuracy_from_differences,
+    adjusted_rand_index,
+    purity,
+    return_differences,
+)
+from egalitarian_rl.rewards.nets import RewardMixture, space_from_json, space_to_json, spaces_from_dataset
+
+_FORMAT = "egalitarian_rl.EMRewardMixture"
+_FORMAT_VERSION = 1
+_REWARD_FILE = "reward.safetensors"
+_STATE_FILE = "em.json"
+
+
+class NotFittedError(RuntimeError):
+    """The mixture has not been fitted (or loaded) yet."""
+
+
+def _check_users_have_comparisons(dataset: PreferenceDataset, what: str) -> None:
+    if len(dataset) == 0:
+        raise ValueError(f"{what}: the preference dataset is empty (no comparisons)")
+    counts = dataset.comparisons_per_user()
+    missing = dataset.users[counts == 0]
+    if len(missing):
+        shown = ", ".join(str(u) for u in missing[:10].tolist()) + (" ..." if len(missing) > 10 else "")
+        raise ValueError(
+            f"{what}: user {shown} has no comparisons ({len(missing)} such users); an EM user needs at least one. "
+            "Drop them with dataset.for_users(...) first."
+        )
+
+
+class EMRewardMixture:
+    """K Bradley-Terry rewards for K hidden user groups, fitted by (hard or soft) EM over users.
+
+    :param n_components: ``K``, the number of reward members / groups (>= 1).
+    :param observation_space: the env's observation space; inferred from the data at ``fit`` if ``None``.
+    :param action_space: the env's action space; inferred likewise (Discrete from ``metadata["n_actions"]``).
+    :param soft: soft EM (responsibilities, shares as mixing weights) instead of the paper's hard EM.
+    :param hidden_sizes: hidden widths of every member's MLP.
+    :param use_state: feed ``s`` to the rewards; ``use_action`` feeds ``a``; ``use_next_state`` feeds ``s'``.
+    :param init: ``"split"`` (divisive: repeatedly 2-means the per-user gradient embedding of a
+        cluster and split it), ``"kmeans"`` (k-means++ once on the per-user gradients of the
+        pooled BT fit) or ``"random"`` (random balanced partition, fresh members).
+    :param n_init: EM restarts (different k-means / random seeds); the best final log-likelihood wins.
+    :param max_iter: maximum EM iterations per restart.
+    :param tol: stop when the log-likelihood changes by less than ``tol`` relative.
+    :param assignment_tol: hard EM also stops when at most this share of users changed member
+        (0 = only when no assignment changes; users equally well explained by two members
+        representing one group can otherwise swap back and forth until ``max_iter``).
+    :param init_epochs: epochs of the pooled BT fit that ``"split"`` and ``"kmeans"`` start from.
+    :param split_iterations: hard EM iterations after each intermediate split of ``"split"``.
+    :param m_step_epochs: epochs per M-step (warm-started, so a few suffice).
+    :param final_epochs: epochs of a last, longer M-step on the final groups, after which every
+        member keeps its parameters of the epoch with its best held-out loss (0 = none).
+    :param final_patience: stop that M-step after this many epochs without improvement; ``None``
+        (default) runs all ``final_epochs`` (a fixed budget: fit time then scales linearly with
+        the data) and keeps each member's best held-out epoch.
+    :param validation_fraction: share of comparisons (drawn at random, seeded) that M-steps never
+        train on, so that the final M-step's choice of epoch is honest. E-steps use every comparison.
+    :param lr: Adam learning rate.
+    :param batch_size: comparisons per step for the largest member.
+    :param weight_decay: decoupled (AdamW-style) weight decay.
+    :param discount: step ``t`` of a segment is weighted ``discount ** t`` in its return.
+    :param normalize_inputs: standardise continuous inputs with statistics of the training data.
+    :param reseed_fraction: share of users (at least one) moved to a member that lost all its users.
+    :param seed: seeds everything (initialisation, k-means, shuffling).
+    :param logger: SB3-style logger; ``em/*`` scalars are recorded and dumped once per EM iteration.
+    :param progress_bar: show a tqdm bar over EM iterations.
+    """
+
+    def __init__(
+        self,
+        n_components: int,
+        observation_space: gym.Space | None = None,
+        action_space: gym.Space | None = None,
+        *,
+        soft: bool = False,
+        hidden_sizes: Sequence[int] = (64, 64),
+        use_state: bool = True,
+        use_action: bool = True,
+        use_next_state: bool = False,
+        init: str = "split",
+        n_init: int = 1,
+        max_iter: int = 30,
+        tol: float = 1e-4,
+        assignment_tol: float = 0.01,
+        init_epochs: int = 5,
+        split_iterations: int = 1,
+        m_step_epochs: int = 1,
+        final_epochs: int = 6,
+        final_patience: int | None = None,
+        validation_fraction: float = 0.1,
+        lr: float = 3e-3,
+        batch_size: int = 128,
+        weight_decay: float = 1e-4,
+        discount: float = 1.0,
+        normalize_inputs: bool = True,
+        reseed_fraction: float = 0.05,
+        seed: int = 0,
+        logger: Any = None,
+        progress_bar: bool = False,
+    ) -> None:
+        if not isinstance(n_components, (int, np.integer)) or n_components < 1:
+            raise ValueError(f"n_components (K) must be an integer >= 1, got {n_components!r}")
+        if init not in ("split", "kmeans", "random"):
+            raise ValueError(f"init must be 'split', 'kmeans' or 'random', got {init!r}")
+        if not 0.0 <= validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+        if n_init < 1 or max_iter < 1:
+            raise ValueError(f"n_init and max_iter must be >= 1, got {n_init} and {max_iter}")
+        self.n_components = int(n_components)
+        self.observation_space = observation_space
+        self.action_space = action_space
+        self.soft = soft
+        self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
+        self.use_state, self.use_action, self.use_next_state = use_state, use_action, use_next_state
+        self.init = init
+        self.n_init = n_init
+        self.max_iter = max_iter
+        self.tol = tol
+        self.assignment_tol = assignment_tol
+        self.init_epochs = init_epochs
+        self.split_iterations = split_iterations
+        self.m_step_epochs = m_step_epochs
+        self.final_epochs = final_epochs
+        self.final_patience = final_patience
+        self.validation_fraction = validation_fraction
+        self.lr = lr
+        self.batch_size = batch_size
+        self.weight_decay = weight_decay
+        self.discount = discount
+        self.normalize_inputs = normalize_inputs
+        self.reseed_fraction = reseed_fraction
+        self.seed = seed
+        self.logger = logger
+        self.progress_bar = progress_bar
+
+        #: The K fitted rewards (``None`` before ``fit``).
+        self.reward: RewardMixture | None = None
+        #: ``(U,)`` user ids the assignments refer to.
+        self.users_: np.ndarray | None = None
+        #: ``(U,)`` member index of every user (argmax of responsibilities in soft EM).
+        self.assignments_: np.ndarray | None = None
+        #: ``(U, K)`` responsibilities (one-hot in hard EM).
+        self.responsibilities_: np.ndarray | None = None
+        #: ``(K,)`` estimated share of users per member.
+        self.shares_: np.ndarray | None = None
+        #: Final EM objective (hard: sum of each user's LL under their member; soft: mixture LL).
+        self.log_likelihood_: float = float("nan")
+        #: Per EM iteration of the kept restart: log_likelihood, changed, shares, train_loss, seconds, (ari, purity).
+        self.history_: list[dict[str, Any]] = []
+        self.n_iter_: int = 0
+        self.converged_: bool = False
+
+    # ----------------------------------------------------------------- helpers
+    def hyperparameters(self) -> dict[str, Any]:
+        """JSON-serialisable constructor arguments (without spaces, logger and progress bar)."""
+        return {
+            "n_components": self.n_components,
+            "soft": self.soft,
+            "hidden_sizes": list(self.hidden_sizes),
+            "use_state": self.use_state,
+            "use_action": self.use_action,
+            "use_next_state": self.use_next_state,
+            "init": self.init,
+            "n_init": self.n_init,
+            "max_iter": self.max_iter,
+            "tol": self.tol,
+            "assignment_tol": self.assignment_tol,
+            "init_epochs": self.init_epochs,
+            "split_iterations": self.split_iterations,
+            "m_step_epochs": self.m_step_epochs,
+            "final_epochs": self.final_epochs,
+            "final_patience": self.final_patience,
+            "validation_fraction": self.validation_fraction,
+            "lr": self.lr,
+            "batch_size": self.batch_size,
+            "weight_decay": self.weight_decay,
+            "discount": self.discount,
+            "normalize_inputs": self.normalize_inputs,
+            "reseed_fraction": self.reseed_fraction,
+            "seed": self.seed,
+        }
+
+    def _require_fitted(self) -> RewardMixture:
+        if self.reward is None or self.assignments_ is None:
+            raise NotFittedError("this EMRewardMixture is not fitted yet: call fit(dataset) or load(dir)")
+        return self.reward
+
+    def _train(
+        self, reward: RewardMixture, data: _Data, weights: torch.Tensor, epochs: int, generator: torch.Generator,
+        validate: bool = False, patience: int | None = None,
+    ) -> float:  # fmt: skip
+        """Train members on their weighted comparisons (the shared BT loop); returns the last train loss.
+
+        Held-out comparisons (``data.held_out``) are never trained on; with ``validate`` every
+        member keeps its best held-out epoch (stopping after ``patience`` epochs without one).
+        """
+        validate = validate and bool(data.held_out.any())
+        history = train_reward(
+            reward, data.features_a, data.features_b, data.labels, weights,
+            epochs=epochs, lr=self.lr, batch_size=self.batch_size, weight_decay=self.weight_decay,
+            validation_mask=data.held_out if validate else None,
+            exclude_mask=data.held_out, patience=patience if validate else None, discount=self.discount, generator=generator,
+        )  # fmt: skip
+        return history.train_loss[-1] if history.train_loss else float("nan")
+
+    def _user_ll(self, reward: RewardMixture, data: _Data, n_active: int | None = None) -> torch.Tensor:
+        """``(U, K)`` summed BT log-likelihood of each user's comparisons under each member.
+
+        :param n_active: evaluate only members ``0..n_active-1``; the others get ``-inf``.
+        """
+        n_active = reward.n_members if n_active is None else n_active
+        members = None if n_active == reward.n_members else list(range(n_active))
+        ll = comparison_log_likelihoods(reward, data.features_a, data.features_b, data.labels, self.discount, members)
+        user_ll = torch.full((data.n_users, reward.n_members), -math.inf, dtype=torch.float64)
+        user_ll[:, :n_active] = torch.zeros(data.n_users, n_active, dtype=torch.float64).index_add_(0, data.user_index, ll.double())
+        return user_ll
+
+    # -------------------------------------------------------------------- fit
+    def fit(self, dataset: PreferenceDataset) -> EMRewardMixture:
+        """Fit K rewards and the users' groups to ``dataset``.
+
+        :param dataset: comparisons by identified users; every listed user needs >= 1 comparison
+            (a user without any raises ``ValueError`` naming them).
+        :return: ``self``, with ``reward``, ``assignments_``, ``responsibilities_``, ``shares_``,
+            ``history_``, ``log_likelihood_``, ``n_iter_`` and ``converged_`` set.
+        """
+        _check_users_have_comparisons(dataset, "EMRewardMixture.fit")
+        if self.n_components > dataset.n_users:
+            raise ValueError(f"K = {self.n_components} components but only {dataset.n_users} users: K must be <= the number of users")
+        if self.observation_space is None or self.action_space is None:
+            obs_space, act_space = spaces_from_dataset(dataset)
+            self.observation_space = obs_space if self.observation_space is None else self.observation_space
+            self.action_space = act_space if self.action_space is None else self.action_space
+        generator = torch.Generator().manual_seed(self.seed)
+        reward = RewardMixture(
+            self.observation_space, self.action_space, self.n_components, use_state=self.use_state,
+            use_action=self.use_action, use_next_state=self.use_next_state, hidden_sizes=self.hidden_sizes,
+        )  # fmt: skip
+        reward.reset_parameters(generator=generator)
+        data = _Data.build(reward, dataset, self.normalize_inputs, self.validation_fraction, self.seed)
+
+        pooled_state = None
+        if self.init in ("split", "kmeans"):
+            # Member 0 learns the pooled (single) reward; the other members are skipped (zero
+            # weight, no compute) and then start as copies of it.
+            pooled_weights = torch.zeros(len(data.labels), self.n_components)
+            pooled_weights[:, 0] = 1.0
+            self._train(reward, data, pooled_weights, self.init_epochs, generator)
+            reward.copy_member(0, range(1, self.n_components))
+            pooled_state = {name: t.clone() for name, t in reward.state_dict().items()}
+
+        best: dict[str, Any] | None = None
+        for restart in range(self.n_init):
+            restart_seed = self.seed + 1000 * restart
+            restart_generator = torch.Generator().manual_seed(restart_seed)
+            if pooled_state is not None:
+                reward.load_state_dict(pooled_state)
+            if self.init == "split":
+                start = self._split_start(reward, data, restart_seed, restart_generator)
+            elif self.init == "kmeans":
+                embedding = self._gradient_embedding(reward, data, np.zeros(data.n_users, dtype=np.int64))
+                start = self._kmeans_start(embedding, restart_seed)
+            else:
+                reward.reset_parameters(generator=restart_generator)
+                start = self._random_start(data.n_users, restart_seed)
+            result = self._run_em(reward, data, dataset, start, restart_generator, restart)
+            if best is None or result["log_likelihood"] > best["log_likelihood"]:
+                best = {**result, "state": {name: t.clone() for name, t in reward.state_dict().items()}}
+
+        assert best is not None
+        reward.load_state_dict(best["state"])
+        reward.eval()
+        self.reward = reward
+        self.users_ = dataset.users.copy()
+        self.responsibilities_ = best["responsibilities"]
+        self.assignments_ = self.responsibilities_.argmax(1)
+        self.shares_ = self.responsibilities_.mean(0)
+        self.log_likelihood_ = best["log_likelihood"]
+        self.history_ = best["history"]
+        self.n_iter_ = len(best["history"])
+        self.converged_ = best["converged"]
+        return self
+
+    # --------------------------------------------------------- initialisation
+    def _gradient_embedding(self, reward: RewardMixture, data: _Data, labels: np.ndarray, chunk_size: int = 256) -> np.ndarray:
+        """``(U, h_last)``: each user's mean BT log-likelihood gradient w.r.t. the last layer of *their* member.
+
+        ``g_u = mean_i (y_i - sigmoid(R(a_i) - R(b_i))) * (H(a_i) - H(b_i))`` with ``H`` the
+        segment's (discounted) sum of the member's last hidden layer: the direction in which
+        user ``u`` pulls the reward that currently represents them.
+
+        :param labels: ``(U,)`` member of every user; members ``0..max(labels)`` are evaluated.
+        """
+        used = list(range(int(labels.max()) + 1))
+        member_of = torch.as_tensor(labels, dtype=torch.long)[data.user_index]  # (N,)
+        w_last = reward.weights[-1][used, :, 0]  # (M, h_last); the last bias cancels in R(a) - R(b)
+        length = data.features_a.shape[1]
+        step_weights = self.discount ** torch.arange(length, dtype=torch.float32)
+        grads = []
+        with torch.no_grad():
+            for start in range(0, len(data.labels), chunk_size):
+                end = start + chunk_size
+                segments = torch.cat([data.features_a[start:end], data.features_b[start:end]])  # (2n, L, D)
+                n = segments.shape[0] // 2
+                hidden = reward.hidden(segments.reshape(-1, segments.shape[-1]), used).reshape(len(used), 2 * n, length, -1)
+                summed = torch.einsum("mnlh,l->mnh", hidden, step_weights)  # H per member and segment
+                members = member_of[start:end]
+                own = (summed[:, :n] - summed[:, n:])[members, torch.arange(n)]  # (n, h): each comparison's own member
+                residual = data.labels[start:end] - torch.sigmoid((own * w_last[members]).sum(-1))
+                grads.append(residual[:, None] * own)
+        per_comparison = torch.cat(grads).double()
+        summed_per_user = torch.zeros(data.n_users, per_comparison.shape[1], dtype=torch.float64)
+        summed_per_user.index_add_(0, data.user_index, per_comparison)
+        return (summed_per_user / data.counts[:, None]).numpy()
+
+    def _kmeans_start(self, embedding: np.ndarray, seed: int) -> np.ndarray:
+        """``(U, K)`` one-hot start from k-means++ on the per-user embedding."""
+        k = self.n_components
+        if k == 1:
+            return np.ones((len(embedding), 1))
+        labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(embedding)
+        return np.eye(k)[labels]
+
+    def _split_start(self, reward: RewardMixture, data: _Data, seed: int, generator: torch.Generator) -> np.ndarray:
+        """``(U, K)`` one-hot start by divisive splitting, from the pooled reward in member 0.
+
+        K - 1 times: embed every user by the gradient of *their own* member
+        (:meth:`_gradient_embedding`), 2-means each cluster and split the one whose split
+        explains the most embedding variance; the half its member explains worse (larger
+        gradients) moves to a fresh copy of that member; then a few hard EM iterations among
+        the members in use. Each split looks at the residuals of the reward that currently
+        represents the cluster, so a small group hidden behind a large one is found once the
+        large one has a member of its own.
+        """
+        labels = np.zeros(data.n_users, dtype=np.int64)
+        for new in range(1, self.n_components):
+            embedding = self._gradient_embedding(reward, data, labels)
+            best_gain, best_split = -np.inf, None
+            for cluster in range(new):
+                users = np.flatnonzero(labels == cluster)
+                if len(users) < 2:
+                    continue
+                x = embedding[users]
+                km = KMeans(n_clusters=2, n_init=10, random_state=seed).fit(x)
+                gain = float(((x - x.mean(0)) ** 2).sum() - km.inertia_)
+                if gain > best_gain:
+                    best_gain, best_split = gain, (cluster, users, km.labels_, x)
+            if best_split is None:  # every cluster is a single user (K == U): nothing left to split
+                break
+            cluster, users, halves, x = best_split
+            worse = int(np.argmax([np.square(x[halves == side]).sum(1).mean() for side in (0, 1)]))
+            labels[users[halves == worse]] = new
+            reward.copy_member(cluster, [new])
+            if new == self.n_components - 1:
+                break  # the main EM loop takes over from here
+            responsibilities = np.eye(self.n_components)[labels]
+            for _ in range(self.split_iterations):
+                responsibilities, _, changed, _ = self._em_iteration(reward, data, responsibilities, generator, n_active=new + 1, hard=True)
+                if changed == 0:
+                    break
+            labels = responsibilities.argmax(1)
+        return np.eye(self.n_components)[labels]
+
+    def _random_start(self, n_users: int, seed: int) -> np.ndarray:
+        """``(U, K)`` one-hot random balanced partition (every member gets users)."""
+        rng = np.random.default_rng(seed)
+        labels = rng.permutation(np.arange(n_users) % self.n_components)
+        return np.eye(self.n_components)[labels]
+
+    # ------------------------------------------------------------- iterations
+    def _objective(self, user_ll: np.ndarray, responsibilities: np.ndarray, hard: bool) -> float:
+        """Hard EM: sum of each user's LL under their member. Soft EM: the mixture log-likelihood."""
+        if hard:
+            return float(user_ll[np.arange(len(user_ll)), responsibilities.argmax(1)].sum())
+        log_prior = np.log(np.clip(responsibilities.mean(0), 1e-12, None))
+        return float(np.logaddexp.reduce(user_ll + log_prior, axis=1).sum())
+
+    def _e_step(self, user_ll: np.ndarray, responsibilities: np.ndarray, hard: bool) -> np.ndarray:
+        """New ``(U, K)`` responsibilities from ``user_ll`` ``(U, K)`` (members at -inf are not in use)."""
+        if hard:
+            return np.eye(self.n_components)[user_ll.argmax(1)]
+        joint = user_ll + np.log(np.clip(responsibilities.mean(0), 1e-12, None))
+        return np.exp(joint - np.logaddexp.reduce(joint, axis=1)[:, None])
+
+    def _reseed_empty(self, responsibilities: np.ndarray, user_ll: np.ndarray, counts: np.ndarray, n_active: int) -> np.ndarray:
+        """Give every member (of the first ``n_active``) without users the users the current fit explains worst."""
+        labels = responsibilities.argmax(1)
+        fit = user_ll[np.arange(len(labels)), labels] / counts  # mean LL per comparison
+        n_move = max(1, round(self.reseed_fraction * len(labels)))
+        for member in range(n_active):
+            if (labels == member).any():
+                continue
+            moved = 0
+            for user in np.argsort(fit):  # worst-fitting first
+                if moved == n_move:
+                    break
+                if (labels == labels[user]).sum() > 1:  # never empty another member
+                    labels[user] = member
+                    fit[user] = np.inf
+                    moved += 1
+        return np.eye(self.n_components)[labels]
+
+    def _em_iteration(
+        self, reward: RewardMixture, data: _Data, responsibilities: np.ndarray, generator: torch.Generator,
+        n_active: int | None = None, hard: bool | None = None,
+    ) -> tuple[np.ndarray, float, int, float]:  # fmt: skip
+        """One M-step (warm-started) and E-step.
+
+        :param n_active: only the first ``n_active`` members may receive users (splitting init).
+        :param hard: hard assignments; defaults to ``not self.soft``.
+        :return: new responsibilities ``(U, K)``, the objective, how many users changed member, train loss.
+        """
+        hard = (not self.soft) if hard is None else hard
+        n_active = self.n_components if n_active is None else n_active
+        weights = torch.as_tensor(responsibilities, dtype=torch.float32)[data.user_index]  # (N, K)
+        train_loss = self._train(reward, data, weights, self.m_step_epochs, generator)
+        user_ll = self._user_ll(reward, data, n_active).numpy()
+        new = self._e_step(user_ll, responsibilities, hard)
+        if hard:
+            new = self._reseed_empty(new, user_ll, data.counts.numpy(), n_active)
+        objective = self._objective(user_ll, new, hard)
+        if not np.isfinite(objective):
+            raise RewardTrainingError(f"EM log-likelihood became {objective}; lower the learning rate or check the inputs")
+        changed = int((new.argmax(1) != responsibilities.argmax(1)).sum())
+        return new, objective, changed, train_loss
+
+    def _run_em(
+        self, reward: RewardMixture, data: _Data, dataset: PreferenceDataset, start: np.ndarray,
+        generator: torch.Generator, restart: int,
+    ) -> dict[str, Any]:  # fmt: skip
+        """EM iterations from ``start`` ``(U, K)`` until convergence or ``max_iter``, then the final M-step."""
+        responsibilities = start
+        history: list[dict[str, Any]] = []
+        objective = previous = -math.inf
+        converged = False
+        known = bool((dataset.user_groups >= 0).all())
+        bar = tqdm(range(1, self.max_iter + 1), desc=f"EM K={self.n_components}", unit="it", disable=not self.progress_bar)
+        for iteration in bar:
+            began = time.perf_counter()
+            responsibilities, objective, changed, train_loss = self._em_iteration(reward, data, responsibilities, generator)
+            entry: dict[str, Any] = {
+                "iteration": iteration,
+                "log_likelihood": objective,
+                "changed": changed,
+                "shares": responsibilities.mean(0).tolist(),
+                "train_loss": train_loss,
+                "seconds": time.perf_counter() - began,
+            }
+            if known:
+                entry["ari"] = adjusted_rand_index(dataset.user_groups, responsibilities.argmax(1))
+                entry["purity"] = purity(dataset.user_groups, responsibilities.argmax(1))
+            history.append(entry)
+            self._log(entry, restart)
+            bar.set_postfix(ll=f"{objective:.1f}", changed=changed)
+            relative = abs(objective - previous) / max(abs(objective), 1e-12)
+            previous = objective
+            if (not self.soft and changed <= self.assignment_tol * data.n_users) or relative < self.tol:
+                converged = True
+                break
+        bar.close()
+        if self.final_epochs > 0:
+            # A longer M-step on the final groups, each member keeping its best held-out epoch:
+            # EM may stop after a few short M-steps, before the members are fully trained.
+            weights = torch.as_tensor(responsibilities, dtype=torch.float32)[data.user_index]
+            self._train(reward, data, weights, self.final_epochs, generator, validate=True, patience=self.final_patience)
+            objective = self._objective(self._user_ll(reward, data).numpy(), responsibilities, not self.soft)
+        return {"responsibilities": responsibilities, "log_likelihood": objective, "history": history, "converged": converged}
+
+    def _log(self, entry: dict[str, Any], restart: int) -> None:
+        if self.logger is None:
+            return
+        self.logger.record("em/log_likelihood", entry["log_likelihood"])
+        self.logger.record("em/changed_assignments", entry["changed"])
+        self.logger.record("em/train_loss", entry["train_loss"])
+        self.logger.record("em/restart", restart)
+        for k, share in enumerate(entry["shares"]):
+            self.logger.record(f"em/share_{k}", share)
+        for key in ("ari", "purity"):
+            if key in entry:
+                self.logger.record(f"em/{key}", entry[key])
+        # One x-axis across restarts: restart r's iterations follow restart r - 1's.
+        self.logger.dump(step=restart * self.max_iter + entry["iteration"])
+
+    # ------------------------------------------------------------ prediction
+    def user_log_likelihoods(self, dataset: PreferenceDataset) -> np.ndarray:
+        """``(U, K)`` summed BT log-likelihood of each of ``dataset.users``' comparisons under each member.
+
+        A user without comparisons raises ``ValueError`` naming them.
+        """
+        reward = self._require_fitted()
+        _check_users_have_comparisons(dataset, "EMRewardMixture")
+        return self._user_ll(reward, _Data.build(reward, dataset, fit_normalization=False)).numpy()
+
+    def predict_proba(self, dataset: PreferenceDataset, prior: bool = True) -> np.ndarray:
+        """``(U, K)`` posterior group probabilities of ``dataset.users`` given their comparisons.
+
+        :param prior: weigh members by the fitted ``shares_`` (otherwise a uniform prior).
+        """
+        ll = self.user_log_likelihoods(dataset)
+        if prior:
+            ll = ll + np.log(np.clip(self.shares_, 1e-12, None))
+        return np.exp(ll - np.logaddexp.reduce(ll, axis=1)[:, None])
+
+    def assign_users(self, dataset: PreferenceDataset, prior: bool = False) -> np.ndarray:
+        """``(U,)`` member for every user of ``dataset`` (new or known), by their comparisons in it.
+
+        :param prior: add the log share of each member (MAP instead of the paper's max-likelihood rule).
+        """
+        ll = self.user_log_likelihoods(dataset)
+        if prior:
+            ll = ll + np.log(np.clip(self.shares_, 1e-12, None))
+        return ll.argmax(1)
+
+    def assign(self, dataset: PreferenceDataset, prior: bool = False) -> int:
+        """The member (group) of the one user in ``dataset``, e.g. a new user who answered a few queries.
+
+        :raises ValueError: if ``dataset`` has no comparisons or more than one user.
+        """
+        present = np.unique(dataset.user_ids)
+        if len(present) > 1:
+            raise ValueError(f"assign() takes the comparisons of one user, got {len(present)} users; use assign_users()")
+        if len(present) == 0:
+            shown = dataset.users[:1].tolist()
+            raise ValueError(f"assign(): user {shown[0] if shown else '?'} has no comparisons to assign by")
+        return int(self.assign_users(dataset.for_users(present), prior=prior)[0])
+
+    def _fitted_rows(self, user_ids: np.ndarray) -> np.ndarray:
+        """Positions in ``users_`` of ``user_ids``; raises ``ValueError`` naming users that were not fitted."""
+        self._require_fitted()
+        assert self.users_ is not None
+        order = np.argsort(self.users_)
+        rows = order[np.searchsorted(self.users_, user_ids, sorter=order).clip(0, len(order) - 1)]
+        unknown = self.users_[rows] != user_ids
+        if unknown.any():
+            raise ValueError(
+                f"users {np.unique(user_ids[unknown])[:10].tolist()} were not in the fitted data; assign them with assign_users() first"
+            )
+        return rows
+
+    def comparison_members(self, dataset: PreferenceDataset) -> np.ndarray:
+        """``(N,)`` the fitted member of each comparison's user (all users must have been fitted)."""
+        rows = self._fitted_rows(dataset.user_ids)
+        assert self.assignments_ is not None
+        return self.assignments_[rows]
+
+    def accuracy(self, dataset: PreferenceDataset, members: np.ndarray | None = None) -> AccuracyReport:
+        """Preference accuracy (ties excluded), each comparison judged by its user's member.
+
+        :param dataset: comparisons (typically held out) of fitted users.
+        :param members: ``(N,)`` member per comparison; defaults to :meth:`comparison_members`.
+        """
+        reward = self._require_fitted()
+        members = self.comparison_members(dataset) if members is None else np.asarray(members)
+        differences = return_differences(reward, dataset, self.discount)
+        return accuracy_from_differences(differences[np.arange(len(dataset)), members], dataset)
+
+    def heldout_user_scores(self, dataset: PreferenceDataset) -> tuple[np.ndarray, np.ndarray]:
+        """Held-out log-likelihood of fitted users' new comparisons, per user.
+
+        Score of user ``u``: ``log sum_k r[u, k] * exp(LL_heldout[u, k])`` with ``r`` the fitted
+        responsibilities (hard EM: the held-out LL under the user's own member).
+
+        :return: ``users`` ``(U',)`` (users of ``dataset`` with comparisons) and their scores ``(U',)``.
+        """
+        reward = self._require_fitted()
+        sub = dataset.for_users(np.unique(dataset.user_ids))  # only users with held-out comparisons
+        rows = self._fitted_rows(sub.users)
+        ll = self._user_ll(reward, _Data.build(reward, sub, fit_normalization=False)).numpy()
+        assert self.responsibilities_ is not None
+        with np.errstate(divide="ignore"):  # log 0 = -inf: hard EM keeps only the user's own member
+            log_r = np.log(self.responsibilities_[rows])
+        return sub.users, np.logaddexp.reduce(log_r + ll, axis=1)
+
+    # -------------------------------------------------------------- storage
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``reward.safetensors`` and ``em.json`` (assignments, shares, history) into ``directory``.
+
+        Each file is written atomically; nothing is pickled.
+        """
+        reward = self._require_fitted()
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        reward.save(directory / _REWARD_FILE)
+        assert self.users_ is not None and self.responsibilities_ is not None and self.shares_ is not None
+        state = {
+            "format": _FORMAT,
+            "format_version": _FORMAT_VERSION,
+            "hyperparameters": self.hyperparameters(),
+            "observation_space": space_to_json(reward.observation_space),
+            "action_space": space_to_json(reward.action_space),
+            "users": self.users_.tolist(),
+            "assignments": self.assignments_.tolist(),
+            "responsibilities": self.responsibilities_.tolist(),
+            "shares": self.shares_.tolist(),
+            "log_likelihood": self.log_likelihood_,
+            "history": self.history_,
+            "n_iter": self.n_iter_,
+            "converged": self.converged_,
+        }
+        _atomic_write_text(directory / _STATE_FILE, json.dumps(state, indent=1))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> EMRewardMixture:
+        """Read a directory written by :meth:`save`."""
+        directory = Path(directory)
+        state_path = directory / _STATE_FILE
+        if not state_path.is_file():
+            raise FileNotFoundError(f"{state_path} does not exist: not a saved EMRewardMixture directory")
+        try:
+            state = json.loads(state_path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{state_path} is not valid JSON ({err})") from None
+        if state.get("format") != _FORMAT or state.get("format_version") != _FORMAT_VERSION:
+            raise ValueError(f"{state_path}: not a saved EMRewardMixture (format {state.get('format')!r})")
+        params = state["hyperparameters"]
+        model = cls(
+            params.pop("n_components"),
+            space_from_json(state["observation_space"]),
+            space_from_json(state["action_space"]),
+            **params,
+        )
+        model.reward = RewardMixture.load(directory / _REWARD_FILE)
+        if model.reward.n_members != model.n_components:
+            raise ValueError(f"{directory}: reward has {model.reward.n_members} members, state says {model.n_components}")
+        model.users_ = np.asarray(state["users"], dtype=np.int64)
+        model.assignments_ = np.asarray(state["assignments"], dtype=np.int64)
+        model.responsibilities_ = np.asarray(state["responsibilities"], dtype=np.float64).reshape(-1, model.n_components)
+        model.shares_ = np.asarray(state["shares"], dtype=np.float64)
+        model.log_likelihood_ = float(state["log_likelihood"])
+        model.history_ = state["history"]
+        model.n_iter_ = int(state["n_iter"])
+        model.converged_ = bool(state["converged"])
+        return model
+
+    def __repr__(self) -> str:
+        fitted = f", shares={np.round(self.shares_, 3).tolist()}" if self.shares_ is not None else ""
+        return f"EMRewardMixture(K={self.n_components}, {'soft' if self.soft else 'hard'}{fitted})"
+
+
+@dataclass
+class _Data:
+    """A dataset prepared once for EM: network inputs, labels, user index."""
+
+    features_a: torch.Tensor  # (N, L, D)
+    features_b: torch.Tensor  # (N, L, D)
+    labels: torch.Tensor  # (N,)
+    user_index: torch.Tensor  # (N,) position of each comparison's user in dataset.users
+    counts: torch.Tensor  # (U,) comparisons per user
+    n_users: int
+    held_out: torch.Tensor  # (N,) True: never trained on (early stopping only)
+
+    @classmethod
+    def build(
+        cls, reward: RewardMixture, dataset: PreferenceDataset, fit_normalization: bool,
+        validation_fraction: float = 0.0, seed: int = 0,
+    ) -> _Data:  # fmt: skip
+        features_a, features_b = dataset_features(reward, dataset, fit_normalization=fit_normalization)
+        user_index = torch.as_tensor(dataset.user_index(), dtype=torch.long)
+        counts = torch.as_tensor(dataset.comparisons_per_user(), dtype=torch.float64)
+        labels = torch.as_tensor(dataset.labels, dtype=torch.float32)
+        held_out = torch.as_tensor(np.random.default_rng(seed).random(len(dataset)) < validation_fraction)
+        return cls(features_a, features_b, labels, user_index, counts, dataset.n_users, held_out)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ----------------------------------------------------------------------------- choosing K
+
+
+@dataclass
+class KSelection:
+    """Result of :func:`select_k`.
+
+    :param k: the chosen number of components.
+    :param criterion: ``"heldout"`` or ``"bic"``.
+    :param scores: K -> score (held-out: mean log-likelihood per held-out comparison, higher is
+        better; BIC: lower is better).
+    :param standard_errors: K -> standard error of the score difference to the best K (held-out only).
+    :param models: K -> the fitted mixture (held-out: fitted on the training split).
+    """
+
+    k: int
+    criterion: str
+    scores: dict[int, float] = field(default_factory=dict)
+    standard_errors: dict[int, float] = field(default_factory=dict)
+    models: dict[int, EMRewardMixture] = field(default_factory=dict)
+
+
+def n_parameters(reward: RewardMixture) -> int:
+    """Free parameters of a mixture for BIC: all network weights plus K - 1 shares."""
+    return sum(p.numel() for p in reward.parameters()) + reward.n_members - 1
+
+
+def select_k(
+    dataset: PreferenceDataset,
+    k_range: Iterable[int] = range(1, 6),
+    criterion: str = "heldout",
+    *,
+    heldout_fraction: float = 0.2,
+    se_factor: float = 1.0,
+    split_seed: int = 0,
+    **em_kwargs: Any,
+) -> KSelection:
+    """Choose the number of groups K.
+
+    ``"heldout"``: every user's comparisons are split (``heldout_fraction`` held out); each K
+    is fitted on the rest and scored by the held-out per-user log-likelihood (each user judged
+    by their fitted member, see :meth:`EMRewardMixture.heldout_user_scores`). Extra members
+    only split groups and barely change this score, so the smallest K within ``se_factor``
+    standard errors of the best (paired over users) is chosen: the one-standard-error rule.
+
+    ``"bic"``: each K is fitted on all data and scored by ``-2 * mixture LL + p * ln(N)``,
+    ``p`` = all network parameters. With neural rewards ``p`` is large, so BIC favours small K
+    strongly; prefer ``"heldout"`` unless the networks are tiny.
+
+    :param dataset: comparisons by identified users.
+    :param k_range: candidate K values.
+    :param criterion: ``"heldout"`` or ``"bic"``.
+    :param heldout_fraction: share of each user's comparisons held out (``"heldout"``).
+    :param se_factor: how many standard errors below the best score still count as "as good".
+    :param split_seed: seed of the held-out split.
+    :param em_kwargs: passed to :class:`EMRewardMixture` (``n_components`` is set per K).
+    """
+    ks = sorted({int(k) for k in k_range})
+    if not ks:
+        raise ValueError("k_range is empty")
+    if criterion not in ("heldout", "bic"):
+        raise ValueError(f"criterion must be 'heldout' or 'bic', got {criterion!r}")
+    _check_users_have_comparisons(dataset, "select_k")
+    if ks[0] < 1 or ks[-1] > dataset.n_users:
+        raise ValueError(f"k_range must lie in 1..{dataset.n_users} (the number of users), got {ks}")
+    result = KSelection(k=ks[0], criterion=criterion)
+    if criterion == "bic":
+        for k in ks:
+            model = EMRewardMixture(k, **em_kwargs).fit(dataset)
+            assert model.reward is not None and model.shares_ is not None
+            ll = model.user_log_likelihoods(dataset) + np.log(np.clip(model.shares_, 1e-12, None))
+            mixture_ll = float(np.logaddexp.reduce(ll, axis=1).sum())
+            result.scores[k] = -2.0 * mixture_ll + n_parameters(model.reward) * math.log(len(dataset))
+            result.models[k] = model
+        result.k = min(ks, key=lambda k: result.scores[k])
+        return result
+
+    train, test = dataset.split_by_comparison(heldout_fraction, seed=split_seed)
+    keep = train.users[train.comparisons_per_user() > 0]
+    train = train.for_users(keep)
+    test = test.for_users(np.intersect1d(keep, np.unique(test.user_ids)))
+    if len(test) == 0:
+        raise ValueError("no held-out comparisons: users need more comparisons or a larger heldout_fraction")
+    per_user: dict[int, np.ndarray] = {}
+    for k in ks:
+        if k > train.n_users:
+            break
+        model = EMRewardMixture(k, **em_kwargs).fit(train)
+        _, scores = model.heldout_user_scores(test)
+        per_user[k] = scores
+        result.scores[k] = float(scores.sum() / len(test))
+        result.models[k] = model
+    best = max(per_user, key=lambda k: result.scores[k])
+    for k in per_user:
+        diff = per_user[k] - per_user[best]
+        result.standard_errors[k] = float(diff.std(ddof=1) * math.sqrt(len(diff)) / len(test)) if len(diff) > 1 else 0.0
+    result.k = min(k for k in per_user if result.scores[k] >= result.scores[best] - se_factor * result.standard_errors[k])
+    return result
