@@ -27,7 +27,9 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/wrapper_overhead.py
+	$(BIN)/python -m benchmarks.wrapper_overhead
+	$(BIN)/python -m benchmarks.em_scaling
+	$(BIN)/python -m benchmarks.maxmin_overhead
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

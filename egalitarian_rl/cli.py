@@ -1,56 +1,114 @@
-"""The ``egalitarian-rl`` command."""
+"""The ``egalitarian-rl`` command: ``demo``, ``run CONFIG.yaml`` and the pipeline's stages."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 
-import numpy as np
+SHIPPED_CONFIGS = ("fairgrid", "halfcheetah")
 
 
-def _demo(args: argparse.Namespace) -> int:
-    import gymnasium as gym
+def _config_path(name_or_path: str) -> Path:
+    """A config file, or the name of a shipped one (``fairgrid``, ``halfcheetah``)."""
+    if name_or_path in SHIPPED_CONFIGS:
+        return Path(str(resources.files("egalitarian_rl.experiments") / "configs" / f"{name_or_path}.yaml"))
+    return Path(name_or_path)
 
-    import envs
-    from egalitarian_rl.preferences import collect_preferences
 
-    env_id = envs.FAIRGRID_ID
-    population = envs.make_population(env_id, {"majority": 0.8, "minority": 0.2}, beta=5.0)
-    data = collect_preferences(
-        gym.make(env_id, random_start=True), population, n_users=100, comparisons_per_user=30,
-        segment_length=10, seed=args.seed, progress_bar=True,
-    )
-    out = Path(args.out)
-    path = data.save(out / "preferences.npz")
-    groups = data.comparison_groups()
-    print(f"\n{data}\n")
-    print(f"{'group':<10} {'users':>6} {'comparisons':>12} {'prefer a':>9} {'prefer b':>9} {'equal':>7}")
-    for index, name in enumerate(data.group_names):
-        labels = data.labels[groups == index]
-        n_users = int((data.user_groups == index).sum())
-        print(
-            f"{name:<10} {n_users:>6} {len(labels):>12} {np.mean(labels == 1):>9.1%} "
-            f"{np.mean(labels == 0):>9.1%} {np.mean(labels == 0.5):>7.1%}"
-        )
-    print(f"\npreferences saved to {path}")
+def _load(args: argparse.Namespace):
+    from egalitarian_rl.experiments import ExperimentConfig, Pipeline
+
+    config = ExperimentConfig.from_yaml(_config_path(args.config))
+    if getattr(args, "out", None):
+        config.out_dir = args.out
+    if getattr(args, "seeds", None):
+        config.seeds = args.seeds
+    return Pipeline(config, progress_bar=not args.no_progress)
+
+
+def _run(args: argparse.Namespace) -> int:
+    report, _ = _load(args).run()
+    print(f"\nreport: {report}")
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    args.config = "fairgrid"
+    return _run(args)
+
+
+def _stage(stage: str):
+    def handler(args: argparse.Namespace) -> int:
+        pipeline = _load(args)
+        if stage == "report":
+            print(f"report: {pipeline.report()}")
+            return 0
+        for seed in pipeline.config.seeds:
+            if stage in ("collect", "fit"):
+                getattr(pipeline, stage)(seed)
+            else:
+                for method in pipeline.methods:
+                    getattr(pipeline, stage)(seed, method)
+        print(f"{stage}: done, artefacts in {pipeline.out_dir}")
+        return 0
+
+    return handler
+
+
+STAGES = {
+    "collect": "simulated users compare segments -> seed_<s>/preferences.npz",
+    "fit": "fit the single Bradley-Terry reward and the EM mixture -> seed_<s>/rewards/",
+    "train": "train every method's policy -> seed_<s>/policies/",
+    "evaluate": "every group's true return of every policy -> seed_<s>/returns/",
+    "report": "metrics.json, report.md and plots from the evaluations",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="egalitarian-rl", description="MaxMin-RLHF for diverse users on any Gymnasium env.")
+    parser = argparse.ArgumentParser(
+        prog="egalitarian-rl",
+        description="MaxMin-RLHF on any Gymnasium env: preferences from diverse users -> EM reward mixture -> "
+        "a policy for the worst-off group, compared with single-reward RLHF.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="collect preferences on FairGrid from 100 simulated users and summarise them")
-    demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    demo.add_argument("--seed", type=int, default=0)
+
+    def common(sub: argparse.ArgumentParser, with_config: bool = True) -> None:
+        if with_config:
+            sub.add_argument("config", help=f"YAML config file, or a shipped one: {', '.join(SHIPPED_CONFIGS)}")
+        sub.add_argument("--out", help="output folder (overrides the config's out_dir)")
+        sub.add_argument("--seeds", type=int, nargs="+", help="seeds to run (overrides the config)")
+        sub.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    demo = commands.add_parser("demo", help="the FairGrid pipeline end to end (a few minutes on 2 CPU cores)")
+    common(demo, with_config=False)
     demo.set_defaults(handler=_demo)
+    run = commands.add_parser("run", help="every stage of a config, resuming from saved artefacts")
+    common(run)
+    run.set_defaults(handler=_run)
+    for stage, text in STAGES.items():
+        sub = commands.add_parser(stage, help=text, description=f"{text}. Earlier stages run first if their artefacts are missing.")
+        common(sub)
+        sub.set_defaults(handler=_stage(stage))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    from egalitarian_rl.experiments.config import ConfigError
+    from egalitarian_rl.preferences import PreferenceDatasetError
+
+    try:
+        return args.handler(args)
+    except (ConfigError, PreferenceDatasetError, FileNotFoundError) as err:
+        # A user's mistake: one clear line, no traceback.
+        print(f"egalitarian-rl: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("egalitarian-rl: interrupted; finished stages are saved and will be reused", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

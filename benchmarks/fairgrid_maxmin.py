@@ -1,0 +1,104 @@
+"""The paper's claim on FairGrid over 3 seeds: MaxMin-RLHF vs single-reward RLHF.
+
+Runs the shipped FairGrid pipeline (80% majority / 20% minority, learned
+rewards only) for seeds 0, 1, 2, once per aggregation rule: the rule under
+test replaces MaxMinPPO's; preferences, fitted rewards and the ``rlhf`` and
+``mean`` policies are shared between rules (copied, not retrained).
+
+Checks, for the shipped rule (``per_sample_min``):
+- minority win-rate of MaxMin vs RLHF >= 0.60;
+- minority mean true return >= 1.33 x RLHF's, counted from the lowest possible return (0);
+- MaxMin's worst-group return is the highest among learned-reward methods (rlhf, maxmin, mean);
+- the majority keeps >= 75% of its RLHF return.
+The other rules are measured and reported with the same checks.
+
+Writes ``benchmarks/results/fairgrid_maxmin.json``, a line in ``benchmarks/RESULTS.md``
+and each rule's report under ``runs/bench_fairgrid/<rule>/``.
+
+    .venv/bin/python -m benchmarks.fairgrid_maxmin [--seeds 0 1 2] [--rules per_sample_min worst_group ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+from benchmarks.common import write_result
+from egalitarian_rl.cli import _config_path
+from egalitarian_rl.experiments import ExperimentConfig, Pipeline
+
+NAME = "fairgrid_maxmin"
+RULES = {
+    "per_sample_min": {},
+    "worst_group": {},
+    "softmin": {"tau": 5.0},
+    "egd": {"eta": 0.1},
+}
+SHARED = ("preferences.npz", "rewards", "policies/rlhf.zip", "policies/rlhf.curve.npz", "policies/mean.zip",
+          "policies/mean.curve.npz", "returns/rlhf.npy", "returns/mean.npy")  # fmt: skip
+
+
+def checks(metrics: dict) -> dict:
+    methods = metrics["methods"]
+    maxmin, rlhf = methods["maxmin"]["groups"], methods["rlhf"]["groups"]
+    ratio = maxmin["minority"].get("ratio_vs_rlhf")
+    learned = ("rlhf", "maxmin", "mean")
+    return {
+        "minority_win_rate": maxmin["minority"]["win_rate_vs_rlhf"],
+        "minority_seed_win_rate": maxmin["minority"].get("seed_win_rate_vs_rlhf"),
+        "minority_return": maxmin["minority"]["mean_return"],
+        "rlhf_minority_return": rlhf["minority"]["mean_return"],
+        "minority_ratio": ratio,  # None = unbounded: RLHF at the floor (0), MaxMin above it
+        "majority_kept": maxmin["majority"]["mean_return"] / rlhf["majority"]["mean_return"],
+        "worst_group_returns": {m: methods[m]["worst_group_return"] for m in learned},
+        "passes": {
+            "minority_win_rate>=0.60": maxmin["minority"]["win_rate_vs_rlhf"] >= 0.60,
+            "minority_ratio>=1.33": ratio is None or ratio >= 1.33,
+            "worst_group_highest": methods["maxmin"]["worst_group_return"] >= max(methods[m]["worst_group_return"] for m in learned),
+            "majority_kept>=0.75": maxmin["majority"]["mean_return"] >= 0.75 * rlhf["majority"]["mean_return"],
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
+    parser.add_argument("--out", default="runs/bench_fairgrid")
+    args = parser.parse_args()
+
+    rows, first_dir = {}, None
+    for rule in args.rules:
+        config = ExperimentConfig.from_yaml(_config_path("fairgrid"))
+        config.seeds, config.methods = args.seeds, ["rlhf", "maxmin", "mean"]
+        config.train.aggregation, config.train.aggregation_kwargs = rule, RULES[rule]
+        config.out_dir = str(Path(args.out) / rule)
+        if first_dir is not None:
+            for seed in args.seeds:
+                for item in SHARED:
+                    source, target = first_dir / f"seed_{seed}" / item, Path(config.out_dir) / f"seed_{seed}" / item
+                    if source.exists() and not target.exists():
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        (shutil.copytree if source.is_dir() else shutil.copy2)(source, target)
+        start = time.perf_counter()
+        _, metrics = Pipeline(config, progress_bar=False).run()
+        rows[rule] = {"aggregation_kwargs": RULES[rule], "seconds": time.perf_counter() - start, **checks(metrics)}
+        first_dir = first_dir or Path(config.out_dir)
+        print(rule, rows[rule]["passes"])
+
+    main_rule = "per_sample_min" if "per_sample_min" in rows else args.rules[0]
+    main_row = rows[main_rule]
+    result = {"seeds": args.seeds, "shipped_rule": main_rule, "rules": rows, "passed": all(main_row["passes"].values())}
+    summary = (
+        f"{len(args.seeds)} seeds, {main_rule}: minority win-rate {main_row['minority_win_rate']:.2f}, minority return "
+        f"{main_row['minority_return']:.1f} vs RLHF {main_row['rlhf_minority_return']:.1f}, majority keeps "
+        f"{main_row['majority_kept']:.0%}; other rules' minority win-rates: "
+        + ", ".join(f"{r} {row['minority_win_rate']:.2f}" for r, row in rows.items() if r != main_rule)
+    )
+    write_result(NAME, result, summary, "win-rate >= 0.60, ratio >= 1.33, worst group highest, majority >= 75%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""MaxMinPPO: PPO that serves the worst-off group of users (MaxMin-RLHF, Chakraborty et al. 2024)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+from stable_baselines3 import PPO
+from stable_baselines3.common.base_class import SelfBaseAlgorithm
+from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.policies import ActorCriticCnnPolicy, ActorCriticPolicy, BasePolicy, MultiInputActorCriticPolicy
+from stable_baselines3.common.type_aliases import GymEnv
+from stable_baselines3.common.vec_env import VecEnv
+
+from egalitarian_rl.algorithms.aggregation import Aggregation, GroupRewardNormalizer, make_aggregation
+from egalitarian_rl.rewards.nets import RewardMixture
+from egalitarian_rl.rewards.vec_env import GroupRewardVecEnv, learned_rewards
+
+
+class MaxMinPPO(PPO):
+    """PPO on an aggregate of K learned group rewards, by default the worst-off group's.
+
+    Every step, the ``reward_mixture`` scores the transition for each of its K
+    members (one per recovered user group); the rewards are put on one scale
+    by ``normalizer`` and combined by the ``aggregation`` rule into the reward
+    PPO trains on. The relabelling happens in a :class:`GroupRewardVecEnv`
+    around the training env, i.e. before SB3 computes GAE. After each rollout
+    the rule re-weighs the groups from their estimated returns under the
+    current policy: ``worst_group`` (the paper's MaxMin) gives the next
+    rollout to the group with the lowest return.
+
+    :param policy: the policy model (``"MlpPolicy"``, ``"CnnPolicy"``, ... or a class).
+    :param env: the training env (gymnasium env, VecEnv or registered id). Its own reward is ignored.
+    :param reward_mixture: K learned group rewards, e.g. ``EMRewardMixture(...).fit(data).reward``.
+        ``None`` only when loading.
+    :param aggregation: ``"worst_group"``, ``"per_sample_min"``, ``"softmin"``, ``"egd"``,
+        ``"mean"`` or an :class:`Aggregation`.
+    :param aggregation_kwargs: arguments of the rule (``tau`` for softmin, ``eta`` for egd, ...).
+    :param normalizer: fixed per-group reward statistics (e.g. ``GroupRewardNormalizer.from_data``
+        on the preference segments). ``None``: the statistics of the first rollout
+        (the untrained policy), then frozen, so every group is measured as its gain
+        over what an untrained policy gives it. Frozen statistics keep the reward
+        stationary for the critic.
+    :param group_names: names of the K groups for logs (``groups/return_<name>``).
+    :param ppo_kwargs: everything else goes to :class:`stable_baselines3.PPO`.
+    """
+
+    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
+        "MlpPolicy": ActorCriticPolicy,
+        "CnnPolicy": ActorCriticCnnPolicy,
+        "MultiInputPolicy": MultiInputActorCriticPolicy,
+    }
+
+    def __init__(
+        self,
+        policy: str | type[ActorCriticPolicy],
+        env: GymEnv | str,
+        reward_mixture: RewardMixture | None = None,
+        aggregation: str | Aggregation = "worst_group",
+        aggregation_kwargs: dict[str, Any] | None = None,
+        normalizer: GroupRewardNormalizer | None = None,
+        group_names: Sequence[str] | None = None,
+        _init_setup_model: bool = True,
+        **ppo_kwargs: Any,
+    ) -> None:
+        self.reward_mixture = reward_mixture
+        if isinstance(aggregation, Aggregation):
+            self.aggregation = aggregation
+        else:
+            self.aggregation = make_aggregation(aggregation, **(aggregation_kwargs or {}))
+        self.normalizer = normalizer
+        self.fit_normalizer_on_first_rollout = normalizer is None
+        self.group_names = None if group_names is None else list(group_names)
+        super().__init__(policy, env, _init_setup_model=False, **ppo_kwargs)
+        if _init_setup_model:
+            self._setup_model()
+
+    # ------------------------------------------------------------------ set-up
+    def _setup_model(self) -> None:
+        if self.reward_mixture is None:
+            if not getattr(self, "_saved_state", None):
+                raise ValueError("MaxMinPPO needs reward_mixture: the K learned group rewards (e.g. EMRewardMixture(...).fit(data).reward)")
+            # Loading: the config and tensors come from the zip (see ``save``).
+            self.reward_mixture = RewardMixture.from_config(self._saved_state["reward_mixture_config"])
+        if getattr(self, "_saved_state", None):
+            self._restore_group_state(self._saved_state)
+        n_groups = self.reward_mixture.n_members
+        if self.group_names is None:
+            self.group_names = [f"group_{k}" for k in range(n_groups)]
+        if len(self.group_names) != n_groups:
+            raise ValueError(f"{len(self.group_names)} group names for a reward mixture of {n_groups} members")
+        if self.normalizer is None:
+            self.normalizer = GroupRewardNormalizer(n_groups)
+        if self.env is not None:
+            self.env = self._wrap_group_rewards(self.env)
+        super()._setup_model()
+
+    def _wrap_group_rewards(self, env: VecEnv) -> GroupRewardVecEnv:
+        if isinstance(env, GroupRewardVecEnv):
+            return env
+        return GroupRewardVecEnv(
+            env,
+            learned_rewards(self.reward_mixture),
+            self.aggregation,
+            n_groups=self.reward_mixture.n_members,
+            normalizer=self.normalizer,
+            group_names=self.group_names,
+        )
+
+    def set_env(self, env: GymEnv, force_reset: bool = True) -> None:
+        super().set_env(env, force_reset)
+        self.env = self._wrap_group_rewards(self.env)
+
+    @property
+    def group_env(self) -> GroupRewardVecEnv:
+        """The wrapper that relabels rewards (holds the current group weights)."""
+        assert isinstance(self.env, GroupRewardVecEnv), "MaxMinPPO has no training env"
+        return self.env
+
+    # ---------------------------------------------------------------- training
+    def collect_rollouts(
+        self,
+        env: VecEnv,
+        callback: BaseCallback,
+        rollout_buffer: RolloutBuffer,
+        n_rollout_steps: int,
+    ) -> bool:
+        """SB3's rollout (rewards relabelled by the wrapper), then re-weigh the groups."""
+        completed = super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
+        if self.fit_normalizer_on_first_rollout and not self.normalizer.frozen:
+            self.normalizer.freeze()
+        stats = self.group_env.end_rollout()
+        self._log_groups(stats)
+        return completed
+
+    def _log_groups(self, stats: dict[str, Any]) -> None:
+        for index, name in enumerate(self.group_names):
+            if stats["group_returns"] is not None:
+                self.logger.record(f"groups/return_{name}", float(stats["group_returns"][index]))
+            self.logger.record(f"groups/weight_{name}", float(stats["weights"][index]))
+            self.logger.record(f"groups/reward_mean_{name}", float(self.normalizer.mean[index]))
+            self.logger.record(f"groups/reward_std_{name}", float(self.normalizer.std[index]))
+        self.logger.record("groups/selected", int(np.argmax(stats["weights"])))
+
+    # ----------------------------------------------------------------- storage
+    def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
+        state_dicts, tensors = super()._get_torch_save_params()
+        return [*state_dicts, "reward_mixture"], tensors
+
+    def _excluded_save_params(self) -> list[str]:
+        return [*super()._excluded_save_params(), "reward_mixture", "aggregation", "normalizer"]
+
+    def save(self, path: Any, exclude: Any = None, include: Any = None) -> None:
+        """SB3 ``save`` plus the mixture (tensors + JSON config) and the group weights and statistics."""
+        self._saved_state = self._group_state()
+        super().save(path, exclude=exclude, include=include)
+
+    def _group_state(self) -> dict[str, Any]:
+        # Plain lists and numbers only: stored as JSON inside SB3's zip.
+        return {
+            "reward_mixture_config": self.reward_mixture.config(),
+            "aggregation": self.aggregation.name,
+            "aggregation_config": self.aggregation.config(),
+            "aggregation_state": {k: np.asarray(v).tolist() for k, v in self.aggregation.state_dict().items()},
+            "normalizer_state": {k: np.asarray(v).tolist() for k, v in self.normalizer.state_dict().items()},
+            "weights": None if not isinstance(self.env, GroupRewardVecEnv) else self.group_env.weights.tolist(),
+        }
+
+    def _restore_group_state(self, state: dict[str, Any]) -> None:
+        self.aggregation = make_aggregation(state["aggregation"], **state["aggregation_config"])
+        self.aggregation.load_state_dict({k: np.asarray(v) for k, v in state["aggregation_state"].items()})
+        self.normalizer = GroupRewardNormalizer(self.reward_mixture.n_members)
+        self.normalizer.load_state_dict({k: np.asarray(v) for k, v in state["normalizer_state"].items()})
+        self._restored_weights = state.get("weights")
+
+    @classmethod
+    def load(cls: type[SelfBaseAlgorithm], path: Any, env: GymEnv | None = None, **kwargs: Any) -> SelfBaseAlgorithm:
+        model = super().load(path, env=env, **kwargs)
+        weights = getattr(model, "_restored_weights", None)
+        if weights is not None and isinstance(model.env, GroupRewardVecEnv):
+            model.group_env.weights = np.asarray(weights)
+        return model

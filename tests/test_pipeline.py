@@ -1,0 +1,57 @@
+"""The whole pipeline on FairGrid: MaxMin-RLHF helps the minority where single-reward RLHF does not."""
+
+import json
+
+import pytest
+
+from egalitarian_rl.cli import _config_path
+from egalitarian_rl.experiments import ExperimentConfig, Pipeline
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    config = ExperimentConfig.from_yaml(_config_path("fairgrid"))
+    config.out_dir = str(tmp_path_factory.mktemp("fairgrid"))
+    config.methods = ["rlhf", "maxmin", "mean"]
+    pipeline = Pipeline(config, progress_bar=False, log=lambda _: None)
+    report, metrics = pipeline.run()
+    return pipeline, report, metrics
+
+
+def test_maxmin_serves_the_minority_without_sacrificing_the_majority(run):
+    _, _, metrics = run
+    maxmin, rlhf = metrics["methods"]["maxmin"]["groups"], metrics["methods"]["rlhf"]["groups"]
+    assert maxmin["minority"]["win_rate_vs_rlhf"] >= 0.60
+    ratio = maxmin["minority"]["ratio_vs_rlhf"]  # counted from the lowest possible return; None = RLHF at the floor
+    assert ratio is None or ratio >= 1.33
+    assert maxmin["minority"]["mean_return"] > rlhf["minority"]["mean_return"] + 5.0
+    assert maxmin["majority"]["mean_return"] >= 0.75 * rlhf["majority"]["mean_return"]
+    worst = {m: metrics["methods"][m]["worst_group_return"] for m in ("rlhf", "maxmin", "mean")}
+    assert worst["maxmin"] == max(worst.values())
+
+
+def test_rewards_were_learned_not_given(run):
+    pipeline, _, _ = run
+    fit = json.loads((pipeline.seed_dir(0) / "rewards" / "fit_metrics.json").read_text())
+    assert fit["adjusted_rand_index"] >= 0.95  # EM found the two groups from the comparisons alone
+    assert fit["em_heldout_accuracy"]["minority"] > fit["bt_heldout_accuracy"]["minority"]
+
+
+def test_metrics_report_and_plots(run):
+    pipeline, report, metrics = run
+    for method in ("rlhf", "maxmin", "mean"):
+        for group in ("majority", "minority"):
+            assert {"mean_return", "std_return", "win_rate_vs_rlhf"} <= set(metrics["methods"][method]["groups"][group])
+    text = report.read_text()
+    for png in ("group_returns.png", "win_rates.png", "learning_curves.png"):
+        assert (pipeline.out_dir / png).stat().st_size > 1000 and png in text
+
+
+def test_a_second_run_resumes_from_saved_artefacts(run):
+    pipeline, _, metrics = run
+    policy = pipeline.seed_dir(0) / "policies" / "maxmin.zip"
+    stamp = policy.stat().st_mtime_ns
+    again = Pipeline(pipeline.config, progress_bar=False, log=lambda _: None)
+    _, metrics_again = again.run()
+    assert policy.stat().st_mtime_ns == stamp
+    assert metrics_again["methods"] == metrics["methods"]
