@@ -10,6 +10,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from egalitarian_rl.io import write_text_atomic
+
 HERE = Path(__file__).resolve().parent
 RESULTS_MD = HERE / "RESULTS.md"
 MD_HEADER = """# Benchmark results
@@ -67,10 +69,6 @@ def write_result(name: str, result: dict[str, Any], summary: str, target: str) -
     :param target: the target in words, e.g. ``ratio <= 1.15``.
     """
     result = {**result, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine_info()}
-    path = HERE / "results" / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
+    path = write_text_atomic(json.dumps(result, indent=2) + "\n", HERE / "results" / f"{name}.json")
     update_results_md(name, [result["date"][:10], name, summary, target, "pass" if result["passed"] else "FAIL"])
     return path

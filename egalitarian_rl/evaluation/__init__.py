@@ -10,7 +10,6 @@ stable-baselines3-style ``predict`` is run in an env wrapped in
     write_report(metrics, "runs/gridworld")   # metrics.json, report.md, PNG plots
 """
 
-from egalitarian_rl.evaluation.io import save_json_atomic, to_jsonable, write_atomic, write_text_atomic
 from egalitarian_rl.evaluation.metrics import (
     MethodReturns,
     build_metrics,
@@ -29,6 +28,7 @@ from egalitarian_rl.evaluation.plots import (
 )
 from egalitarian_rl.evaluation.report import verdict, write_report
 from egalitarian_rl.evaluation.rollout import Predictor, evaluate_group_returns, find_preference_wrapper
+from egalitarian_rl.io import save_json_atomic, to_jsonable, write_atomic, write_text_atomic
 
 __all__ = [
     "MethodReturns",

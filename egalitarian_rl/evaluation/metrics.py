@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from egalitarian_rl.evaluation.io import to_jsonable
+from egalitarian_rl.io import to_jsonable
 
 #: Evaluation returns of one method: ``(n_episodes, K)`` for one training seed, or
 #: per training seed a list of ``(n_episodes_s, K)`` arrays / an array ``(n_seeds, n_episodes, K)``.
@@ -189,7 +189,7 @@ def build_metrics(
     :param group_names: the K groups' names.
     :param baseline: the method the others are compared with (single-reward RLHF).
     :param min_episode_return: the env's lowest possible episode return; enables ``ratio_vs_B``.
-    :param extra: anything else to record (converted by :func:`~egalitarian_rl.evaluation.io.to_jsonable`).
+    :param extra: anything else to record (converted by :func:`~egalitarian_rl.io.to_jsonable`).
     :raises ValueError: no methods, baseline missing, bad group names, an array of the
         wrong shape, no episodes, non-finite returns, or returns below ``min_episode_return``.
     """

@@ -18,8 +18,8 @@ import matplotlib as mpl
 import numpy as np
 from matplotlib.figure import Figure
 
-from egalitarian_rl.evaluation.io import write_atomic
 from egalitarian_rl.evaluation.metrics import check_metrics
+from egalitarian_rl.io import write_atomic
 
 #: One learning curve: ``(steps (n_points,), values (n_points,) or (n_seeds, n_points))``.
 Curve = tuple[Any, Any]

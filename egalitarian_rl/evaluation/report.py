@@ -9,9 +9,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from egalitarian_rl.evaluation.io import save_json_atomic, to_jsonable, write_text_atomic
 from egalitarian_rl.evaluation.metrics import check_metrics, shifted_ratio
 from egalitarian_rl.evaluation.plots import Curves, plot_group_returns, plot_learning_curves, plot_win_rates
+from egalitarian_rl.io import save_json_atomic, to_jsonable, write_text_atomic
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"

@@ -33,8 +33,8 @@ from egalitarian_rl.algorithms.aggregation import GroupRewardNormalizer, make_ag
 from egalitarian_rl.algorithms.maxmin_ppo import MaxMinPPO
 from egalitarian_rl.evaluation import build_metrics, evaluate_group_returns, format_group_table, write_report
 from egalitarian_rl.evaluation.callbacks import GroupReturnCallback
-from egalitarian_rl.evaluation.io import save_json_atomic
 from egalitarian_rl.experiments.config import ConfigError, ExperimentConfig
+from egalitarian_rl.io import save_json_atomic
 from egalitarian_rl.preferences import MultiUserPreferenceWrapper, PreferenceDataset, Transitions, collect_preferences
 from egalitarian_rl.rewards import (
     EMRewardMixture,

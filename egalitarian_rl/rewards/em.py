@@ -50,7 +50,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -63,6 +62,7 @@ import torch
 from sklearn.cluster import KMeans
 from tqdm.auto import tqdm
 
+from egalitarian_rl.io import write_text_atomic
 from egalitarian_rl.preferences.dataset import PreferenceDataset
 from egalitarian_rl.rewards.bradley_terry import (
     RewardTrainingError,
@@ -672,7 +672,7 @@ class EMRewardMixture:
             "n_iter": self.n_iter_,
             "converged": self.converged_,
         }
-        _atomic_write_text(directory / _STATE_FILE, json.dumps(state, indent=1))
+        write_text_atomic(json.dumps(state, indent=1), directory / _STATE_FILE)
         return directory
 
     @classmethod
@@ -736,19 +736,6 @@ class _Data:
         labels = torch.as_tensor(dataset.labels, dtype=torch.float32)
         held_out = torch.as_tensor(np.random.default_rng(seed).random(len(dataset)) < validation_fraction)
         return cls(features_a, features_b, labels, user_index, counts, dataset.n_users, held_out)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------- choosing K

@@ -22,7 +22,6 @@ import itertools
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,9 +30,10 @@ import gymnasium as gym
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_save
 from torch import nn
 
+from egalitarian_rl.io import write_atomic
 from egalitarian_rl.preferences.segments import Transitions
 
 _FORMAT = "egalitarian_rl.RewardMixture"
@@ -412,19 +412,10 @@ class RewardMixture(nn.Module):
         The config is stored in the safetensors header's metadata, so loading
         never unpickles anything.
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
         metadata = {"format": _FORMAT, "format_version": str(_FORMAT_VERSION), "config": json.dumps(self.config())}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        data = safetensors_save(tensors, metadata=metadata)
+        return write_atomic(path, lambda f: f.write(data))
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> RewardMixture:

@@ -1,4 +1,4 @@
-"""Atomic file writes and JSON conversion for evaluation artefacts.
+"""Atomic file writes and strict JSON: every artefact the project saves goes through here.
 
 Every artefact is written to a temporary file in the destination folder and
 moved into place with :func:`os.replace`, so a reader (or a resumed pipeline)
