@@ -10,7 +10,7 @@ Targets: ratio <= 1.10 at K = 2, <= 1.25 at K = 8.
 
 Writes ``benchmarks/results/maxmin_overhead.json`` and a line in ``benchmarks/RESULTS.md``.
 
-    .venv/bin/python -m benchmarks.maxmin_overhead [--steps 4096] [--repeats 3]
+    .venv/bin/python -m benchmarks.maxmin_overhead [--steps 8192] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ def time_maxmin(env_id: str, steps: int, k: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--env", default="HalfCheetah-v5")
-    parser.add_argument("--steps", type=int, default=4096, help="env steps per timed run (multiple of 4 x 512)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8192, help="env steps per timed run (multiple of 4 x 512)")
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these MLPs on 2 cores)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
