@@ -138,3 +138,24 @@ def test_tensorboard_scalars_per_group(tmp_path):
 def test_a_reward_mixture_is_required():
     with pytest.raises(ValueError, match="needs reward_mixture"):
         MaxMinPPO("MlpPolicy", FAIRGRID, **SMALL)
+
+
+def test_observation_normalisation_stays_outside_the_reward_model():
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    seen_obs = []
+    mixture = _mixture()
+    predict = mixture.predict_rewards
+
+    def recording_predict(obs, acts, next_obs):
+        seen_obs.append(np.array(obs))
+        return predict(obs, acts, next_obs)
+
+    mixture.predict_rewards = recording_predict
+    venv = VecNormalize(make_vec_env(FAIRGRID, n_envs=2, seed=0), norm_obs=True, norm_reward=False)
+    model = MaxMinPPO("MlpPolicy", venv, reward_mixture=mixture, seed=0, **SMALL)
+    model.learn(128)
+    assert isinstance(model.get_env(), VecNormalize)
+    raw = np.concatenate(seen_obs)
+    assert set(np.unique(raw)) <= {0.0, 1.0}  # one-hot cells, not normalised values
+    assert model.group_env.num_envs == 2

@@ -12,7 +12,7 @@ from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.policies import ActorCriticCnnPolicy, ActorCriticPolicy, BasePolicy, MultiInputActorCriticPolicy
 from stable_baselines3.common.type_aliases import GymEnv
-from stable_baselines3.common.vec_env import VecEnv
+from stable_baselines3.common.vec_env import VecEnv, unwrap_vec_normalize, unwrap_vec_wrapper
 
 from egalitarian_rl.algorithms.aggregation import Aggregation, GroupRewardNormalizer, make_aggregation
 from egalitarian_rl.rewards.nets import RewardMixture
@@ -33,6 +33,8 @@ class MaxMinPPO(PPO):
 
     :param policy: the policy model (``"MlpPolicy"``, ``"CnnPolicy"``, ... or a class).
     :param env: the training env (gymnasium env, VecEnv or registered id). Its own reward is ignored.
+        Inside a ``VecNormalize``, the relabelling goes beneath it: the reward model
+        reads raw observations, the policy normalised ones.
     :param reward_mixture: K learned group rewards, e.g. ``EMRewardMixture(...).fit(data).reward``.
         ``None`` only when loading.
     :param aggregation: ``"worst_group"``, ``"per_sample_min"``, ``"softmin"``, ``"egd"``,
@@ -97,9 +99,17 @@ class MaxMinPPO(PPO):
             self.env = self._wrap_group_rewards(self.env)
         super()._setup_model()
 
-    def _wrap_group_rewards(self, env: VecEnv) -> GroupRewardVecEnv:
-        if isinstance(env, GroupRewardVecEnv):
+    def _wrap_group_rewards(self, env: VecEnv) -> VecEnv:
+        """Relabel ``env``'s rewards; beneath a ``VecNormalize``, so the reward model sees raw observations."""
+        if unwrap_vec_wrapper(env, GroupRewardVecEnv) is not None:
             return env
+        normalize = unwrap_vec_normalize(env)
+        if normalize is not None:
+            normalize.venv = self._relabel(normalize.venv)
+            return env
+        return self._relabel(env)
+
+    def _relabel(self, env: VecEnv) -> GroupRewardVecEnv:
         return GroupRewardVecEnv(
             env,
             learned_rewards(self.reward_mixture),
@@ -116,8 +126,9 @@ class MaxMinPPO(PPO):
     @property
     def group_env(self) -> GroupRewardVecEnv:
         """The wrapper that relabels rewards (holds the current group weights)."""
-        assert isinstance(self.env, GroupRewardVecEnv), "MaxMinPPO has no training env"
-        return self.env
+        group_env = None if self.env is None else unwrap_vec_wrapper(self.env, GroupRewardVecEnv)
+        assert isinstance(group_env, GroupRewardVecEnv), "MaxMinPPO has no training env"
+        return group_env
 
     # ---------------------------------------------------------------- training
     def collect_rollouts(
@@ -165,7 +176,7 @@ class MaxMinPPO(PPO):
             "aggregation_config": self.aggregation.config(),
             "aggregation_state": {k: np.asarray(v).tolist() for k, v in self.aggregation.state_dict().items()},
             "normalizer_state": {k: np.asarray(v).tolist() for k, v in self.normalizer.state_dict().items()},
-            "weights": None if not isinstance(self.env, GroupRewardVecEnv) else self.group_env.weights.tolist(),
+            "weights": None if self.env is None else self.group_env.weights.tolist(),
         }
 
     def _restore_group_state(self, state: dict[str, Any]) -> None:
@@ -179,6 +190,6 @@ class MaxMinPPO(PPO):
     def load(cls: type[SelfBaseAlgorithm], path: Any, env: GymEnv | None = None, **kwargs: Any) -> SelfBaseAlgorithm:
         model = super().load(path, env=env, **kwargs)
         weights = getattr(model, "_restored_weights", None)
-        if weights is not None and isinstance(model.env, GroupRewardVecEnv):
+        if weights is not None and model.env is not None:
             model.group_env.weights = np.asarray(weights)
         return model
