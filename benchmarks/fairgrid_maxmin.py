@@ -1,9 +1,10 @@
 """The paper's claim on FairGrid over 3 seeds: MaxMin-RLHF vs single-reward RLHF.
 
 Runs the shipped FairGrid pipeline (80% majority / 20% minority, learned
-rewards only) for seeds 0, 1, 2, once per aggregation rule: the rule under
-test replaces MaxMinPPO's; preferences, fitted rewards and the ``rlhf`` and
-``mean`` policies are shared between rules (copied, not retrained).
+rewards only) for seeds 0, 1, 2, once per aggregation rule (one critic; the
+linear rules also with one value head per group): the variant under test
+replaces MaxMinPPO's; preferences, fitted rewards and the ``rlhf`` and ``mean``
+policies are shared between variants (copied, not retrained).
 
 Checks, for the shipped rule (``per_sample_min``):
 - minority win-rate of MaxMin vs RLHF >= 0.60;
@@ -30,11 +31,15 @@ from egalitarian_rl.cli import _config_path
 from egalitarian_rl.experiments import ExperimentConfig, Pipeline
 
 NAME = "fairgrid_maxmin"
+#: variant name -> (aggregation rule, its arguments, one value head per group)
 RULES = {
-    "per_sample_min": {},
-    "worst_group": {},
-    "softmin": {"tau": 5.0},
-    "egd": {"eta": 0.1},
+    "per_sample_min": ("per_sample_min", {}, False),
+    "worst_group": ("worst_group", {}, False),
+    "softmin": ("softmin", {"tau": 5.0}, False),
+    "egd": ("egd", {"eta": 0.1}, False),
+    "worst_group+critics": ("worst_group", {}, True),
+    "softmin+critics": ("softmin", {"tau": 5.0}, True),
+    "egd+critics": ("egd", {"eta": 0.1}, True),
 }
 SHARED = ("preferences.npz", "rewards", "policies/rlhf.zip", "policies/rlhf.curve.npz", "policies/mean.zip",
           "policies/mean.curve.npz", "returns/rlhf.npy", "returns/mean.npy")  # fmt: skip
@@ -73,7 +78,7 @@ def main() -> None:
     for rule in args.rules:
         config = ExperimentConfig.from_yaml(_config_path("fairgrid"))
         config.seeds, config.methods = args.seeds, ["rlhf", "maxmin", "mean"]
-        config.train.aggregation, config.train.aggregation_kwargs = rule, RULES[rule]
+        config.train.aggregation, config.train.aggregation_kwargs, config.train.group_critics = RULES[rule]
         config.out_dir = str(Path(args.out) / rule)
         if first_dir is not None:
             for seed in args.seeds:
@@ -84,7 +89,8 @@ def main() -> None:
                         (shutil.copytree if source.is_dir() else shutil.copy2)(source, target)
         start = time.perf_counter()
         _, metrics = Pipeline(config, progress_bar=False).run()
-        rows[rule] = {"aggregation_kwargs": RULES[rule], "seconds": time.perf_counter() - start, **checks(metrics)}
+        _, kwargs, critics = RULES[rule]
+        rows[rule] = {"aggregation_kwargs": kwargs, "group_critics": critics, "seconds": time.perf_counter() - start, **checks(metrics)}
         first_dir = first_dir or Path(config.out_dir)
         print(rule, rows[rule]["passes"])
 

@@ -159,3 +159,40 @@ def test_observation_normalisation_stays_outside_the_reward_model():
     raw = np.concatenate(seen_obs)
     assert set(np.unique(raw)) <= {0.0, 1.0}  # one-hot cells, not normalised values
     assert model.group_env.num_envs == 2
+
+
+def test_group_critics_learn_one_value_per_group(tmp_path):
+    normalizer = GroupRewardNormalizer.from_data(np.random.default_rng(0).normal(size=(100, 2)))
+    model = MaxMinPPO(
+        "MlpPolicy", FAIRGRID, reward_mixture=_mixture(), normalizer=normalizer, aggregation="softmin",
+        aggregation_kwargs={"tau": 1.0}, group_critics=True, seed=0, **SMALL,
+    )  # fmt: skip
+    model.learn(256)
+    obs = model.policy.obs_to_tensor(np.eye(25, dtype=np.float32))[0]
+    assert model.policy.predict_values(obs).shape == (25, 2)
+    buffer = model.rollout_buffer
+    assert buffer.returns.shape == (64, 2) and buffer.advantages.shape == (64, 1)  # as flattened by get()
+    model.save(tmp_path / "critics.zip")
+    loaded = MaxMinPPO.load(tmp_path / "critics.zip", env=gym.make(FAIRGRID), device="cpu")
+    np.testing.assert_allclose(loaded.policy.predict_values(obs).detach(), model.policy.predict_values(obs).detach(), rtol=1e-6)
+    loaded.learn(128)
+
+
+def test_group_advantages_are_combined_with_the_rollout_weights():
+    from egalitarian_rl.algorithms.maxmin_ppo.group_critics import GroupRolloutBuffer
+
+    env = gym.make(FAIRGRID)
+    buffer = GroupRolloutBuffer(3, env.observation_space, env.action_space, gamma=0.5, gae_lambda=1.0, n_groups=2)
+    rewards = np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    for step in range(3):
+        buffer.add(np.zeros((1, 25)), np.zeros((1, 1)), rewards[step : step + 1], np.array([step == 0]), torch.zeros(1, 2), torch.zeros(1))
+    buffer.compute_returns_and_advantage(torch.zeros(1, 2), np.array([True]), weights=np.array([0.25, 0.75]))
+    # with zero values, each group's advantage is its discounted return-to-go
+    returns = np.array([[1.0 + 0.0 + 0.25, 0.0 + 1.0 + 0.25], [0.5, 2.5], [1.0, 1.0]])
+    np.testing.assert_allclose(buffer.returns[:, 0], returns)
+    np.testing.assert_allclose(buffer.advantages[:, 0], returns @ [0.25, 0.75])
+
+
+def test_group_critics_refuse_per_sample_min():
+    with pytest.raises(ValueError, match="linear aggregation"):
+        MaxMinPPO("MlpPolicy", FAIRGRID, reward_mixture=_mixture(), aggregation="per_sample_min", group_critics=True, **SMALL)

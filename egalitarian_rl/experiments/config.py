@@ -70,6 +70,7 @@ class TrainConfig:
     :param vec_env: ``dummy`` or ``subproc``.
     :param aggregation: MaxMin's rule: worst_group, per_sample_min, softmin, egd or mean.
     :param aggregation_kwargs: the rule's parameters (``tau``, ``eta``).
+    :param group_critics: MaxMinPPO with one value head per group (linear rules only).
     :param ppo: keyword arguments of SB3 PPO shared by all methods.
     :param torch_threads: torch CPU threads (1 is fastest for small MLPs on 2 cores).
     """
@@ -79,6 +80,7 @@ class TrainConfig:
     vec_env: str = "dummy"
     aggregation: str = "worst_group"
     aggregation_kwargs: dict[str, Any] = field(default_factory=dict)
+    group_critics: bool = False
     ppo: dict[str, Any] = field(default_factory=dict)
     torch_threads: int = 1
 

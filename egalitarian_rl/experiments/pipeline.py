@@ -238,6 +238,7 @@ class Pipeline:
                 aggregation_kwargs=rule_kwargs,
                 normalizer=normalizer,
                 group_names=self.member_names(seed, em),
+                group_critics=self.config.train.group_critics and make_aggregation(rule, **rule_kwargs).is_linear,
                 **ppo_kwargs,
             )
         self.log(f"[seed {seed}] training {method} for {self.config.train.total_timesteps} steps")

@@ -6,17 +6,21 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
+import torch as th
+from gymnasium import spaces
 from stable_baselines3 import PPO
 from stable_baselines3.common.base_class import SelfBaseAlgorithm
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.policies import ActorCriticCnnPolicy, ActorCriticPolicy, BasePolicy, MultiInputActorCriticPolicy
 from stable_baselines3.common.type_aliases import GymEnv
+from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv, unwrap_vec_normalize, unwrap_vec_wrapper
 
 from egalitarian_rl.algorithms.aggregation import Aggregation, GroupRewardNormalizer, make_aggregation
+from egalitarian_rl.algorithms.maxmin_ppo.group_critics import GroupCriticPolicy, GroupRolloutBuffer
 from egalitarian_rl.rewards.nets import RewardMixture
-from egalitarian_rl.rewards.vec_env import GroupRewardVecEnv, learned_rewards
+from egalitarian_rl.rewards.vec_env import LEARNED_GROUP_REWARDS_KEY, GroupRewardVecEnv, learned_rewards
 
 
 class MaxMinPPO(PPO):
@@ -46,6 +50,9 @@ class MaxMinPPO(PPO):
         over what an untrained policy gives it. Frozen statistics keep the reward
         stationary for the critic.
     :param group_names: names of the K groups for logs (``groups/return_<name>``).
+    :param group_critics: one value head per group (``"MlpPolicy"`` only, linear rules only):
+        each head learns its group's value, each group gets its own GAE, and the
+        rule's weights combine the advantages. ``False``: one critic on the aggregated reward.
     :param ppo_kwargs: everything else goes to :class:`stable_baselines3.PPO`.
     """
 
@@ -64,6 +71,7 @@ class MaxMinPPO(PPO):
         aggregation_kwargs: dict[str, Any] | None = None,
         normalizer: GroupRewardNormalizer | None = None,
         group_names: Sequence[str] | None = None,
+        group_critics: bool = False,
         _init_setup_model: bool = True,
         **ppo_kwargs: Any,
     ) -> None:
@@ -75,6 +83,7 @@ class MaxMinPPO(PPO):
         self.normalizer = normalizer
         self.fit_normalizer_on_first_rollout = normalizer is None
         self.group_names = None if group_names is None else list(group_names)
+        self.group_critics = group_critics
         super().__init__(policy, env, _init_setup_model=False, **ppo_kwargs)
         if _init_setup_model:
             self._setup_model()
@@ -97,7 +106,19 @@ class MaxMinPPO(PPO):
             self.normalizer = GroupRewardNormalizer(n_groups)
         if self.env is not None:
             self.env = self._wrap_group_rewards(self.env)
+        if self.group_critics:
+            self._use_group_critics(n_groups)
         super()._setup_model()
+
+    def _use_group_critics(self, n_groups: int) -> None:
+        if not self.aggregation.is_linear:
+            raise ValueError(f"group_critics needs a linear aggregation rule; {self.aggregation.name!r} is not (use one critic)")
+        if not issubclass(GroupCriticPolicy, self.policy_class):
+            raise ValueError(f"group_critics works with 'MlpPolicy', not {self.policy_class.__name__}")
+        self.policy_class = GroupCriticPolicy
+        self.policy_kwargs = {**self.policy_kwargs, "n_critics": n_groups}
+        self.rollout_buffer_class = GroupRolloutBuffer
+        self.rollout_buffer_kwargs = {**self.rollout_buffer_kwargs, "n_groups": n_groups}
 
     def _wrap_group_rewards(self, env: VecEnv) -> VecEnv:
         """Relabel ``env``'s rewards; beneath a ``VecNormalize``, so the reward model sees raw observations."""
@@ -139,12 +160,64 @@ class MaxMinPPO(PPO):
         n_rollout_steps: int,
     ) -> bool:
         """SB3's rollout (rewards relabelled by the wrapper), then re-weigh the groups."""
-        completed = super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
+        if self.group_critics:
+            completed = self._collect_group_rollouts(env, callback, rollout_buffer, n_rollout_steps)
+        else:
+            completed = super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
         if self.fit_normalizer_on_first_rollout and not self.normalizer.frozen:
             self.normalizer.freeze()
         stats = self.group_env.end_rollout()
         self._log_groups(stats)
         return completed
+
+    def _collect_group_rollouts(
+        self,
+        env: VecEnv,
+        callback: BaseCallback,
+        rollout_buffer: GroupRolloutBuffer,
+        n_rollout_steps: int,
+    ) -> bool:
+        """The rollout loop with K critics: each group's normalised reward goes to its own head."""
+        self.policy.set_training_mode(False)
+        rollout_buffer.reset()
+        callback.on_rollout_start()
+        weights = self.group_env.weights.copy()  # the weights this rollout's rewards are aggregated with
+        for _ in range(n_rollout_steps):
+            with th.no_grad():
+                actions, values, log_probs = self.policy(obs_as_tensor(self._last_obs, self.device))
+            actions = actions.cpu().numpy()
+            env_actions = actions
+            if isinstance(self.action_space, spaces.Box):
+                env_actions = (
+                    self.policy.unscale_action(actions)
+                    if self.policy.squash_output
+                    else np.clip(actions, self.action_space.low, self.action_space.high)
+                )
+            new_obs, rewards, dones, infos = env.step(env_actions)
+            self.num_timesteps += env.num_envs
+            callback.update_locals(locals())
+            if not callback.on_step():
+                return False
+            self._update_info_buffer(infos, dones)
+            group_rewards = np.stack([info[LEARNED_GROUP_REWARDS_KEY] for info in infos]).astype(np.float32)
+            # A time-limit truncation is not an end: every group's reward is
+            # bootstrapped with its own head's value of the terminal observation.
+            for index in np.flatnonzero(dones):
+                if infos[index].get("TimeLimit.truncated", False) and infos[index].get("terminal_observation") is not None:
+                    with th.no_grad():
+                        terminal_obs = self.policy.obs_to_tensor(infos[index]["terminal_observation"])[0]
+                        group_rewards[index] += self.gamma * self.policy.predict_values(terminal_obs)[0].cpu().numpy()
+            if isinstance(self.action_space, spaces.Discrete):
+                actions = actions.reshape(-1, 1)
+            rollout_buffer.add(self._last_obs, actions, group_rewards, self._last_episode_starts, values, log_probs)
+            self._last_obs = new_obs
+            self._last_episode_starts = dones
+        with th.no_grad():
+            last_values = self.policy.predict_values(obs_as_tensor(new_obs, self.device))
+        rollout_buffer.compute_returns_and_advantage(last_values, dones, weights)
+        callback.update_locals(locals())
+        callback.on_rollout_end()
+        return True
 
     def _log_groups(self, stats: dict[str, Any]) -> None:
         for index, name in enumerate(self.group_names):
