@@ -164,14 +164,14 @@ def test_observation_normalisation_stays_outside_the_reward_model():
 def test_group_critics_learn_one_value_per_group(tmp_path):
     normalizer = GroupRewardNormalizer.from_data(np.random.default_rng(0).normal(size=(100, 2)))
     model = MaxMinPPO(
-        "MlpPolicy", FAIRGRID, reward_mixture=_mixture(), normalizer=normalizer, aggregation="softmin",
-        aggregation_kwargs={"tau": 1.0}, group_critics=True, seed=0, **SMALL,
+        "MlpPolicy", make_vec_env(FAIRGRID, n_envs=2, seed=0), reward_mixture=_mixture(), normalizer=normalizer,
+        aggregation="softmin", aggregation_kwargs={"tau": 1.0}, group_critics=True, seed=0, **SMALL,
     )  # fmt: skip
-    model.learn(256)
+    model.learn(512)
     obs = model.policy.obs_to_tensor(np.eye(25, dtype=np.float32))[0]
     assert model.policy.predict_values(obs).shape == (25, 2)
     buffer = model.rollout_buffer
-    assert buffer.returns.shape == (64, 2) and buffer.advantages.shape == (64, 1)  # as flattened by get()
+    assert buffer.returns.shape == (128, 2) and buffer.advantages.shape == (128, 1)  # as flattened by get()
     model.save(tmp_path / "critics.zip")
     loaded = MaxMinPPO.load(tmp_path / "critics.zip", env=gym.make(FAIRGRID), device="cpu")
     np.testing.assert_allclose(loaded.policy.predict_values(obs).detach(), model.policy.predict_values(obs).detach(), rtol=1e-6)

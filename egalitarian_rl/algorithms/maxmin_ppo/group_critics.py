@@ -76,8 +76,9 @@ class GroupRolloutBuffer(RolloutBuffer):
     ) -> None:
         """:param reward: ``(n_envs, K)`` group rewards. :param value: ``(n_envs, K)`` the heads' values."""
         position = self.pos
-        # The parent stores one value per env; hand it a placeholder and store all K here.
-        super().add(obs, action, reward, episode_start, th.zeros(self.n_envs), log_prob)
+        # The parent stores one value per env: hand it a single zero (it broadcasts)
+        # and store the K values per env here.
+        super().add(obs, action, reward, episode_start, th.zeros(1), log_prob)
         self.values[position] = value.detach().cpu().numpy().reshape(self.n_envs, self.n_groups)
 
     def compute_returns_and_advantage(self, last_values: th.Tensor, dones: np.ndarray, weights: np.ndarray | None = None) -> None:
