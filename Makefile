@@ -30,6 +30,8 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.wrapper_overhead
 	$(BIN)/python -m benchmarks.em_scaling
 	$(BIN)/python -m benchmarks.maxmin_overhead
+	$(BIN)/python -m benchmarks.fairgrid_maxmin
+	$(BIN)/python -m benchmarks.halfcheetah_maxmin
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

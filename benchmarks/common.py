@@ -72,3 +72,27 @@ def write_result(name: str, result: dict[str, Any], summary: str, target: str) -
     path = write_text_atomic(json.dumps(result, indent=2) + "\n", HERE / "results" / f"{name}.json")
     update_results_md(name, [result["date"][:10], name, summary, target, "pass" if result["passed"] else "FAIL"])
     return path
+
+
+def maxmin_vs_rlhf(metrics: dict, majority: str, minority: str) -> dict:
+    """The paper's claims for ``maxmin`` against ``rlhf`` in a ``metrics.json``, with pass flags."""
+    methods = metrics["methods"]
+    maxmin, rlhf = methods["maxmin"]["groups"], methods["rlhf"]["groups"]
+    ratio = maxmin[minority].get("ratio_vs_rlhf")
+    learned = [m for m in ("rlhf", "maxmin", "mean") if m in methods]
+    return {
+        "minority_win_rate": maxmin[minority]["win_rate_vs_rlhf"],
+        "minority_seed_win_rate": maxmin[minority].get("seed_win_rate_vs_rlhf"),
+        "minority_return": maxmin[minority]["mean_return"],
+        "rlhf_minority_return": rlhf[minority]["mean_return"],
+        "minority_ratio": ratio,  # None = unbounded: RLHF at the floor (0), MaxMin above it
+        "majority_kept": maxmin[majority]["mean_return"] / rlhf[majority]["mean_return"],
+        "worst_group_returns": {m: methods[m]["worst_group_return"] for m in learned},
+        "passes": {
+            "minority_win_rate>=0.60": maxmin[minority]["win_rate_vs_rlhf"] >= 0.60,
+            # Ratios count from the lowest possible return; without one there is no ratio to check.
+            "minority_ratio>=1.33": None if "min_episode_return" not in metrics else (ratio is None or ratio >= 1.33),
+            "worst_group_highest": methods["maxmin"]["worst_group_return"] >= max(methods[m]["worst_group_return"] for m in learned),
+            "majority_kept>=0.75": maxmin[majority]["mean_return"] >= 0.75 * rlhf[majority]["mean_return"],
+        },
+    }

@@ -26,7 +26,7 @@ import shutil
 import time
 from pathlib import Path
 
-from benchmarks.common import write_result
+from benchmarks.common import maxmin_vs_rlhf, write_result
 from egalitarian_rl.cli import _config_path
 from egalitarian_rl.experiments import ExperimentConfig, Pipeline
 
@@ -43,28 +43,6 @@ RULES = {
 }
 SHARED = ("preferences.npz", "rewards", "policies/rlhf.zip", "policies/rlhf.curve.npz", "policies/mean.zip",
           "policies/mean.curve.npz", "returns/rlhf.npy", "returns/mean.npy")  # fmt: skip
-
-
-def checks(metrics: dict) -> dict:
-    methods = metrics["methods"]
-    maxmin, rlhf = methods["maxmin"]["groups"], methods["rlhf"]["groups"]
-    ratio = maxmin["minority"].get("ratio_vs_rlhf")
-    learned = ("rlhf", "maxmin", "mean")
-    return {
-        "minority_win_rate": maxmin["minority"]["win_rate_vs_rlhf"],
-        "minority_seed_win_rate": maxmin["minority"].get("seed_win_rate_vs_rlhf"),
-        "minority_return": maxmin["minority"]["mean_return"],
-        "rlhf_minority_return": rlhf["minority"]["mean_return"],
-        "minority_ratio": ratio,  # None = unbounded: RLHF at the floor (0), MaxMin above it
-        "majority_kept": maxmin["majority"]["mean_return"] / rlhf["majority"]["mean_return"],
-        "worst_group_returns": {m: methods[m]["worst_group_return"] for m in learned},
-        "passes": {
-            "minority_win_rate>=0.60": maxmin["minority"]["win_rate_vs_rlhf"] >= 0.60,
-            "minority_ratio>=1.33": ratio is None or ratio >= 1.33,
-            "worst_group_highest": methods["maxmin"]["worst_group_return"] >= max(methods[m]["worst_group_return"] for m in learned),
-            "majority_kept>=0.75": maxmin["majority"]["mean_return"] >= 0.75 * rlhf["majority"]["mean_return"],
-        },
-    }
 
 
 def main() -> None:
@@ -90,7 +68,8 @@ def main() -> None:
         start = time.perf_counter()
         _, metrics = Pipeline(config, progress_bar=False).run()
         _, kwargs, critics = RULES[rule]
-        rows[rule] = {"aggregation_kwargs": kwargs, "group_critics": critics, "seconds": time.perf_counter() - start, **checks(metrics)}
+        claims = maxmin_vs_rlhf(metrics, majority="majority", minority="minority")
+        rows[rule] = {"aggregation_kwargs": kwargs, "group_critics": critics, "seconds": time.perf_counter() - start, **claims}
         first_dir = first_dir or Path(config.out_dir)
         print(rule, rows[rule]["passes"])
 
