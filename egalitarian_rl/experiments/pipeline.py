@@ -35,7 +35,8 @@ from egalitarian_rl.evaluation import build_metrics, evaluate_group_returns, for
 from egalitarian_rl.evaluation.callbacks import GroupReturnCallback
 from egalitarian_rl.experiments.config import ConfigError, ExperimentConfig
 from egalitarian_rl.io import save_json_atomic
-from egalitarian_rl.preferences import MultiUserPreferenceWrapper, PreferenceDataset, Transitions, collect_preferences
+from egalitarian_rl.preferences import MultiUserPreferenceWrapper, PreferenceDataset, collect_preferences
+from egalitarian_rl.preferences.segments import concatenate_transitions
 from egalitarian_rl.rewards import (
     EMRewardMixture,
     RewardMixture,
@@ -181,23 +182,6 @@ class Pipeline:
         vec_cls = SubprocVecEnv if self.config.train.vec_env == "subproc" else DummyVecEnv
         return make_vec_env(make, n_envs=self.config.train.n_envs, seed=seed, vec_env_cls=vec_cls)
 
-    def _segment_transitions(self, data: PreferenceDataset) -> Transitions:
-        """Every step of every compared segment, flattened: the reference distribution for normalising rewards."""
-        both = [data.segments_a, data.segments_b]
-        flat = [
-            Transitions(
-                s.obs.reshape(-1, *s.obs.shape[2:]),
-                s.acts.reshape(-1, *s.acts.shape[2:]),
-                s.next_obs.reshape(-1, *s.next_obs.shape[2:]),
-                {k: v.reshape(-1, *v.shape[2:]) for k, v in s.infos.items()},
-            )
-            for s in both
-        ]
-        return Transitions(
-            *(np.concatenate([f[i] for f in flat]) for i in range(3)),
-            {k: np.concatenate([f.infos[k] for f in flat]) for k in flat[0].infos},
-        )
-
     def train(self, seed: int, method: str) -> Path:
         """Train one method's policy; the same PPO settings for all."""
         path = self.seed_dir(seed) / "policies" / f"{method}.zip"
@@ -205,7 +189,9 @@ class Pipeline:
             return path
         self._threads()
         bt, em = self.fit(seed)
-        steps = self._segment_transitions(self.collect(seed))
+        data = self.collect(seed)
+        # Every step of every compared segment: the reference distribution for normalising rewards.
+        steps = concatenate_transitions([data.segments_a.flatten_steps(), data.segments_b.flatten_steps()])
         venv = self.make_vec_env(seed)
         ppo_kwargs = {
             "seed": seed,

@@ -32,6 +32,15 @@ class Transitions(NamedTuple):
     next_obs: np.ndarray
     infos: Mapping[str, Any]
 
+    def flatten_steps(self) -> Transitions:
+        """Segments ``(n, L, ...)`` as a batch of ``n * L`` single steps."""
+        return Transitions(
+            self.obs.reshape(-1, *self.obs.shape[2:]),
+            self.acts.reshape(-1, *self.acts.shape[2:]),
+            self.next_obs.reshape(-1, *self.next_obs.shape[2:]),
+            {key: np.asarray(value).reshape(-1, *np.shape(value)[2:]) for key, value in self.infos.items()},
+        )
+
     def index(self, idx: Any) -> Transitions:
         """Select along the first axis (numpy indexing) in every field."""
         return Transitions(
