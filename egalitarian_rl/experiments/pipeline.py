@@ -160,9 +160,8 @@ class Pipeline:
         save_json_atomic(fit_metrics, folder / "fit_metrics.json")
         return bt, em
 
-    def member_names(self, seed: int, em: EMRewardMixture) -> list[str]:
+    def member_names(self, data: PreferenceDataset, em: EMRewardMixture) -> list[str]:
         """Name each mixture member after the true group most of its users belong to."""
-        data = self.collect(seed)
         true_groups = data.user_groups[data.positions_of(em.users_)]
         names = []
         for member in range(em.reward.n_members):
@@ -223,7 +222,7 @@ class Pipeline:
                 aggregation=rule,
                 aggregation_kwargs=rule_kwargs,
                 normalizer=normalizer,
-                group_names=self.member_names(seed, em),
+                group_names=self.member_names(data, em),
                 group_critics=self.config.train.group_critics and make_aggregation(rule, **rule_kwargs).is_linear,
                 **ppo_kwargs,
             )
