@@ -35,6 +35,7 @@ def test_rewards_were_learned_not_given(run):
     fit = json.loads((pipeline.seed_dir(0) / "rewards" / "fit_metrics.json").read_text())
     assert fit["adjusted_rand_index"] >= 0.95  # EM found the two groups from the comparisons alone
     assert fit["em_heldout_accuracy"]["minority"] > fit["bt_heldout_accuracy"]["minority"]
+    assert list((pipeline.out_dir / "tensorboard" / "seed_0" / "em").glob("events.out.tfevents.*"))  # EM curves
 
 
 def test_metrics_report_and_plots(run):

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.logger import configure as configure_logger
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
 import envs
@@ -144,7 +145,10 @@ class Pipeline:
         if wanted_k is None:
             wanted_k = select_k(train, cfg.k_range, seed=seed, **net).k
             self.log(f"[seed {seed}] chose K={wanted_k} from {cfg.k_range}")
-        em = EMRewardMixture(wanted_k, seed=seed, progress_bar=self.progress_bar, **net).fit(train)
+        # EM's per-iteration likelihood, shares, ARI and purity go next to the training curves.
+        em_logger = configure_logger(str(self.out_dir / "tensorboard" / f"seed_{seed}" / "em"), ["tensorboard"])
+        em = EMRewardMixture(wanted_k, seed=seed, progress_bar=self.progress_bar, logger=em_logger, **net).fit(train)
+        em_logger.close()
         true_groups = data.user_groups[data.positions_of(em.users_)]
         fit_metrics = {
             "k": wanted_k,
