@@ -23,8 +23,8 @@ import time
 import gymnasium as gym
 import numpy as np
 
-import envs
 from benchmarks.common import write_result
+from egalitarian_rl import envs
 from egalitarian_rl.preferences import MultiUserPreferenceWrapper
 
 NAME = "wrapper_overhead"

@@ -1,6 +1,6 @@
 """egalitarian-rl: align RL policies with diverse human preferences (MaxMin-RLHF)."""
 
-import envs  # noqa: F401  (registers the egalitarian_rl/ envs)
+import egalitarian_rl.envs  # noqa: F401  (registers the egalitarian_rl/ envs)
 from egalitarian_rl.preferences import (
     MultiUserPreferenceWrapper,
     Population,
@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     # The agent pulls in torch and stable-baselines3: import it only when asked
-    # for, so that ``import envs`` (e.g. in SubprocVecEnv workers) stays light.
+    # for, so that ``import egalitarian_rl.envs`` (e.g. in SubprocVecEnv workers) stays light.
     if name == "MaxMinPPO":
         from egalitarian_rl.algorithms.maxmin_ppo import MaxMinPPO
 

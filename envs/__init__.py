@@ -1,6 +1,6 @@
 """Gymnasium envs and their user groups, registered under ``egalitarian_rl/``.
 
-Importing ``envs`` (or ``egalitarian_rl``) registers the envs. Every env that
+Importing ``egalitarian_rl.envs`` (or ``egalitarian_rl``) registers the envs. Every env that
 has user groups offers a :class:`~egalitarian_rl.preferences.GroupRewardLibrary`
 through :func:`group_library`, so a population is built by name::
 
@@ -21,14 +21,14 @@ MO_HOPPER_ID = "egalitarian_rl/MOHopper-v0"
 
 # String entry points: nothing below imports MuJoCo or mo_gymnasium until an env is made.
 _REGISTRATIONS = {
-    FAIRGRID_ID: dict(entry_point="envs.gridworld:FairGridEnv", max_episode_steps=30),
+    FAIRGRID_ID: dict(entry_point="egalitarian_rl.envs.gridworld:FairGridEnv", max_episode_steps=30),
     # Env reward with weights (1, 0.1) = HalfCheetah-v5's reward; the groups read info["vector_reward"].
     MO_HALFCHEETAH_ID: dict(
-        entry_point="envs.mo:make_mo_env",
+        entry_point="egalitarian_rl.envs.mo:make_mo_env",
         max_episode_steps=1000,
         kwargs={"mo_env_id": "mo-halfcheetah-v5", "weights": (1.0, 0.1)},
     ),
-    MO_HOPPER_ID: dict(entry_point="envs.mo:make_mo_env", max_episode_steps=1000, kwargs={"mo_env_id": "mo-hopper-v5"}),
+    MO_HOPPER_ID: dict(entry_point="egalitarian_rl.envs.mo:make_mo_env", max_episode_steps=1000, kwargs={"mo_env_id": "mo-hopper-v5"}),
 }
 for _env_id, _spec in _REGISTRATIONS.items():
     if _env_id not in registry:
@@ -38,13 +38,13 @@ for _env_id, _spec in _REGISTRATIONS.items():
 # that importing envs stays cheap (no MuJoCo or transformers at import time).
 # Gymnasium's own ids are listed too: their groups read the env's info / obs.
 _GROUP_LIBRARIES = {
-    FAIRGRID_ID: "envs.gridworld:GROUPS",
-    MO_HALFCHEETAH_ID: "envs.mo:MO_HALFCHEETAH_GROUPS",
-    MO_HOPPER_ID: "envs.mo:MO_HOPPER_GROUPS",
-    "HalfCheetah-v5": "envs.mujoco:HALF_CHEETAH_GROUPS",
-    "Hopper-v5": "envs.mujoco:WALKER_GROUPS",
-    "Walker2d-v5": "envs.mujoco:WALKER_GROUPS",
-    "CartPole-v1": "envs.classic:CARTPOLE_GROUPS",
+    FAIRGRID_ID: "egalitarian_rl.envs.gridworld:GROUPS",
+    MO_HALFCHEETAH_ID: "egalitarian_rl.envs.mo:MO_HALFCHEETAH_GROUPS",
+    MO_HOPPER_ID: "egalitarian_rl.envs.mo:MO_HOPPER_GROUPS",
+    "HalfCheetah-v5": "egalitarian_rl.envs.mujoco:HALF_CHEETAH_GROUPS",
+    "Hopper-v5": "egalitarian_rl.envs.mujoco:WALKER_GROUPS",
+    "Walker2d-v5": "egalitarian_rl.envs.mujoco:WALKER_GROUPS",
+    "CartPole-v1": "egalitarian_rl.envs.classic:CARTPOLE_GROUPS",
 }
 
 

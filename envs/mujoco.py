@@ -52,14 +52,14 @@ def cheetah_gentle(t: Transitions) -> np.ndarray:
     """Run at a moderate speed with small actions: ``10 * reward_ctrl - |x_velocity - 1|`` = ``-|a|^2 - |v - 1|``.
 
     Plain ``-|a|^2`` barely conflicts with "fast" (a trained runner already uses
-    small actions, see DESIGN.md); the speed target makes a fast runner cost
+    small actions, measured in docs/DESIGN.md); the speed target makes a fast runner cost
     this group ``|v - 1|`` per step. Best value 0 (standing still costs 1 per step).
     """
     return GENTLE_CTRL_SCALE * t.infos["reward_ctrl"] - abs(t.infos["x_velocity"] - GENTLE_SPEED)
 
 
 def cheetah_calm(t: Transitions) -> np.ndarray:
-    """Stay put with small actions: ``reward_ctrl - |x_velocity|`` (DESIGN.md's "calm"). Best value 0."""
+    """Stay put with small actions: ``reward_ctrl - |x_velocity|`` (the "calm" group of docs/DESIGN.md). Best value 0."""
     return t.infos["reward_ctrl"] - abs(t.infos["x_velocity"])
 
 

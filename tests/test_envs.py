@@ -11,13 +11,13 @@ from collections.abc import Callable, Iterator
 import gymnasium as gym
 import numpy as np
 import pytest
+from egalitarian_rl.envs import gridworld
+from egalitarian_rl.envs.mo import VECTOR_REWARD_KEY, VectorRewardAdapter, mo_group_library
 from gymnasium.utils.env_checker import check_env as gym_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
-import envs
+from egalitarian_rl import envs
 from egalitarian_rl.preferences import GROUP_REWARDS_KEY, MultiUserPreferenceWrapper, Transitions, rollout_segments
-from envs import gridworld
-from envs.mo import VECTOR_REWARD_KEY, VectorRewardAdapter, mo_group_library
 
 # Importing envs registers them; every egalitarian_rl/ id must pass the checkers.
 REGISTERED_IDS = sorted(env_id for env_id in gym.registry if env_id.startswith("egalitarian_rl/"))

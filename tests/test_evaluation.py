@@ -11,8 +11,9 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from egalitarian_rl.envs.gridworld import COMPROMISE, MAJORITY_GOAL, MAX_STEPS, SIZE, START
 
-import envs
+from egalitarian_rl import envs
 from egalitarian_rl.evaluation import (
     build_metrics,
     evaluate_group_returns,
@@ -26,7 +27,6 @@ from egalitarian_rl.evaluation import (
     write_report,
 )
 from egalitarian_rl.preferences import MultiUserPreferenceWrapper
-from envs.gridworld import COMPROMISE, MAJORITY_GOAL, MAX_STEPS, SIZE, START
 
 torch.set_num_threads(1)
 

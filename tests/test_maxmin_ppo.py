@@ -9,8 +9,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.vec_env import SubprocVecEnv
 
-import envs
-from egalitarian_rl import MaxMinPPO
+from egalitarian_rl import MaxMinPPO, envs
 from egalitarian_rl.algorithms.aggregation import GroupRewardNormalizer
 from egalitarian_rl.rewards.nets import RewardMixture
 from egalitarian_rl.rewards.vec_env import GroupRewardVecEnv
@@ -46,8 +45,8 @@ def test_save_load_round_trip_gives_identical_actions(tmp_path):
 
 
 def test_learns_with_four_subprocess_workers():
-    # "envs:" makes each worker process import the package that registers the id
-    venv = make_vec_env(f"envs:{FAIRGRID}", n_envs=4, seed=0, vec_env_cls=SubprocVecEnv)
+    # "egalitarian_rl.envs:" makes each worker process import the package that registers the id
+    venv = make_vec_env(f"egalitarian_rl.envs:{FAIRGRID}", n_envs=4, seed=0, vec_env_cls=SubprocVecEnv)
     try:
         model = MaxMinPPO("MlpPolicy", venv, reward_mixture=_mixture(), seed=0, **SMALL)
         model.learn(4 * 64 * 2)

@@ -7,7 +7,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-import envs
+from egalitarian_rl import envs
 from egalitarian_rl.preferences import (
     Population,
     PreferenceDataset,

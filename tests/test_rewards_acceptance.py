@@ -27,8 +27,9 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 import pytest
+from egalitarian_rl.envs.gridworld import COMPROMISE, MAJORITY_GOAL, MINORITY_GOAL, MOVES, SIZE
 
-import envs
+from egalitarian_rl import envs
 from egalitarian_rl.preferences import PreferenceDataset, collect_preferences
 from egalitarian_rl.rewards import (
     EMRewardMixture,
@@ -39,7 +40,6 @@ from egalitarian_rl.rewards import (
     preference_accuracy,
     select_k,
 )
-from envs.gridworld import COMPROMISE, MAJORITY_GOAL, MINORITY_GOAL, MOVES, SIZE
 
 pytestmark = pytest.mark.slow
 

@@ -99,7 +99,7 @@ class ExperimentConfig:
     """A whole experiment.
 
     :param name: experiment name (used in the report).
-    :param env_id: gymnasium id; must have user groups (see ``envs.group_library``).
+    :param env_id: gymnasium id; must have user groups (see ``egalitarian_rl.envs.group_library``).
     :param groups: group name -> share of users, e.g. ``{majority: 0.8, minority: 0.2}``.
     :param methods: what to train: ``rlhf`` (SB3 PPO on the single BT reward),
         ``maxmin`` (MaxMinPPO on the EM mixture), ``mean`` (MaxMinPPO with the

@@ -29,7 +29,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import configure as configure_logger
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
-import envs
+from egalitarian_rl import envs
 from egalitarian_rl.algorithms.aggregation import GroupRewardNormalizer, make_aggregation
 from egalitarian_rl.algorithms.maxmin_ppo import MaxMinPPO
 from egalitarian_rl.evaluation import build_metrics, evaluate_group_returns, format_group_table, write_report

@@ -1,0 +1,1 @@
+"""Causal language models as policies: loading, rollouts and LM PPO on the same aggregation rules."""
