@@ -230,3 +230,37 @@ def test_missing_file_and_non_dataset_file(tmp_path):
     np.savez(tmp_path / "other.npz", x=np.zeros(3))
     with pytest.raises(PreferenceDatasetError, match="not a preference dataset"):
         PreferenceDataset.load(tmp_path / "other.npz")
+
+
+def test_held_out_comparisons_never_show_a_training_segment(tmp_path):
+    _, data = _collect(n_users=20, per_user=10)
+    assert data.segment_ids.shape == (len(data), 2) and data.folds.shape == (len(data),)
+    # The shared pool is reused: without folds most held-out comparisons would show training segments.
+    assert len(np.unique(data.segment_ids)) < 2 * len(data)
+    for seed in range(3):
+        train, test = data.split_by_comparison(0.2, seed=seed)
+        assert len(train) + len(test) == len(data)
+        assert np.intersect1d(train.segment_ids, test.segment_ids).size == 0
+        assert (test.comparisons_per_user() == 2).all()  # one answer per fold and user: exact strata
+    # The ids survive saving, subsets and concatenation; the guarantee then holds by components too.
+    loaded = PreferenceDataset.load(data.save(tmp_path / "prefs.npz"))
+    np.testing.assert_array_equal(loaded.segment_ids, data.segment_ids)
+    np.testing.assert_array_equal(loaded.folds, data.folds)
+    no_folds = PreferenceDataset(**_fields(data, segment_ids=data.segment_ids))
+    train, test = no_folds.split_by_comparison(0.25, seed=0)
+    assert np.intersect1d(train.segment_ids, test.segment_ids).size == 0 and 0.15 < len(test) / len(data) < 0.35
+    # A dataset whose comparisons all share segments cannot be split honestly: say so.
+    chained = np.stack([np.arange(len(data)), np.arange(1, len(data) + 1)], axis=1)
+    with pytest.raises(ValueError, match="one fold"):
+        PreferenceDataset(**_fields(data, segment_ids=chained)).split_by_comparison(0.2)
+    with pytest.raises(PreferenceDatasetError, match="more than one fold"):
+        PreferenceDataset(**_fields(data, segment_ids=chained, folds=data.folds))
+
+
+def test_files_without_segment_ids_still_load_and_split_per_comparison(tmp_path):
+    _, data = _collect(n_users=20, per_user=10)
+    old = PreferenceDataset(**_fields(data))  # what files saved before segment ids looked like
+    loaded = PreferenceDataset.load(old.save(tmp_path / "old.npz"))
+    assert loaded.segment_ids is None and loaded.folds is None
+    train, test = loaded.split_by_comparison(0.2, seed=0)
+    assert (test.comparisons_per_user() == 2).all() and len(train) == 160

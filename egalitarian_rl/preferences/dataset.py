@@ -1,4 +1,13 @@
-"""PreferenceDataset: who compared which two segments, and what they said."""
+"""PreferenceDataset: who compared which two segments, and what they said.
+
+Held-out evaluation needs held-out *segments*, not only held-out comparisons: a
+reward that has seen a segment in training can score it from memory. A dataset
+may therefore record which segment of the collection pool each side of a
+comparison is (``segment_ids``) and a ``fold`` per comparison: comparisons of
+different folds never share a segment (:func:`~egalitarian_rl.preferences.collect_preferences`
+draws the pairs of each fold from its own part of the pool). Splits then hold
+out whole folds (see :meth:`PreferenceDataset.split_by_comparison`).
+"""
 
 from __future__ import annotations
 
@@ -37,6 +46,12 @@ class PreferenceDataset:
     :param user_groups: ``(U,)`` true group index of each user, -1 where unknown.
     :param group_names: names of the true groups indexed by ``user_groups``.
     :param metadata: JSON-serialisable facts about the data (env id, action count, ...).
+    :param segment_ids: ``(N, 2)`` id of segment ``a`` and ``b`` of each comparison in the pool
+        they were drawn from (equal ids = the same segment); ``None`` when unknown (hand-built
+        data, files written before ids were recorded).
+    :param folds: ``(N,)`` segment-disjoint block of each comparison: two comparisons in
+        different folds never share a segment. ``None`` when unknown; with ``segment_ids``
+        the connected components of the comparison graph are used instead.
     """
 
     user_ids: np.ndarray
@@ -47,6 +62,8 @@ class PreferenceDataset:
     user_groups: np.ndarray
     group_names: tuple[str, ...] = ()
     metadata: dict[str, Any] = field(default_factory=dict)
+    segment_ids: np.ndarray | None = None
+    folds: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.user_ids = np.asarray(self.user_ids, dtype=np.int64)
@@ -54,6 +71,10 @@ class PreferenceDataset:
         self.users = np.asarray(self.users, dtype=np.int64)
         self.user_groups = np.asarray(self.user_groups, dtype=np.int64)
         self.group_names = tuple(self.group_names)
+        if self.segment_ids is not None:
+            self.segment_ids = np.asarray(self.segment_ids, dtype=np.int64)
+        if self.folds is not None:
+            self.folds = np.asarray(self.folds, dtype=np.int64)
         self.validate()
 
     # ------------------------------------------------------------------ checks
@@ -89,6 +110,18 @@ class PreferenceDataset:
             raise PreferenceDatasetError(f"user group index out of range for {len(self.group_names)} groups")
         if not self.group_names and (self.user_groups != -1).any():
             raise PreferenceDatasetError("user_groups given without group_names")
+        if self.segment_ids is not None and self.segment_ids.shape != (n, 2):
+            raise PreferenceDatasetError(f"wrong shape: segment_ids {self.segment_ids.shape} must be (N, 2) = ({n}, 2)")
+        if self.folds is not None and self.folds.shape != (n,):
+            raise PreferenceDatasetError(f"wrong shape: folds {self.folds.shape} must be (N,) = ({n},)")
+        if self.folds is not None and self.segment_ids is not None and n:
+            # A segment in two folds would leak between the two sides of a fold split.
+            segments = self.segment_ids.reshape(-1)
+            folds = np.repeat(self.folds, 2)
+            pairs = np.unique(np.stack([segments, folds], axis=1), axis=0)
+            shared = pairs[:-1, 0][pairs[:-1, 0] == pairs[1:, 0]]
+            if len(shared):
+                raise PreferenceDatasetError(f"segment {int(shared[0])} appears in more than one fold; folds must be segment-disjoint")
 
     @staticmethod
     def _check_segments(name: str, seg: Transitions, n: int) -> None:
@@ -149,6 +182,8 @@ class PreferenceDataset:
             self.user_groups[keep_users],
             self.group_names,
             dict(self.metadata),
+            None if self.segment_ids is None else self.segment_ids[comparison_idx],
+            None if self.folds is None else self.folds[comparison_idx],
         )
 
     def for_users(self, users: np.ndarray) -> PreferenceDataset:
@@ -163,14 +198,61 @@ class PreferenceDataset:
         n_test = max(1, round(test_fraction * self.n_users))
         return self.for_users(shuffled[n_test:]), self.for_users(shuffled[:n_test])
 
+    def segment_folds(self) -> np.ndarray | None:
+        """``(N,)`` segment-disjoint block of each comparison, or ``None`` if segments are not identified.
+
+        ``folds`` when recorded, otherwise the connected components of the graph whose nodes are
+        segments and whose edges are comparisons (from ``segment_ids``).
+        """
+        if self.folds is not None:
+            return self.folds
+        if self.segment_ids is None:
+            return None
+        return _components(self.segment_ids)
+
     def split_by_comparison(self, test_fraction: float, seed: int = 0) -> tuple[PreferenceDataset, PreferenceDataset]:
-        """Held-out comparisons of the same users, stratified per user."""
+        """Held-out comparisons of the same users, on segments the training part never shows.
+
+        Guarantee: when segments are identified (``folds`` or ``segment_ids``, recorded by
+        :func:`~egalitarian_rl.preferences.collect_preferences`), no held-out comparison shares a
+        segment with a training comparison: whole segment-disjoint folds are held out, in random
+        order, until about ``test_fraction`` of the comparisons are. Data collected with one fold
+        per answer of a user (the default) gives every user exactly
+        ``round(test_fraction * folds)`` held-out comparisons when that is a whole number.
+
+        Without segment ids (hand-built data, files saved before ids were recorded) the split
+        falls back to held-out comparisons stratified per user, which is honest only if no
+        segment appears in more than one comparison.
+
+        :param test_fraction: share of the comparisons to hold out, in (0, 1).
+        :param seed: seeds which folds (or comparisons) are held out.
+        :raises ValueError: if the comparisons form fewer than two segment-disjoint folds.
+        """
         _check_fraction(test_fraction)
         rng = np.random.default_rng(seed)
         test = np.zeros(len(self), dtype=bool)
-        for user in self.users:
-            rows = rng.permutation(np.flatnonzero(self.user_ids == user))
-            test[rows[: round(test_fraction * len(rows))]] = True
+        folds = self.segment_folds()
+        if folds is None:
+            for user in self.users:
+                rows = rng.permutation(np.flatnonzero(self.user_ids == user))
+                test[rows[: round(test_fraction * len(rows))]] = True
+            return self.subset(np.flatnonzero(~test)), self.subset(np.flatnonzero(test))
+        names, sizes = np.unique(folds, return_counts=True)
+        if len(names) < 2:
+            raise ValueError(
+                "split_by_comparison: every comparison shares segments with the others (one fold), so no held-out part "
+                "can avoid training segments; collect with n_folds >= 2"
+            )
+        target, held = test_fraction * len(self), 0.0
+        chosen = []
+        for index in rng.permutation(len(names)):
+            # Take a fold if it brings the held-out count closer to the target.
+            if held + sizes[index] / 2 <= target and len(chosen) < len(names) - 1:
+                chosen.append(names[index])
+                held += sizes[index]
+        if not chosen:  # even the smallest fold overshoots: hold out one anyway
+            chosen.append(names[np.argmin(sizes)])
+        test = np.isin(folds, chosen)
         return self.subset(np.flatnonzero(~test)), self.subset(np.flatnonzero(test))
 
     @staticmethod
@@ -187,6 +269,10 @@ class PreferenceDataset:
                 if group_of.setdefault(user, group) != group:
                     raise PreferenceDatasetError(f"user {user} has true group {group_of[user]} in one dataset and {group} in another")
         users = np.array(sorted(group_of), dtype=np.int64)
+        # Ids are kept as they are (parts of one collection share one pool); pools of different
+        # collections may then look shared, which only ever makes splits more conservative.
+        identified = all(d.segment_ids is not None for d in datasets)
+        with_folds = all(d.folds is not None for d in datasets)
         return PreferenceDataset(
             np.concatenate([d.user_ids for d in datasets]),
             concatenate_transitions([d.segments_a for d in datasets]),
@@ -196,11 +282,18 @@ class PreferenceDataset:
             np.array([group_of[u] for u in users.tolist()], dtype=np.int64),
             names,
             dict(datasets[0].metadata),
+            np.concatenate([d.segment_ids for d in datasets]) if identified else None,  # type: ignore[misc]
+            np.concatenate([d.folds for d in datasets]) if identified and with_folds else None,  # type: ignore[misc]
         )
 
     # ---------------------------------------------------------------- storage
     def _arrays(self) -> dict[str, np.ndarray]:
         arrays = {"user_ids": self.user_ids, "labels": self.labels, "users": self.users, "user_groups": self.user_groups}
+        # Optional arrays: files without them (written before they existed) still load.
+        if self.segment_ids is not None:
+            arrays["segment_ids"] = self.segment_ids
+        if self.folds is not None:
+            arrays["folds"] = self.folds
         for side, seg in (("a", self.segments_a), ("b", self.segments_b)):
             arrays[f"{side}.obs"] = seg.obs
             arrays[f"{side}.acts"] = seg.acts
@@ -260,6 +353,8 @@ class PreferenceDataset:
                 arrays["user_groups"],
                 tuple(header["group_names"]),
                 header.get("metadata", {}),
+                arrays.get("segment_ids"),
+                arrays.get("folds"),
             )
         except KeyError as err:
             raise PreferenceDatasetError(f"{path} lacks array {err}") from None
@@ -278,6 +373,27 @@ def _digest(arrays: dict[str, np.ndarray]) -> str:
         sha.update(f"{key}|{array.dtype.str}|{array.shape}".encode())
         sha.update(array.tobytes())
     return sha.hexdigest()
+
+
+def _components(segment_ids: np.ndarray) -> np.ndarray:
+    """``(N,)`` connected component of each comparison in the graph segments -- comparisons.
+
+    :param segment_ids: ``(N, 2)`` the two segments of each comparison.
+    """
+    _, nodes = np.unique(segment_ids.reshape(-1), return_inverse=True)
+    parent = np.arange(nodes.max() + 1 if len(nodes) else 0)
+
+    def root(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]  # path halving
+            x = parent[x]
+        return x
+
+    for a, b in nodes.reshape(-1, 2).tolist():
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    return np.array([root(a) for a in nodes.reshape(-1, 2)[:, 0].tolist()], dtype=np.int64)
 
 
 def _check_fraction(fraction: float) -> None:

@@ -9,7 +9,7 @@ from egalitarian_rl.rewards.bradley_terry import (
     fit_bradley_terry,
     train_reward,
 )
-from egalitarian_rl.rewards.em import EMRewardMixture, KSelection, NotFittedError, select_k
+from egalitarian_rl.rewards.em import Assignment, EMRewardMixture, KSelection, NotFittedError, select_k
 from egalitarian_rl.rewards.metrics import (
     AccuracyReport,
     adjusted_rand_index,
@@ -21,6 +21,7 @@ from egalitarian_rl.rewards.nets import RewardMixture, space_from_json, space_to
 
 __all__ = [
     "AccuracyReport",
+    "Assignment",
     "EMRewardMixture",
     "FitResult",
     "KSelection",

@@ -102,6 +102,40 @@ def _check_users_have_comparisons(dataset: PreferenceDataset, what: str) -> None
         )
 
 
+@dataclass(frozen=True)
+class Assignment:
+    """One user's group, as decided from their comparisons by :meth:`EMRewardMixture.assign_with_confidence`.
+
+    :param member: the assigned member, or ``None`` when ``confidence`` is below the threshold
+        asked for (the caller should not personalise).
+    :param best_member: the most probable member, whatever its confidence.
+    :param posterior: ``(K,)`` posterior probability of each member.
+    :param n_comparisons: how many comparisons the decision rests on.
+    """
+
+    member: int | None
+    best_member: int
+    posterior: np.ndarray
+    n_comparisons: int
+
+    @property
+    def confidence(self) -> float:
+        """Posterior probability of ``best_member``."""
+        return float(self.posterior[self.best_member])
+
+
+def _posterior(user_ll: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """``(U, K)`` posterior from log-likelihoods ``(U, K)`` and a prior ``(K,)`` (need not sum to 1)."""
+    joint = user_ll + np.log(np.clip(prior, 1e-12, None))
+    return np.exp(joint - np.logaddexp.reduce(joint, axis=1, keepdims=True))
+
+
+def _posterior_or_hard(user_ll: np.ndarray, prior: np.ndarray, hard: bool, k: int) -> np.ndarray:
+    """Posterior ``(U, K)``, or its argmax one-hot when ``hard``."""
+    posterior = _posterior(user_ll, prior)
+    return np.eye(k)[posterior.argmax(1)] if hard else posterior
+
+
 class EMRewardMixture:
     """K Bradley-Terry rewards for K hidden user groups, fitted by (hard or soft) EM over users.
 
@@ -210,13 +244,18 @@ class EMRewardMixture:
 
         #: The K fitted rewards (``None`` before ``fit``).
         self.reward: RewardMixture | None = None
+        #: Observation / action spaces the rewards were built for (given or inferred from the data).
+        self.observation_space_: gym.Space | None = None
+        self.action_space_: gym.Space | None = None
         #: ``(U,)`` user ids the assignments refer to.
         self.users_: np.ndarray | None = None
-        #: ``(U,)`` member index of every user (argmax of responsibilities in soft EM).
+        #: ``(U,)`` member index of every user: the final E-step of the returned rewards, the same
+        #: rule as :meth:`assign_users` (MAP with ``shares_``), so ``assign_users(train)`` equals it.
         self.assignments_: np.ndarray | None = None
-        #: ``(U, K)`` responsibilities (one-hot in hard EM).
+        #: ``(U, K)`` responsibilities (one-hot in hard EM; posterior with prior ``shares_`` in soft EM).
         self.responsibilities_: np.ndarray | None = None
-        #: ``(K,)`` estimated share of users per member.
+        #: ``(K,)`` mixing weights: the prior of the final E-step, equal (at its fixed point) to the
+        #: mean of ``responsibilities_``.
         self.shares_: np.ndarray | None = None
         #: Final EM objective (hard: sum of each user's LL under their member; soft: mixture LL).
         self.log_likelihood_: float = float("nan")
@@ -302,13 +341,15 @@ class EMRewardMixture:
         _check_users_have_comparisons(dataset, "EMRewardMixture.fit")
         if self.n_components > dataset.n_users:
             raise ValueError(f"K = {self.n_components} components but only {dataset.n_users} users: K must be <= the number of users")
-        if self.observation_space is None or self.action_space is None:
+        # Constructor arguments stay as given (sklearn convention); inferred spaces are fitted state.
+        observation_space, action_space = self.observation_space, self.action_space
+        if observation_space is None or action_space is None:
             obs_space, act_space = spaces_from_dataset(dataset)
-            self.observation_space = obs_space if self.observation_space is None else self.observation_space
-            self.action_space = act_space if self.action_space is None else self.action_space
+            observation_space = obs_space if observation_space is None else observation_space
+            action_space = act_space if action_space is None else action_space
         generator = torch.Generator().manual_seed(self.seed)
         reward = RewardMixture(
-            self.observation_space, self.action_space, self.n_components, use_state=self.use_state,
+            observation_space, action_space, self.n_components, use_state=self.use_state,
             use_action=self.use_action, use_next_state=self.use_next_state, hidden_sizes=self.hidden_sizes,
         )  # fmt: skip
         reward.reset_parameters(generator=generator)
@@ -346,10 +387,11 @@ class EMRewardMixture:
         reward.load_state_dict(best["state"])
         reward.eval()
         self.reward = reward
+        self.observation_space_, self.action_space_ = observation_space, action_space
         self.users_ = dataset.users.copy()
         self.responsibilities_ = best["responsibilities"]
         self.assignments_ = self.responsibilities_.argmax(1)
-        self.shares_ = self.responsibilities_.mean(0)
+        self.shares_ = best["shares"]
         self.log_likelihood_ = best["log_likelihood"]
         self.history_ = best["history"]
         self.n_iter_ = len(best["history"])
@@ -454,8 +496,7 @@ class EMRewardMixture:
         """New ``(U, K)`` responsibilities from ``user_ll`` ``(U, K)`` (members at -inf are not in use)."""
         if hard:
             return np.eye(self.n_components)[user_ll.argmax(1)]
-        joint = user_ll + np.log(np.clip(responsibilities.mean(0), 1e-12, None))
-        return np.exp(joint - np.logaddexp.reduce(joint, axis=1)[:, None])
+        return _posterior(user_ll, responsibilities.mean(0))
 
     def _reseed_empty(self, responsibilities: np.ndarray, user_ll: np.ndarray, counts: np.ndarray, n_active: int) -> np.ndarray:
         """Give every member (of the first ``n_active``) without users the users the current fit explains worst."""
@@ -538,8 +579,42 @@ class EMRewardMixture:
             # EM may stop after a few short M-steps, before the members are fully trained.
             weights = torch.as_tensor(responsibilities, dtype=torch.float32)[data.user_index]
             self._train(reward, data, weights, self.final_epochs, generator, validate=True, patience=self.final_patience)
-            objective = self._objective(self._user_ll(reward, data).numpy(), responsibilities, not self.soft)
-        return {"responsibilities": responsibilities, "log_likelihood": objective, "history": history, "converged": converged}
+        # The final E-step, on the rewards that are returned, so the assignments describe them.
+        user_ll = self._user_ll(reward, data).numpy()
+        responsibilities, shares = self._final_e_step(user_ll, responsibilities, hard=not self.soft)
+        objective = self._objective(user_ll, responsibilities, not self.soft)
+        return {
+            "responsibilities": responsibilities,
+            "shares": shares,
+            "log_likelihood": objective,
+            "history": history,
+            "converged": converged,
+        }
+
+    def _final_e_step(
+        self, user_ll: np.ndarray, responsibilities: np.ndarray, hard: bool, max_rounds: int = 100
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Responsibilities and shares consistent with each other and with :meth:`assign_users`.
+
+        E-steps with the rewards fixed, alternating ``r = posterior(user_ll, prior=shares)`` (one-hot
+        argmax in hard EM) and ``shares = mean(r)`` until the shares stop changing: EM over the
+        mixing weights alone. The returned shares are the prior the returned responsibilities were
+        computed with, so ``assign_users`` (MAP with ``shares_``) reproduces them exactly.
+
+        :param user_ll: ``(U, K)`` per-user log-likelihood under each member.
+        :param responsibilities: ``(U, K)`` the last EM responsibilities (their mean starts the shares).
+        :param hard: one-hot responsibilities (hard EM) instead of posteriors.
+        :return: responsibilities ``(U, K)`` and shares ``(K,)``.
+        """
+        shares = responsibilities.mean(0)
+        for _ in range(max_rounds):
+            new = _posterior_or_hard(user_ll, shares, hard, self.n_components)
+            new_shares = new.mean(0)
+            if np.allclose(new_shares, shares, rtol=0.0, atol=1e-10):
+                return new, shares
+            shares = new_shares
+        # No fixed point (hard assignments can cycle): keep the last shares as the prior used.
+        return _posterior_or_hard(user_ll, shares, hard, self.n_components), shares
 
     def _log(self, entry: dict[str, Any], restart: int) -> None:
         if self.logger is None:
@@ -569,35 +644,56 @@ class EMRewardMixture:
     def predict_proba(self, dataset: PreferenceDataset, prior: bool = True) -> np.ndarray:
         """``(U, K)`` posterior group probabilities of ``dataset.users`` given their comparisons.
 
-        :param prior: weigh members by the fitted ``shares_`` (otherwise a uniform prior).
+        :param dataset: comparisons of the users to score (new or fitted users).
+        :param prior: ``True`` (default): posterior with the fitted mixing weights ``shares_`` as
+            the prior; ``False``: uniform prior (normalised likelihoods).
         """
         ll = self.user_log_likelihoods(dataset)
-        if prior:
-            ll = ll + np.log(np.clip(self.shares_, 1e-12, None))
-        return np.exp(ll - np.logaddexp.reduce(ll, axis=1)[:, None])
+        assert self.shares_ is not None
+        return _posterior(ll, self.shares_ if prior else np.ones(ll.shape[1]))
 
-    def assign_users(self, dataset: PreferenceDataset, prior: bool = False) -> np.ndarray:
-        """``(U,)`` member for every user of ``dataset`` (new or known), by their comparisons in it.
+    def assign_users(self, dataset: PreferenceDataset, prior: bool = True) -> np.ndarray:
+        """``(U,)`` member for every user of ``dataset`` (new or known): argmax of :meth:`predict_proba`.
 
-        :param prior: add the log share of each member (MAP instead of the paper's max-likelihood rule).
+        :param dataset: comparisons of the users to assign.
+        :param prior: ``True`` (default): MAP with the fitted ``shares_`` as prior, the rule of the
+            final E-step (so ``assign_users(train_data)`` equals ``assignments_``); ``False``: the
+            paper's maximum-likelihood rule (uniform prior).
         """
-        ll = self.user_log_likelihoods(dataset)
-        if prior:
-            ll = ll + np.log(np.clip(self.shares_, 1e-12, None))
-        return ll.argmax(1)
+        return self.predict_proba(dataset, prior=prior).argmax(1)
 
-    def assign(self, dataset: PreferenceDataset, prior: bool = False) -> int:
+    def assign(self, dataset: PreferenceDataset, prior: bool = True) -> int:
         """The member (group) of the one user in ``dataset``, e.g. a new user who answered a few queries.
+
+        Same rule as :meth:`assign_users` (default: MAP with the fitted ``shares_`` as prior); see
+        :meth:`assign_with_confidence` for the posterior and a refusal threshold.
 
         :raises ValueError: if ``dataset`` has no comparisons or more than one user.
         """
+        return self.assign_with_confidence(dataset, prior=prior).best_member
+
+    def assign_with_confidence(self, dataset: PreferenceDataset, min_confidence: float = 0.0, prior: bool = True) -> Assignment:
+        """The group of one (new) user with its posterior, refusing below ``min_confidence``.
+
+        :param dataset: the comparisons of exactly one user.
+        :param min_confidence: the smallest posterior probability of the best member at which
+            the user is assigned; below it :attr:`Assignment.member` is ``None`` (do not
+            personalise: e.g. serve the MaxMin policy instead of a group's).
+        :param prior: as in :meth:`assign_users` (default: posterior with the fitted ``shares_``).
+        :raises ValueError: if ``dataset`` has no comparisons or more than one user.
+        """
+        if not 0.0 <= min_confidence <= 1.0:
+            raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence}")
         present = np.unique(dataset.user_ids)
         if len(present) > 1:
             raise ValueError(f"assign() takes the comparisons of one user, got {len(present)} users; use assign_users()")
         if len(present) == 0:
             shown = dataset.users[:1].tolist()
             raise ValueError(f"assign(): user {shown[0] if shown else '?'} has no comparisons to assign by")
-        return int(self.assign_users(dataset.for_users(present), prior=prior)[0])
+        posterior = self.predict_proba(dataset.for_users(present), prior=prior)[0]
+        best = int(posterior.argmax())
+        confident = bool(posterior[best] >= min_confidence)
+        return Assignment(best if confident else None, best, posterior, len(dataset))
 
     def _fitted_rows(self, user_ids: np.ndarray) -> np.ndarray:
         """Positions in ``users_`` of ``user_ids``; raises ``ValueError`` naming users that were not fitted."""
@@ -696,6 +792,7 @@ class EMRewardMixture:
             **params,
         )
         model.reward = RewardMixture.load(directory / _REWARD_FILE)
+        model.observation_space_, model.action_space_ = model.reward.observation_space, model.reward.action_space
         if model.reward.n_members != model.n_components:
             raise ValueError(f"{directory}: reward has {model.reward.n_members} members, state says {model.n_components}")
         model.users_ = np.asarray(state["users"], dtype=np.int64)
