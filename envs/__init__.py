@@ -18,6 +18,7 @@ from egalitarian_rl.preferences.population import GroupRewardLibrary, Population
 FAIRGRID_ID = "egalitarian_rl/FairGrid-v0"
 MO_HALFCHEETAH_ID = "egalitarian_rl/MOHalfCheetah-v0"
 MO_HOPPER_ID = "egalitarian_rl/MOHopper-v0"
+TEXTGEN_ID = "egalitarian_rl/TextGen-v0"
 
 # String entry points: nothing below imports MuJoCo or mo_gymnasium until an env is made.
 _REGISTRATIONS = {
@@ -29,6 +30,8 @@ _REGISTRATIONS = {
         kwargs={"mo_env_id": "mo-halfcheetah-v5", "weights": (1.0, 0.1)},
     ),
     MO_HOPPER_ID: dict(entry_point="egalitarian_rl.envs.mo:make_mo_env", max_episode_steps=1000, kwargs={"mo_env_id": "mo-hopper-v5"}),
+    # No TimeLimit: the env truncates itself after max_new_tokens, a constructor argument.
+    TEXTGEN_ID: dict(entry_point="egalitarian_rl.envs.textgen:TextGenEnv"),
 }
 for _env_id, _spec in _REGISTRATIONS.items():
     if _env_id not in registry:
@@ -45,6 +48,7 @@ _GROUP_LIBRARIES = {
     "Hopper-v5": "egalitarian_rl.envs.mujoco:WALKER_GROUPS",
     "Walker2d-v5": "egalitarian_rl.envs.mujoco:WALKER_GROUPS",
     "CartPole-v1": "egalitarian_rl.envs.classic:CARTPOLE_GROUPS",
+    TEXTGEN_ID: "egalitarian_rl.envs.text_groups:TEXT_GROUPS",
 }
 
 
