@@ -48,10 +48,15 @@ def test_learns_with_four_subprocess_workers():
     # "egalitarian_rl.envs:" makes each worker process import the package that registers the id
     venv = make_vec_env(f"egalitarian_rl.envs:{FAIRGRID}", n_envs=4, seed=0, vec_env_cls=SubprocVecEnv)
     try:
-        model = MaxMinPPO("MlpPolicy", venv, reward_mixture=_mixture(), seed=0, **SMALL)
-        model.learn(4 * 64 * 2)
-        assert model.num_timesteps == 512
+        model = MaxMinPPO("MlpPolicy", venv, reward_mixture=_mixture(), aggregation="mean", seed=0, **SMALL)
+        returns = []
+        for _ in range(12):
+            model.learn(4 * 64, reset_num_timesteps=False)
+            returns.append(model.group_env.group_return_estimates.mean())
+        assert model.num_timesteps == 12 * 256
         assert isinstance(model.get_env(), GroupRewardVecEnv)
+        # the mean learned (normalised) return the policy is trained on goes up
+        assert np.mean(returns[-3:]) > np.mean(returns[:3]) + 0.5
     finally:
         venv.close()
 
@@ -82,7 +87,7 @@ class _RecordRewards(BaseCallback):
 
 def test_a_callback_sees_the_relabelled_reward():
     normalizer = GroupRewardNormalizer.from_data(np.random.default_rng(0).normal(size=(100, 2)))
-    model = MaxMinPPO("MlpPolicy", FAIRGRID, reward_mixture=_mixture(), normalizer=normalizer, seed=0, **SMALL)
+    model = MaxMinPPO("MlpPolicy", FAIRGRID, reward_mixture=_mixture(), normalizer=normalizer, aggregation="worst_group", seed=0, **SMALL)
     callback = _RecordRewards()
     model.learn(192, callback=callback)
     for rewards, group_rewards, _, weights in callback.seen:
@@ -116,22 +121,52 @@ def test_group_names_must_match_the_mixture():
         MaxMinPPO("MlpPolicy", FAIRGRID, reward_mixture=_mixture(), aggregation="median", **SMALL)
 
 
+def _scalars(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next(folder.glob("*")))).Reload()
+    return {tag: np.array([e.value for e in events.Scalars(tag)]) for tag in events.Tags()["scalars"]}
+
+
 def test_tensorboard_scalars_per_group(tmp_path):
     model = MaxMinPPO(
         "MlpPolicy",
         FAIRGRID,
         reward_mixture=_mixture(),
+        aggregation="worst_group",
         group_names=["majority", "minority"],
         tensorboard_log=str(tmp_path),
         seed=0,
         **SMALL,
     )
-    model.learn(256)
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    model.learn(640)
+    scalars = _scalars(tmp_path)
+    majority, minority = scalars["groups/weight_majority"], scalars["groups/weight_minority"]
+    # worst_group: all weight on one group, and "selected" names it; it is the group with the lower return
+    np.testing.assert_allclose(majority + minority, 1.0)
+    assert set(np.unique(majority)) <= {0.0, 1.0}
+    np.testing.assert_array_equal(scalars["groups/selected"], minority)
+    lower = (scalars["groups/return_minority"] < scalars["groups/return_majority"]).astype(float)
+    np.testing.assert_array_equal(minority, lower)
+    assert np.all(scalars["groups/reward_std_majority"] > 0)
 
-    events = EventAccumulator(str(next(tmp_path.glob("*")))).Reload()
-    tags = set(events.Tags()["scalars"])
-    assert {"groups/return_majority", "groups/weight_minority", "groups/selected", "groups/reward_std_majority"} <= tags
+
+def test_per_sample_min_logs_how_often_each_group_is_the_minimum(tmp_path):
+    model = MaxMinPPO(
+        "MlpPolicy", FAIRGRID, reward_mixture=_mixture(), aggregation="per_sample_min", group_names=["a", "b"],
+        tensorboard_log=str(tmp_path), seed=0, **SMALL,
+    )  # fmt: skip
+    callback = _RecordRewards()
+    model.learn(640, callback=callback)
+    scalars = _scalars(tmp_path)
+    # no weights and no "selected" group: the rule has neither
+    assert not {"groups/weight_a", "groups/selected"} & set(scalars)
+    shares = np.stack([scalars["groups/minimum_share_a"], scalars["groups/minimum_share_b"]])
+    np.testing.assert_allclose(shares.sum(axis=0), 1.0)
+    # the first rollout's share matches the rewards the callback saw
+    first = np.concatenate([seen[1] for seen in callback.seen[:64]])
+    assert shares[0, 0] == pytest.approx(np.mean(first.argmin(axis=1) == 0))
+    assert 0.0 < shares[0].mean() < 1.0
 
 
 def test_a_reward_mixture_is_required():
@@ -161,20 +196,75 @@ def test_observation_normalisation_stays_outside_the_reward_model():
 
 
 def test_group_critics_learn_one_value_per_group(tmp_path):
-    normalizer = GroupRewardNormalizer.from_data(np.random.default_rng(0).normal(size=(100, 2)))
+    # Two groups with opposite rewards: under the mean rule the policy gets nothing to chase
+    # (a stationary policy), and each head must learn its own group's value, of opposite sign.
+    mixture = _mixture()
+    with torch.no_grad():
+        for layers in (mixture.weights, mixture.biases):
+            layers[0][1] = layers[0][0]
+            layers[1][1] = -layers[1][0]
+    normalizer = GroupRewardNormalizer(2)
+    normalizer.update(np.random.default_rng(0).normal(size=(100, 2)))
+    normalizer.freeze()
     model = MaxMinPPO(
-        "MlpPolicy", make_vec_env(FAIRGRID, n_envs=2, seed=0), reward_mixture=_mixture(), normalizer=normalizer,
-        aggregation="softmin", aggregation_kwargs={"tau": 1.0}, group_critics=True, seed=0, **SMALL,
+        "MlpPolicy", make_vec_env(FAIRGRID, n_envs=2, seed=0), reward_mixture=mixture, normalizer=normalizer,
+        aggregation="mean", group_critics=True, seed=0, **{**SMALL, "n_epochs": 10},
     )  # fmt: skip
-    model.learn(512)
+    model.learn(2000)
     obs = model.policy.obs_to_tensor(np.eye(25, dtype=np.float32))[0]
-    assert model.policy.predict_values(obs).shape == (25, 2)
+    assert model.policy.predict_group_values(obs).shape == (25, 2)
+    assert model.policy.predict_values(obs).shape == (25, 1)  # the aggregate's value, what SB3's bootstrap adds
     buffer = model.rollout_buffer
-    assert buffer.returns.shape == (128, 2) and buffer.advantages.shape == (128, 1)  # as flattened by get()
+    returns = buffer.returns.reshape(-1, 2)
+    values = model.policy.predict_group_values(model.policy.obs_to_tensor(buffer.observations.reshape(-1, 25))[0]).detach().numpy()
+
+    def explained(group, head):
+        return 1 - np.var(returns[:, group] - values[:, head]) / np.var(returns[:, group])
+
+    for group in (0, 1):
+        assert explained(group, group) > 0.1
+        assert explained(group, 1 - group) < explained(group, group) - 0.5
+    assert np.corrcoef(values.T)[0, 1] < -0.5
     model.save(tmp_path / "critics.zip")
     loaded = MaxMinPPO.load(tmp_path / "critics.zip", env=gym.make(FAIRGRID), device="cpu")
-    np.testing.assert_allclose(loaded.policy.predict_values(obs).detach(), model.policy.predict_values(obs).detach(), rtol=1e-6)
+    np.testing.assert_allclose(
+        loaded.policy.predict_group_values(obs).detach(), model.policy.predict_group_values(obs).detach(), rtol=1e-6
+    )
     loaded.learn(128)
+
+
+def test_group_critics_use_sb3_rollout_loop_with_gsde_and_vecnormalize():
+    """gSDE noise is resampled and VecNormalize's reward scale reaches the K critics (SB3's own loop runs)."""
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    venv = VecNormalize(make_vec_env("Pendulum-v1", n_envs=2, seed=0), norm_obs=True, norm_reward=True)
+    env = gym.make("Pendulum-v1")
+    torch.manual_seed(0)
+    mixture = RewardMixture(env.observation_space, env.action_space, 2, use_action=True, hidden_sizes=(16,))
+    model = MaxMinPPO(
+        "MlpPolicy", venv, reward_mixture=mixture, aggregation="softmin", group_critics=True,
+        use_sde=True, sde_sample_freq=8, seed=0, **SMALL,
+    )  # fmt: skip
+    resets = []
+    reset_noise = model.policy.reset_noise
+    model.policy.reset_noise = lambda n_envs=1: (resets.append(n_envs), reset_noise(n_envs))
+    seen = []
+
+    class Record(BaseCallback):
+        def _on_step(self) -> bool:
+            # after VecNormalize: the scalar reward SB3 stores, and the wrapper's K group rewards
+            seen.append((np.array(self.locals["rewards"]), model._step_group_rewards(), self.model.rollout_buffer.weights.copy()))
+            return True
+
+    model.learn(256, callback=Record())
+    assert len(resets) >= 256 // 2 // 8  # once per sde_sample_freq steps
+    scalar = np.concatenate([s[0] for s in seen])
+    combined = np.concatenate([s[1] @ s[2] for s in seen])
+    # Pendulum episodes are 200 steps: none of these 128 steps per env is a time-limit truncation
+    np.testing.assert_allclose(combined, scalar, rtol=1e-4, atol=1e-5)
+    # the buffer holds the K group rewards in those units (the last rollout: 64 steps)
+    np.testing.assert_allclose(model.rollout_buffer.rewards, np.stack([s[1] for s in seen[-64:]]), rtol=1e-5)
+    assert not np.allclose(model.group_env.last_group_rewards, seen[-1][1])  # VecNormalize did rescale them
 
 
 def test_group_advantages_are_combined_with_the_rollout_weights():
@@ -185,7 +275,8 @@ def test_group_advantages_are_combined_with_the_rollout_weights():
     rewards = np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
     for step in range(3):
         buffer.add(np.zeros((1, 25)), np.zeros((1, 1)), rewards[step : step + 1], np.array([step == 0]), torch.zeros(1, 2), torch.zeros(1))
-    buffer.compute_returns_and_advantage(torch.zeros(1, 2), np.array([True]), weights=np.array([0.25, 0.75]))
+    buffer.weights = np.array([0.25, 0.75])
+    buffer.compute_returns_and_advantage(torch.zeros(1, 2), np.array([True]))
     # with zero values, each group's advantage is its discounted return-to-go
     returns = np.array([[1.0 + 0.0 + 0.25, 0.0 + 1.0 + 0.25], [0.5, 2.5], [1.0, 1.0]])
     np.testing.assert_allclose(buffer.returns[:, 0], returns)
@@ -195,3 +286,62 @@ def test_group_advantages_are_combined_with_the_rollout_weights():
 def test_group_critics_refuse_per_sample_min():
     with pytest.raises(ValueError, match="linear aggregation"):
         MaxMinPPO("MlpPolicy", FAIRGRID, reward_mixture=_mixture(), aggregation="per_sample_min", group_critics=True, **SMALL)
+
+
+def test_set_env_keeps_the_group_weights():
+    model = MaxMinPPO("MlpPolicy", FAIRGRID, reward_mixture=_mixture(), aggregation="worst_group", seed=0, **SMALL)
+    model.learn(256)
+    weights = model.group_env.weights.copy()
+    model.set_env(make_vec_env(FAIRGRID, n_envs=1, seed=1))
+    np.testing.assert_array_equal(model.group_env.weights, weights)
+
+
+def test_memory_stays_bounded_without_end_rollout():
+    import tracemalloc
+
+    from egalitarian_rl.algorithms.aggregation import make_aggregation
+
+    env = GroupRewardVecEnv(make_vec_env(FAIRGRID, n_envs=1, seed=0), lambda o, a, n, i: np.zeros((1, 2)), make_aggregation("mean"), 2)
+    env.reset()
+    tracemalloc.start()
+    for _ in range(30 * 20):
+        env.step(np.array([0]))
+    before = tracemalloc.take_snapshot()
+    for _ in range(30 * 300):  # 300 more episodes, as under plain PPO nobody calls end_rollout
+        env.step(np.array([0]))
+    # only what the wrapper allocates (SB3's Monitor keeps its own per-episode lists)
+    stats = tracemalloc.take_snapshot().compare_to(before, "filename")
+    grown = sum(stat.size_diff for stat in stats if stat.traceback[0].filename.endswith("vec_env.py"))
+    tracemalloc.stop()
+    assert grown < 2_000
+    assert env.end_rollout()["n_episodes"] == 320
+
+
+def test_accepts_a_fitted_em_mixture_and_checks_its_spaces(fairgrid_population):
+    from egalitarian_rl.preferences import collect_preferences
+    from egalitarian_rl.rewards import EMRewardMixture
+
+    data = collect_preferences(gym.make(FAIRGRID), fairgrid_population, n_users=6, comparisons_per_user=5, segment_length=5, seed=0)
+    em = EMRewardMixture(2, use_action=False, use_next_state=True, hidden_sizes=(8,), seed=0)
+    with pytest.raises(Exception, match="fit"):
+        MaxMinPPO("MlpPolicy", FAIRGRID, reward_mixture=em, **SMALL)
+    em.fit(data)
+    model = MaxMinPPO("MlpPolicy", FAIRGRID, reward_mixture=em, **SMALL)
+    assert model.reward_mixture is em.reward
+    cartpole = gym.make("CartPole-v1")
+    other = RewardMixture(cartpole.observation_space, cartpole.action_space, 2, use_action=False, use_next_state=True)
+    with pytest.raises(ValueError, match=r"fitted on observations Box of shape \(4,\) but the env's observation space is Box of shape \(25,\)"):
+        MaxMinPPO("MlpPolicy", FAIRGRID, reward_mixture=other, **SMALL)
+
+
+def test_signature_reads_like_ppo():
+    import inspect
+
+    from stable_baselines3 import PPO
+
+    ours = inspect.signature(MaxMinPPO.__init__).parameters
+    theirs = inspect.signature(PPO.__init__).parameters
+    for name, parameter in theirs.items():
+        assert name in ours and ours[name].default == parameter.default, name
+    assert ours["reward_mixture"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert ours["aggregation"].default == "per_sample_min"

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvStepReturn
@@ -51,6 +52,31 @@ def true_rewards(group_indices: Sequence[int] | None = None) -> GroupRewardSourc
     return source
 
 
+def check_reward_spaces(reward_mixture: Any, observation_space: gym.Space, action_space: gym.Space) -> None:
+    """Raise a ValueError naming both shapes if ``reward_mixture`` was fitted on other spaces than the env's.
+
+    A reward model fitted on another env's data (CartPole preferences for
+    Pendulum) would otherwise fail deep inside a matrix product.
+    """
+    pairs = [("observation", reward_mixture.observation_space, observation_space)]
+    if getattr(reward_mixture, "use_action", True):
+        pairs.append(("action", reward_mixture.action_space, action_space))
+    for what, fitted, env_space in pairs:
+        # Spaces rebuilt from a dataset are Box or Discrete; compare like with like (shape or size).
+        same_kind = type(fitted) is type(env_space)
+        if same_kind and gym.spaces.flatdim(fitted) != gym.spaces.flatdim(env_space):
+            raise ValueError(
+                f"the reward model was fitted on {what}s {_describe(fitted)} but the env's {what} space is {_describe(env_space)}: "
+                "was it fitted on preferences from another env?"
+            )
+
+
+def _describe(space: gym.Space) -> str:
+    if isinstance(space, gym.spaces.Discrete):
+        return f"Discrete({int(space.n)})"
+    return f"{type(space).__name__} of shape {space.shape}"
+
+
 class GroupRewardVecEnv(VecEnvWrapper):
     """Replaces the reward with ``aggregation`` over K (normalised) group rewards.
 
@@ -84,10 +110,18 @@ class GroupRewardVecEnv(VecEnvWrapper):
         # Until a rollout has estimated the groups' returns, weigh them equally.
         self.weights = np.full(n_groups, 1.0 / n_groups)
         self.group_return_estimates: np.ndarray | None = None
+        #: The last step's ``(n_envs, K)`` normalised group rewards, dones and infos (read by a per-group critic's buffer).
+        self.last_group_rewards = np.zeros((self.num_envs, n_groups))
+        self.last_dones = np.zeros(self.num_envs, dtype=bool)
+        self.last_infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
         self._last_obs: np.ndarray | None = None
         self._actions: np.ndarray | None = None
         self._running_returns = np.zeros((self.num_envs, n_groups))
-        self._finished_returns: list[np.ndarray] = []
+        # Sums, not lists: under plain PPO nobody calls end_rollout, and memory must stay bounded.
+        self._finished_sum = np.zeros(n_groups)
+        self._finished_count = 0
+        # How often each group was the per-step minimum since the last end_rollout (what per_sample_min trains on).
+        self._minimum_counts = np.zeros(n_groups, dtype=np.int64)
 
     def reset(self) -> np.ndarray:
         obs = self.venv.reset()
@@ -114,14 +148,17 @@ class GroupRewardVecEnv(VecEnvWrapper):
                 self.normalizer.update(group_rewards)
             group_rewards = self.normalizer.normalize(group_rewards)
         rewards = self.aggregation.combine(group_rewards, self.weights)
+        self._minimum_counts += np.bincount(group_rewards.argmin(axis=1), minlength=self.n_groups)
         self._running_returns += group_rewards
         for index in np.flatnonzero(dones):
-            self._finished_returns.append(self._running_returns[index].copy())
+            self._finished_sum += self._running_returns[index]
+            self._finished_count += 1
             self._running_returns[index] = 0.0
         for index, info in enumerate(infos):
             info["env_reward"] = env_rewards[index]
             info[LEARNED_GROUP_REWARDS_KEY] = group_rewards[index]
         self._last_obs = obs
+        self.last_group_rewards, self.last_dones, self.last_infos = group_rewards, np.asarray(dones, dtype=bool), list(infos)
         return obs, rewards.astype(np.float32), dones, infos
 
     def end_rollout(self) -> dict[str, Any]:
@@ -129,17 +166,25 @@ class GroupRewardVecEnv(VecEnvWrapper):
         and let the aggregation rule choose the weights of the next rollout.
 
         :return: ``group_returns`` (K,) of the learned, normalised rewards (``None``
-            until an episode has finished), ``weights`` (K,) and ``n_episodes``.
+            until an episode has finished), ``weights`` (K,) the next rollout's weights
+            (``None`` for a non-linear rule such as ``per_sample_min``, which has none),
+            ``minimum_shares`` (K,) the fraction of this rollout's steps at which each
+            group had the lowest reward (what ``per_sample_min`` trains on), and ``n_episodes``.
         """
-        finished = np.array(self._finished_returns) if self._finished_returns else None
-        self._finished_returns = []
-        if finished is not None:
-            self.group_return_estimates = finished.mean(axis=0)
+        n_episodes = self._finished_count
+        if n_episodes:
+            self.group_return_estimates = self._finished_sum / n_episodes
             # A non-linear rule (per_sample_min) has no weights: it acts per sample in ``combine``.
             if self.aggregation.is_linear:
                 self.weights = self.aggregation.weights(self.group_return_estimates)
-        return {
+        steps = max(int(self._minimum_counts.sum()), 1)
+        stats = {
             "group_returns": self.group_return_estimates,
-            "weights": self.weights,
-            "n_episodes": 0 if finished is None else len(finished),
+            "weights": self.weights if self.aggregation.is_linear else None,
+            "minimum_shares": self._minimum_counts / steps,
+            "n_episodes": n_episodes,
         }
+        self._finished_sum[:] = 0.0
+        self._finished_count = 0
+        self._minimum_counts[:] = 0
+        return stats
