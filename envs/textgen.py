@@ -63,11 +63,13 @@ def read_prompts(prompts: Iterable[str] | str | os.PathLike) -> list[str]:
 class TextGenEnv(gym.Env[np.ndarray, np.int64]):
     """Write a completion to a prompt, one token per step.
 
-    :param tokenizer: the policy model's tokenizer; it needs a pad and an eos token.
-        If ``None``, loaded from ``model_name_or_path``.
+    :param tokenizer: the policy model's tokenizer; it needs an eos token, and a pad token
+        unless ``pad_with_eos``. If ``None``, loaded from ``model_name_or_path``.
     :param prompts: a list / iterable of prompts, or a text file with one prompt a line.
         :meth:`reset` draws one uniformly with the env's seeded ``np_random``.
     :param model_name_or_path: hub name, local folder or ``"smollm2"``; only its tokenizer is loaded.
+    :param pad_with_eos: fill empty observation positions with the eos id when the tokenizer
+        has no pad token (GPT-2's), instead of raising; the tokenizer is not modified.
     :param max_prompt_tokens: context columns for the prompt; a longer prompt is an error.
     :param max_new_tokens: the episode is truncated after this many generated tokens.
     :param chat_template: ``False`` (plain continuation), ``True`` (the prompt is the user's
@@ -90,6 +92,7 @@ class TextGenEnv(gym.Env[np.ndarray, np.int64]):
         max_new_tokens: int = 32,
         chat_template: bool | str = False,
         scorers: Mapping[str, TextScorer] | None = None,
+        pad_with_eos: bool = False,
         render_mode: str | None = None,
     ) -> None:
         if tokenizer is None:
@@ -97,14 +100,16 @@ class TextGenEnv(gym.Env[np.ndarray, np.int64]):
                 raise ValueError("TextGenEnv needs a tokenizer or a model_name_or_path to load one from")
             from egalitarian_rl.lm.models import load_tokenizer
 
-            tokenizer = load_tokenizer(model_name_or_path)
-        if tokenizer.pad_token_id is None:
-            raise ValueError(
-                f"tokenizer {type(tokenizer).__name__} has no pad token: set tokenizer.pad_token "
-                "(for example to its eos token) or load it with pad_with_eos=True"
-            )
+            tokenizer = load_tokenizer(model_name_or_path, pad_with_eos=pad_with_eos)
         if tokenizer.eos_token_id is None:
             raise ValueError(f"tokenizer {type(tokenizer).__name__} has no eos token, so no episode could end on its own")
+        if tokenizer.pad_token_id is None and not pad_with_eos:
+            raise ValueError(
+                f"tokenizer {type(tokenizer).__name__} has no pad token: set tokenizer.pad_token or pass pad_with_eos=True "
+                "(the observation's attention mask tells padding from real eos tokens)"
+            )
+        # Fills the observation's empty positions; the attention mask marks them, so its value never matters to a model.
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if max_prompt_tokens < 1 or max_new_tokens < 1:
             raise ValueError(f"max_prompt_tokens and max_new_tokens must be >= 1, got {max_prompt_tokens} and {max_new_tokens}")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
@@ -176,7 +181,7 @@ class TextGenEnv(gym.Env[np.ndarray, np.int64]):
             index = int(self.np_random.integers(len(self.prompts)))
         self._prompt_index = index
         ids = self._prompt_ids[index]
-        self._ids[:] = self.tokenizer.pad_token_id
+        self._ids[:] = self.pad_token_id
         self._mask[:] = 0
         self._ids[self.max_prompt_tokens - len(ids) : self.max_prompt_tokens] = ids
         self._mask[self.max_prompt_tokens - len(ids) : self.max_prompt_tokens] = 1

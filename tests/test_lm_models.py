@@ -108,6 +108,12 @@ def test_unreachable_hub_model_is_one_clear_error(how, monkeypatch):
         load_tokenizer("no-such-org/no-such-model", offline=offline)
 
 
+def test_a_folder_without_a_model_is_one_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match=r"cannot load '.*' from its folder: ") as caught:
+        load_causal_lm(str(tmp_path))
+    assert "\n" not in str(caught.value)
+
+
 def test_tokenizer_without_pad_token_needs_pad_with_eos(tiny, tmp_path):
     model, tokenizer = tiny
     model.save_pretrained(tmp_path)

