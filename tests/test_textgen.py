@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from egalitarian_rl.envs.text_groups import TEXT_SCORERS, score_key, score_texts
-from egalitarian_rl.envs.textgen import split_observation
+from egalitarian_rl.envs.textgen import movie_review_prompts, split_observation
 from gymnasium.utils.env_checker import check_env as gym_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
@@ -220,3 +220,13 @@ def test_smollm2_acts_in_the_env(monkeypatch, pytestconfig, tmp_path_factory):
         done = terminated or truncated
     assert info["completion"].strip()
     assert set(info) >= {score_key(name) for name in TEXT_SCORERS}
+
+
+def test_movie_review_prompts():
+    prompts = movie_review_prompts(20, n_words=8, seed=1)
+    assert len(prompts) == 20 and len(set(prompts)) == 20
+    assert all(1 <= len(p.split()) <= 8 and "<br" not in p for p in prompts)
+    assert movie_review_prompts(20, n_words=8, seed=1) == prompts != movie_review_prompts(20, n_words=8, seed=2)
+    assert movie_review_prompts(n_words=3)[0] == "I rented I"  # IMDB's first review
+    with pytest.raises(ValueError, match="no movie reviews from source 'netflix'"):
+        movie_review_prompts(source="netflix")
