@@ -13,11 +13,16 @@ from egalitarian_rl.lm.models import (
     load_tokenizer,
     tiny_gpt2,
 )
+from egalitarian_rl.lm.ppo import GroupScoreFn, LMPPOConfig, MaxMinLMPPO
+from egalitarian_rl.lm.rollout import sample_completions, score_tokens
 
 __all__ = [
     "CONTINUE_REVIEW",
     "DEFAULT_MODEL",
+    "GroupScoreFn",
+    "LMPPOConfig",
     "LoraSettings",
+    "MaxMinLMPPO",
     "ModelLoadError",
     "apply_lora",
     "format_prompts",
@@ -25,5 +30,7 @@ __all__ = [
     "load_causal_lm",
     "load_smollm2",
     "load_tokenizer",
+    "sample_completions",
+    "score_tokens",
     "tiny_gpt2",
 ]
