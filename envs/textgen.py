@@ -113,6 +113,8 @@ class TextGenEnv(gym.Env[np.ndarray, np.int64]):
     :param prompts: a list / iterable of prompts, or a text file with one prompt a line.
         :meth:`reset` draws one uniformly with the env's seeded ``np_random``.
     :param model_name_or_path: hub name, local folder or ``"smollm2"``; only its tokenizer is loaded.
+    :param eos_token_ids: token ids that end the episode (terminated); defaults to the tokenizer's
+        eos token. Some chat models end a turn with another token as well (Llama 3's ``<|eot_id|>``).
     :param pad_with_eos: fill empty observation positions with the eos id when the tokenizer
         has no pad token (GPT-2's), instead of raising; the tokenizer is not modified.
     :param max_prompt_tokens: context columns for the prompt; a longer prompt is an error.
@@ -137,6 +139,7 @@ class TextGenEnv(gym.Env[np.ndarray, np.int64]):
         max_new_tokens: int = 32,
         chat_template: bool | str = False,
         scorers: Mapping[str, TextScorer] | None = None,
+        eos_token_ids: Iterable[int] | None = None,
         pad_with_eos: bool = False,
         render_mode: str | None = None,
     ) -> None:
@@ -160,6 +163,7 @@ class TextGenEnv(gym.Env[np.ndarray, np.int64]):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode {render_mode!r} is not one of {self.metadata['render_modes']}")
         self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(int(i) for i in ((tokenizer.eos_token_id,) if eos_token_ids is None else eos_token_ids))
         self.max_prompt_tokens = max_prompt_tokens
         self.max_new_tokens = max_new_tokens
         self.render_mode = render_mode
@@ -189,7 +193,7 @@ class TextGenEnv(gym.Env[np.ndarray, np.int64]):
 
         texts = format_prompts(self.tokenizer, self.prompts, chat_template)
         # A chat-formatted prompt already holds its special tokens; adding them again would double the BOS.
-        encoded = self.tokenizer(texts, add_special_tokens=chat_template is False)["input_ids"]
+        encoded = self.tokenizer(texts, add_special_tokens=not chat_template)["input_ids"]
         for index, ids in enumerate(encoded):
             if not ids:
                 raise ValueError(f"prompt {index} is empty")
@@ -235,6 +239,7 @@ class TextGenEnv(gym.Env[np.ndarray, np.int64]):
         return self._obs.copy(), {"prompt": self.prompt, "prompt_index": index}
 
     def step(self, action: int | np.integer | np.ndarray) -> tuple[np.ndarray, SupportsFloat, bool, bool, dict[str, Any]]:
+        """Append token ``action``; the reward is 0 (group scores of the finished text are in ``info``)."""
         if self._done:
             raise RuntimeError("the episode has ended: call reset() before step()")
         token = int(action)
@@ -243,7 +248,7 @@ class TextGenEnv(gym.Env[np.ndarray, np.int64]):
         column = self.max_prompt_tokens + self._n_new
         self._ids[column], self._mask[column] = token, 1
         self._n_new += 1
-        terminated = token == self.tokenizer.eos_token_id
+        terminated = token in self.eos_token_ids
         truncated = not terminated and self._n_new >= self.max_new_tokens
         self._done = terminated or truncated
         info: dict[str, Any] = dict.fromkeys(self._score_keys, 0.0)
@@ -255,6 +260,7 @@ class TextGenEnv(gym.Env[np.ndarray, np.int64]):
         return self._obs.copy(), 0.0, terminated, truncated, info
 
     def render(self) -> str | None:
+        """``"ansi"``: the prompt and the completion so far (special tokens shown)."""
         if self.render_mode != "ansi":
             return None
         completion = self.tokenizer.decode(self.completion_ids, skip_special_tokens=False)

@@ -88,6 +88,14 @@ def test_truncated_after_max_new_tokens(tokenizer):
     assert steps[-1][4]["completion"] == " the" * MAX_NEW
 
 
+def test_other_stop_tokens_end_the_episode(tokenizer):
+    stop = tokenizer.encode(".")[0]
+    env = make_env(tokenizer, eos_token_ids=[stop, tokenizer.eos_token_id])
+    env.reset(seed=0)
+    steps = play(env, tokenizer.encode(" Fine."))
+    assert steps[-1][2] and steps[-1][4]["completion"] == " Fine."
+
+
 def test_reset_draws_prompts_with_the_seeded_rng(tokenizer):
     env = make_env(tokenizer)
     first = [env.reset(seed=3)[1]["prompt_index"]] + [env.reset()[1]["prompt_index"] for _ in range(9)]
@@ -230,3 +238,19 @@ def test_movie_review_prompts():
     assert movie_review_prompts(n_words=3)[0] == "I rented I"  # IMDB's first review
     with pytest.raises(ValueError, match="no movie reviews from source 'netflix'"):
         movie_review_prompts(source="netflix")
+
+
+def test_evaluation_reads_the_true_scores(tokenizer, population):
+    """A scripted policy that always writes " great" then ends: its true returns are the scores of " great"."""
+    from egalitarian_rl.evaluation.rollout import evaluate_group_returns
+
+    great, eos = tokenizer.encode(" great")[0], tokenizer.eos_token_id
+
+    class Scripted:
+        def predict(self, observation: np.ndarray, *, deterministic: bool = True) -> tuple[int, None]:
+            _, mask = split_observation(observation)
+            return (great if mask[MAX_PROMPT:].sum() == 0 else eos), None
+
+    env = MultiUserPreferenceWrapper(make_env(tokenizer), population)
+    returns = evaluate_group_returns(Scripted(), env, n_episodes=3)
+    np.testing.assert_allclose(returns, np.repeat(score_texts(population.group_names, [" great"]), 3, axis=0))

@@ -112,7 +112,9 @@ def _package_folder(package: str) -> Path:
 
 def _set_padding(tokenizer: PreTrainedTokenizerBase, name: str, pad_with_eos: bool) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token is None:
-        if not pad_with_eos or tokenizer.eos_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError(f"the tokenizer of {name!r} has neither a pad nor an eos token; set tokenizer.pad_token")
+        if not pad_with_eos:
             raise ModelLoadError(
                 f"the tokenizer of {name!r} has no pad token; pass pad_with_eos=True to pad with its eos token "
                 f"{tokenizer.eos_token!r} (masks must then come from attention_mask, not from input_ids != pad_token_id)"
@@ -136,7 +138,8 @@ def hub_offline(offline: bool | None = None) -> bool:
         return True
     endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
-        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=3.0).close()
+        port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+        socket.create_connection((endpoint.hostname, port), timeout=3.0).close()
     except OSError:
         return True
     return False
@@ -254,7 +257,7 @@ def smollm2_gguf_path() -> Path:
 
 def _convert_smollm2(gguf: Path, folder: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # Dequantises the Q4_1 weights to float32 (~25 s); saved as a plain checkpoint so reloads take ~3 s.
+    # Dequantises the Q4_1 weights to float32 (~25 s); saved as a plain checkpoint so reloads take ~1 s.
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # A model loaded from GGUF refuses save_pretrained (its config says "quantized with gguf", though the
     # weights are already float32): copy the weights into a plain model of the same class.
@@ -378,7 +381,7 @@ def format_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Iterable[str], c
         special tokens: tokenize them with ``add_special_tokens=False``.
     """
     prompts = list(prompts)
-    if chat_template is False:
+    if not chat_template:
         return prompts
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"chat_template={chat_template!r} but the tokenizer {type(tokenizer).__name__} has no chat template")
