@@ -194,3 +194,4 @@ def test_embedded_smollm2_loads_offline_from_its_cache_and_generates(model_cache
     # A second load reads the converted folder (no GGUF dequantisation) and gives the same weights.
     again, _ = load_smollm2(model_cache)
     assert torch.equal(again.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    assert load_tokenizer(DEFAULT_MODEL)("Hello")["input_ids"] == tokenizer("Hello")["input_ids"]
