@@ -1,14 +1,9 @@
 """MaxMinLMPPO on a tiny GPT-2 (real GPT-2 vocabulary): issue 8's acceptance test and the trainer's contracts.
 
-A randomly initialised model spreads its mass over 50,257 tokens, so a reward
-on text would almost never see the tokens it cares about. A pretrained LM
-concentrates its mass on a few common words; :func:`pretrained_like` gives the
-tiny model that shape (most of the mass on 21 common words and EOS), so text
-rewards have signal within a test's budget.
-
-Groups (true scores; the learned-reward path is the same callable):
-``good`` (majority, share 0.8) counts the word "good"; ``concise`` (minority,
-share 0.2) is minus the number of tokens. More "good" needs more tokens: they conflict.
+The toy task (:mod:`egalitarian_rl.lm.toy`): a tiny GPT-2 shaped like a pretrained LM
+(most mass on 20 common words and EOS) and two conflicting groups with true scores
+(the learned-reward path is the same callable): ``good`` (majority, share 0.8) counts
+the word "good"; ``concise`` (minority, share 0.2) is minus the number of tokens.
 """
 
 from __future__ import annotations
@@ -20,69 +15,22 @@ import numpy as np
 import pytest
 import torch
 
-from egalitarian_rl.lm import MaxMinLMPPO, tiny_gpt2
+from egalitarian_rl.lm import MaxMinLMPPO
 from egalitarian_rl.lm.rollout import left_pad, response_mask, row_generators, sample_completions, score_tokens
+from egalitarian_rl.lm.toy import TOY_GROUPS, TOY_PROMPTS, toy_group_scores, toy_lm
 
 torch.set_num_threads(1)
 
-WORDS = [
-    "good",
-    "the",
-    "a",
-    "of",
-    "and",
-    "to",
-    "in",
-    "is",
-    "was",
-    "it",
-    "that",
-    "this",
-    "for",
-    "with",
-    "as",
-    "on",
-    "film",
-    "movie",
-    "but",
-    "not",
-]
-PROMPTS = ["The movie was", "I think this film", "Overall, the plot", "My friend said", "The actors", "In the end"]
-GROUPS = ["good", "concise"]
+PROMPTS = list(TOY_PROMPTS)
+GROUPS = list(TOY_GROUPS)
 SHARES = [0.8, 0.2]
 FAST = {"batch_size": 16, "minibatch_size": 8, "n_epochs": 2, "max_new_tokens": 8, "learning_rate": 3e-3, "kl_coef": 0.05}
 
 
-def pretrained_like(seed: int = 0):
-    """``tiny_gpt2`` whose next-token distribution favours a few common words and EOS, as a pretrained LM's does.
-
-    The final layer norm's bias points along a direction ``u`` and those tokens' embeddings get
-    ``+u``: their logits rise by about 6 in every context.
-    """
-    model, tokenizer = tiny_gpt2(seed=seed)
-    favoured = [tokenizer.encode(" " + word)[0] for word in WORDS] + [tokenizer.eos_token_id]
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        u = torch.randn(model.config.n_embd, generator=generator)
-        u /= u.norm()
-        model.transformer.ln_f.bias.copy_(6.0 * u)
-        model.transformer.wte.weight[favoured] += u
-    return model, tokenizer
-
-
-def conflicting_scores(tokenizer):
-    """``(prompts, completions) -> (n, 2)``: count of the word "good", minus the number of tokens."""
-
-    def scores(prompts: list[str], completions: list[str]) -> np.ndarray:
-        return np.array([[text.split().count("good"), -len(tokenizer.encode(text))] for text in completions], dtype=float)
-
-    return scores
-
-
 def make_trainer(aggregation="worst_group", seed=0, **kwargs) -> MaxMinLMPPO:
-    model, tokenizer = pretrained_like(seed)
+    model, tokenizer = toy_lm(seed)
     settings = {**FAST, **kwargs}
-    return MaxMinLMPPO(model, tokenizer, PROMPTS, conflicting_scores(tokenizer), aggregation=aggregation, group_names=GROUPS, **settings)
+    return MaxMinLMPPO(model, tokenizer, PROMPTS, toy_group_scores(tokenizer), aggregation=aggregation, group_names=GROUPS, **settings)
 
 
 def lm_parameters(trainer: MaxMinLMPPO) -> dict[str, torch.Tensor]:
@@ -145,7 +93,7 @@ def test_grpo_step_runs_and_moves_policy():
 
 # --------------------------------------------------------------------------- rollouts
 def test_one_forward_pass_reproduces_sampling_log_probs_with_left_padding():
-    model, tokenizer = pretrained_like()
+    model, tokenizer = toy_lm()
     prompts = [tokenizer.encode(p) for p in ["Hello", "The movie was long and", "A"]]
     input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id)
     assert attention_mask.tolist()[0][: input_ids.shape[1] - 1] == [0] * (input_ids.shape[1] - 1)
@@ -167,19 +115,19 @@ def test_response_mask_stops_after_first_eos():
 
 # --------------------------------------------------------------------------- errors
 def test_wrong_shape_scores_is_one_clear_error():
-    model, tokenizer = pretrained_like()
+    model, tokenizer = toy_lm()
     three_groups = MaxMinLMPPO(model, tokenizer, PROMPTS, lambda p, c: np.zeros((len(c), 3)), group_names=GROUPS, **FAST)
     with pytest.raises(ValueError, match=r"group_scores returned shape \(16, 3\); expected \(16, 2\)"):
         three_groups.train_iteration()
-    model, tokenizer = pretrained_like()
+    model, tokenizer = toy_lm()
     flat = MaxMinLMPPO(model, tokenizer, PROMPTS, lambda p, c: np.zeros(len(c)), **FAST)
     with pytest.raises(ValueError, match=r"group_scores returned shape \(16,\); expected \(16, K\)"):
         flat.train_iteration()
 
 
 def test_bad_set_ups_are_clear_errors():
-    model, tokenizer = pretrained_like()
-    scores = conflicting_scores(tokenizer)
+    model, tokenizer = toy_lm()
+    scores = toy_group_scores(tokenizer)
     with pytest.raises(ValueError, match="no prompts"):
         MaxMinLMPPO(model, tokenizer, [], scores, **FAST)
     with pytest.raises(ValueError, match="exceeds the model's context of 256 tokens"):

@@ -176,10 +176,6 @@ class PolicyWithValueHead(nn.Module):
         return out.logprobs, values, out.entropy
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (values * mask).sum() / mask.sum().clamp(min=1.0)
-
-
 class MaxMinLMPPO:
     """PPO (or RLOO / GRPO) for a causal LM on an aggregate of K group scores; by default the worst-off group's.
 
@@ -541,7 +537,7 @@ class MaxMinLMPPO:
         cfg = self.config
         local_minibatch = cfg.minibatch_size // self.accelerator.num_processes
         n_local = prompt_ids.shape[0]
-        totals: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "approx_kl": [], "clip_fraction": []}
+        totals: dict[str, list[torch.Tensor]] = {"policy_loss": [], "value_loss": [], "approx_kl": [], "clip_fraction": []}
         for epoch in range(cfg.n_epochs):
             order = np.random.default_rng([cfg.seed, self.iteration, epoch]).permutation(n_local)
             for start in range(0, n_local, local_minibatch):
@@ -561,16 +557,19 @@ class MaxMinLMPPO:
                     value_losses = torch.max((values - returns[idx]) ** 2, (clipped - returns[idx]) ** 2)
                     value_loss = 0.5 * (value_losses * mb_mask).sum() * scale
                     loss = loss + cfg.vf_coef * value_loss
-                    totals["value_loss"].append(float(value_loss.detach()))
                 self.optimizer.zero_grad()
                 self.accelerator.backward(loss)
                 self.accelerator.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
                 with torch.no_grad():
-                    totals["policy_loss"].append(float(policy_loss))
-                    totals["approx_kl"].append(float(_masked_mean((ratio - 1) - log_ratio, mb_mask)))
-                    totals["clip_fraction"].append(float(_masked_mean(((ratio - 1).abs() > cfg.clip_range).float(), mb_mask)))
-        return {f"losses/{key}": float(np.mean(values)) for key, values in totals.items() if values}
+                    # Scaled token sums: their sum over processes is the minibatch's token mean.
+                    totals["policy_loss"].append(policy_loss.detach())
+                    totals["approx_kl"].append((((ratio - 1) - log_ratio) * mb_mask).sum() * scale)
+                    totals["clip_fraction"].append((((ratio - 1).abs() > cfg.clip_range).float() * mb_mask).sum() * scale)
+                    if values is not None:
+                        totals["value_loss"].append(value_loss.detach())
+        processes = self.accelerator.num_processes
+        return {f"losses/{key}": float(self._sum(torch.stack(values).mean())) / processes for key, values in totals.items() if values}
 
     # ------------------------------------------------------------------ the loop
     def learn(
