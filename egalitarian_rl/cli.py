@@ -21,12 +21,17 @@ def _config_path(name_or_path: str) -> Path:
 def _load(args: argparse.Namespace):
     from egalitarian_rl.experiments import ExperimentConfig, Pipeline
 
-    config = ExperimentConfig.from_yaml(_config_path(args.config))
+    path = _config_path(args.config)
+    # "module:function" rewards and groups_from may live next to the config or in the working directory.
+    for folder in (str(Path.cwd()), str(path.parent.resolve())):
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+    config = ExperimentConfig.from_yaml(path)
     if getattr(args, "out", None):
         config.out_dir = args.out
     if getattr(args, "seeds", None):
         config.seeds = args.seeds
-    return Pipeline(config, progress_bar=not args.no_progress)
+    return Pipeline(config, progress_bar=not args.no_progress, force=getattr(args, "force", None) or ())
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -81,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--out", help="output folder (overrides the config's out_dir)")
         sub.add_argument("--seeds", type=int, nargs="+", help="seeds to run (overrides the config)")
         sub.add_argument("--no-progress", action="store_true", help="no progress bars")
+        if with_config:
+            sub.add_argument(
+                "--force",
+                action="append",
+                choices=["collect", "fit", "train", "evaluate"],
+                metavar="STAGE",
+                help="redo STAGE (collect, fit, train or evaluate) even if its saved artefacts are up to date; "
+                "later stages follow. Repeatable.",
+            )
 
     demo = commands.add_parser("demo", help="the FairGrid pipeline end to end (a few minutes on 2 CPU cores)")
     common(demo, with_config=False)
@@ -102,9 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.handler(args)
-    except (ConfigError, PreferenceDatasetError, FileNotFoundError) as err:
-        # A user's mistake: one clear line, no traceback.
-        print(f"egalitarian-rl: error: {err}", file=sys.stderr)
+    except (ConfigError, PreferenceDatasetError, FileNotFoundError, ValueError) as err:
+        # A user's mistake (a bad config, a corrupt file, a group reward returning NaN): one clear line, no traceback.
+        message = " ".join(str(err).split())
+        print(f"egalitarian-rl: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("egalitarian-rl: interrupted; finished stages are saved and will be reused", file=sys.stderr)

@@ -65,4 +65,4 @@ def make_population(env_id: str, shares: dict[str, float], **answering: float | 
     return group_library(env_id).population(shares, **answering)
 
 
-__all__ = ["FAIRGRID_ID", "MO_HALFCHEETAH_ID", "MO_HOPPER_ID", "group_library", "make_population"]
+__all__ = ["FAIRGRID_ID", "MO_HALFCHEETAH_ID", "MO_HOPPER_ID", "TEXTGEN_ID", "group_library", "make_population"]

@@ -52,11 +52,68 @@ def test_k_larger_than_the_users(tmp_path, capsys):
     _fails_cleanly(capsys, ["fit", _write(tmp_path, reward={"n_members": 50})], "reward.n_members: K=50 is more than the 10 users")
 
 
-def test_mixture_k_not_matching_the_config(tmp_path, capsys):
+def test_a_changed_setting_redoes_its_stage_and_the_later_ones(tmp_path, capsys):
+    from egalitarian_rl.preferences import PreferenceDataset
+    from egalitarian_rl.rewards import EMRewardMixture
+
     path = _write(tmp_path, reward={"n_members": 2, "epochs": 2})
     assert main(["fit", path, "--no-progress"]) == 0
-    capsys.readouterr()
-    _fails_cleanly(capsys, ["fit", _write(tmp_path, reward={"n_members": 3, "epochs": 2})], "has K=2 but the config asks for K=3")
+    seed_dir = tmp_path / "run" / "seed_0"
+    assert EMRewardMixture.load(seed_dir / "rewards" / "em").reward.n_members == 2
+    # K changes: the fit is redone (not reused, not an error); the preferences are kept
+    stamp = (seed_dir / "preferences.npz").stat().st_mtime_ns
+    assert main(["fit", _write(tmp_path, reward={"n_members": 3, "epochs": 2}), "--no-progress"]) == 0
+    assert EMRewardMixture.load(seed_dir / "rewards" / "em").reward.n_members == 3
+    assert (seed_dir / "preferences.npz").stat().st_mtime_ns == stamp
+    # the number of users changes: new preferences with the new users, and a new fit
+    changed = _write(tmp_path, collect={"n_users": 12, "comparisons_per_user": 5}, reward={"n_members": 3, "epochs": 2})
+    assert main(["fit", changed, "--no-progress"]) == 0
+    assert PreferenceDataset.load(seed_dir / "preferences.npz").n_users == 12
+    assert "settings changed since it was saved" in capsys.readouterr().out
+    # unchanged: nothing is redone; --force redoes a stage anyway
+    stamp = (seed_dir / "preferences.npz").stat().st_mtime_ns
+    assert main(["fit", changed, "--no-progress"]) == 0
+    assert (seed_dir / "preferences.npz").stat().st_mtime_ns == stamp
+    fit_stamp = (seed_dir / "rewards" / "fit_metrics.json").stat().st_mtime_ns
+    assert main(["fit", changed, "--no-progress", "--force", "collect"]) == 0
+    assert (seed_dir / "preferences.npz").stat().st_mtime_ns != stamp
+    assert (seed_dir / "rewards" / "fit_metrics.json").stat().st_mtime_ns != fit_stamp  # later stages follow
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"train": {"ppo": {"n_step": 64}}}, "train.ppo.n_step: unknown setting (did you mean 'n_steps'?)"),
+        ({"train": {"ppo": {"seed": 1}}}, "train.ppo.seed: set by the pipeline"),
+        ({"train": {"ppo": {"gamma": 1.5}}}, "train.ppo.gamma: must be in [0, 1]"),
+        ({"groups": {"majority": "0.8", "minority": 0.2}}, "groups.majority: expected a share (a number)"),
+        ({"groups": {"majority": 0.7, "minority": 0.2}}, "groups: shares must sum to 1"),
+        ({"reward": {"k_range": ["a"]}}, "reward.k_range[0]: expected int, got 'a'"),
+        ({"reward": {"em": {"n_int": 3}}}, "reward.em.n_int: unknown setting (did you mean 'n_init'?)"),
+        ({"evaluate": {"n_episodes": 0}}, "evaluate.n_episodes: must be >= 1, got 0"),
+        ({"collect": {"n_users": 10, "mistake_rate": 0.7}}, "collect.mistake_rate: must be in [0, 0.5]"),
+        ({"groups": {"majority": {"share": 0.8, "beta": -1}, "minority": 0.2}}, "groups.majority.beta: must be > 0"),
+        ({"groups_from": "no_such_module:GROUPS"}, "groups_from: cannot import module 'no_such_module'"),
+        ({"groups": {"majority": {"share": 0.8, "reward": "math:nope"}, "minority": 0.2}}, "module 'math' has no attribute 'nope'"),
+        ({"methods": ["rlhf", "median"]}, "methods: unknown method ['median']"),
+    ],
+)
+def test_bad_settings_stop_before_any_work(tmp_path, capsys, changes, expected):
+    _fails_cleanly(capsys, ["run", _write(tmp_path, **changes)], expected)
+    assert not (tmp_path / "run").exists()  # nothing was collected
+
+
+def test_preferences_from_another_env_are_refused(tmp_path):
+    from egalitarian_rl.experiments import ConfigError, ExperimentConfig, Pipeline
+    from egalitarian_rl.preferences import PreferenceDataset
+
+    path = _write(tmp_path)
+    assert main(["collect", path, "--no-progress"]) == 0
+    preferences = tmp_path / "run" / "seed_0" / "preferences.npz"
+    other = ExperimentConfig.from_dict({"env_id": "CartPole-v1", "groups": {"left": 0.5, "right": 0.5}, "out_dir": str(tmp_path)})
+    pipeline = Pipeline(other, progress_bar=False, log=lambda _: None)
+    with pytest.raises(ConfigError, match="collected in 'egalitarian_rl/FairGrid-v0', not in env_id 'CartPole-v1'"):
+        pipeline._check_dataset(PreferenceDataset.load(preferences), preferences)
 
 
 def test_corrupt_preferences_file(tmp_path, capsys):
@@ -74,9 +131,11 @@ def test_every_command_has_help(command):
     assert result.returncode == 0 and "usage: egalitarian-rl" in result.stdout
 
 
-def test_shipped_configs_load():
-    from egalitarian_rl.experiments import ExperimentConfig
+@pytest.mark.parametrize("name", ["fairgrid", "halfcheetah"])
+def test_shipped_configs_are_valid(name):
+    from egalitarian_rl.experiments import ExperimentConfig, Pipeline
 
-    for name in ("fairgrid", "halfcheetah"):
-        config = ExperimentConfig.from_yaml(_config_path(name))
-        assert "rlhf" in config.methods and config.env_id
+    config = ExperimentConfig.from_yaml(_config_path(name))
+    pipeline = Pipeline(config, progress_bar=False, log=lambda _: None)  # validates env, groups, rule and PPO keys
+    assert pipeline.population.n_groups == len(config.groups) >= 2
+    assert "rlhf" in pipeline.methods and "maxmin" in pipeline.methods

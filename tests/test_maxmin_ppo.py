@@ -227,9 +227,7 @@ def test_group_critics_learn_one_value_per_group(tmp_path):
     assert np.corrcoef(values.T)[0, 1] < -0.5
     model.save(tmp_path / "critics.zip")
     loaded = MaxMinPPO.load(tmp_path / "critics.zip", env=gym.make(FAIRGRID), device="cpu")
-    np.testing.assert_allclose(
-        loaded.policy.predict_group_values(obs).detach(), model.policy.predict_group_values(obs).detach(), rtol=1e-6
-    )
+    np.testing.assert_allclose(loaded.policy.predict_group_values(obs).detach(), model.policy.predict_group_values(obs).detach(), rtol=1e-6)
     loaded.learn(128)
 
 
@@ -330,7 +328,8 @@ def test_accepts_a_fitted_em_mixture_and_checks_its_spaces(fairgrid_population):
     assert model.reward_mixture is em.reward
     cartpole = gym.make("CartPole-v1")
     other = RewardMixture(cartpole.observation_space, cartpole.action_space, 2, use_action=False, use_next_state=True)
-    with pytest.raises(ValueError, match=r"fitted on observations Box of shape \(4,\) but the env's observation space is Box of shape \(25,\)"):
+    shapes = r"fitted on observations Box of shape \(4,\) but the env's observation space is Box of shape \(25,\)"
+    with pytest.raises(ValueError, match=shapes):
         MaxMinPPO("MlpPolicy", FAIRGRID, reward_mixture=other, **SMALL)
 
 

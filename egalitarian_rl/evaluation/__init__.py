@@ -12,6 +12,7 @@ stable-baselines3-style ``predict`` is run in an env wrapped in
 
 from egalitarian_rl.evaluation.metrics import (
     MethodReturns,
+    add_normalized_scores,
     build_metrics,
     check_metrics,
     format_group_table,
@@ -33,6 +34,7 @@ from egalitarian_rl.io import save_json_atomic, to_jsonable, write_atomic, write
 __all__ = [
     "MethodReturns",
     "Predictor",
+    "add_normalized_scores",
     "build_metrics",
     "check_metrics",
     "evaluate_group_returns",

@@ -259,6 +259,42 @@ def build_metrics(
     return metrics
 
 
+def add_normalized_scores(
+    metrics: dict[str, Any], random_returns: Mapping[str, float], oracle_returns: Mapping[str, float]
+) -> dict[str, Any]:
+    """Put every group's return on one scale: 0 = a random policy, 1 = the group's oracle.
+
+    Raw returns of different groups are not comparable (metres per second vs
+    control cost), so "the worst-off group" is only meaningful on a common scale.
+    Adds, in place, ``normalized_score`` to every method's group entries,
+    ``worst_group_normalized`` / ``worst_group_normalized_score`` to every method,
+    and ``normalization -> group -> {random, oracle}`` (the anchors, mean true returns).
+    A group whose oracle is no better than random gets no score (``None``).
+
+    :param metrics: output of :func:`build_metrics`.
+    :param random_returns: group -> mean true return of a uniformly random policy.
+    :param oracle_returns: group -> mean true return of the policy trained on that group's true reward.
+    :return: ``metrics``.
+    """
+    groups = list(metrics["groups"])
+    missing = [g for g in groups if g not in random_returns or g not in oracle_returns]
+    if missing:
+        raise ValueError(f"normalised scores need a random and an oracle return for every group; missing {missing}")
+    metrics["normalization"] = {g: {"random": float(random_returns[g]), "oracle": float(oracle_returns[g])} for g in groups}
+    for entry in metrics["methods"].values():
+        scores = {}
+        for group in groups:
+            span = oracle_returns[group] - random_returns[group]
+            score = (entry["groups"][group]["mean_return"] - random_returns[group]) / span if span > 1e-12 else None
+            entry["groups"][group]["normalized_score"] = None if score is None else float(score)
+            if score is not None:
+                scores[group] = score
+        worst = min(scores, key=scores.get) if scores else None
+        entry["worst_group_normalized"] = worst
+        entry["worst_group_normalized_score"] = None if worst is None else float(scores[worst])
+    return metrics
+
+
 def check_metrics(metrics: Mapping[str, Any]) -> None:
     """Raise ValueError unless ``metrics`` looks like :func:`build_metrics` output."""
     for key in ("groups", "baseline", "methods"):
@@ -293,8 +329,14 @@ def format_group_table(metrics: Mapping[str, Any]) -> str:
         cells = [method + (" (baseline)" if method == baseline else "")]
         for group in groups:
             g = entry["groups"][group]
-            cells.append(f"{_fmt(g['mean_return'])} ± {_fmt(g['std_return'])}  wr {g[win_key]:.2f}")
-        cells.append(f"{_fmt(entry['worst_group_return'])} ({entry['worst_group']})")
+            cell = f"{_fmt(g['mean_return'])} ± {_fmt(g['std_return'])}  wr {g[win_key]:.2f}"
+            if g.get("normalized_score") is not None:
+                cell += f"  score {g['normalized_score']:.2f}"
+            cells.append(cell)
+        if entry.get("worst_group_normalized") is not None:
+            cells.append(f"score {entry['worst_group_normalized_score']:.2f} ({entry['worst_group_normalized']})")
+        else:
+            cells.append(f"{_fmt(entry['worst_group_return'])} ({entry['worst_group']})")
         rows.append(cells)
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
 
@@ -305,11 +347,14 @@ def format_group_table(metrics: Mapping[str, Any]) -> str:
 
     rule = "  ".join("-" * width for width in widths)
     note = f"true episode return: mean ± std; wr = win-rate vs {baseline} (all episode pairs, ties half)"
+    if "normalization" in metrics:
+        note += "; score = normalised return (0 = random policy, 1 = the group's oracle), worst group by score"
     return "\n".join([line(header), rule, *(line(row) for row in rows), note])
 
 
 __all__ = [
     "MethodReturns",
+    "add_normalized_scores",
     "build_metrics",
     "check_metrics",
     "format_group_table",

@@ -41,12 +41,17 @@ def _markdown_table(metrics: Mapping[str, Any]) -> str:
             if ratio_key in stats and method != baseline:
                 ratio = stats[ratio_key]
                 cell += f" (×{ratio:.2f})" if ratio is not None else " (×∞)"
+            if stats.get("normalized_score") is not None:
+                cell += f"; score {stats['normalized_score']:.2f}"
             cells.append(cell)
         for g in groups:
             stats = entry["groups"][g]
             seed_rate = stats.get(seed_key)
             cells.append(f"{stats[win_key]:.2f}" + (f" (seeds {seed_rate:.2f})" if seed_rate is not None else ""))
-        cells.append(f"{_fmt(entry['worst_group_return'])} ({entry['worst_group']})")
+        worst = f"{_fmt(entry['worst_group_return'])} ({entry['worst_group']})"
+        if entry.get("worst_group_normalized") is not None:
+            worst = f"score {entry['worst_group_normalized_score']:.2f} ({entry['worst_group_normalized']}); raw {worst}"
+        cells.append(worst)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -2,12 +2,16 @@
 
 One config describes one experiment: which env and user groups, how many
 preferences to collect, how to fit rewards, which methods to train and how to
-evaluate them. Unknown keys and wrong types are errors, not silent defaults.
+evaluate them. Unknown keys, wrong types and out-of-range values are errors
+naming the key, raised before any work starts, not silent defaults.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,11 +20,56 @@ from typing import Any
 
 import yaml
 
-METHODS = ("rlhf", "maxmin", "mean", "oracle")
+#: ``mean`` weighs the mixture's members by their EM shares (utilitarian); ``uniform_mean`` weighs them equally.
+METHODS = ("rlhf", "maxmin", "mean", "uniform_mean", "oracle")
+#: Answer settings of simulated users (see :class:`~egalitarian_rl.preferences.UserGroup`).
+NOISE_SETTINGS = ("beta", "mistake_rate", "skip_threshold", "equal_threshold", "myopic_discount")
 
 
 class ConfigError(ValueError):
     """A configuration is invalid; the message names the offending key."""
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class GroupConfig:
+    """One group of users, when ``groups`` gives more than a share.
+
+    :param share: fraction of the users, in (0, 1].
+    :param reward: ``"module:function"`` true step reward of this group (a function of
+        :class:`~egalitarian_rl.preferences.Transitions` with any leading shape); ``null``
+        takes the group of that name from the env's group library (or ``groups_from``).
+    :param beta, mistake_rate, skip_threshold, equal_threshold, myopic_discount: this group's
+        answer noise, overriding ``collect``'s (see :class:`~egalitarian_rl.preferences.UserGroup`).
+    """
+
+    share: float
+    reward: str | None = None
+    beta: float | None = None
+    mistake_rate: float | None = None
+    skip_threshold: float | None = None
+    equal_threshold: float | None = None
+    myopic_discount: float | None = None
+
+    def __post_init__(self) -> None:
+        _require(0.0 < self.share <= 1.0, "share", f"must be in (0, 1], got {self.share}")
+        _check_noise(self, "")
+
+
+def _check_noise(settings: Any, prefix: str) -> None:
+    if getattr(settings, "beta", None) is not None:
+        _require(settings.beta > 0, f"{prefix}beta", f"must be > 0 (null = deterministic answers), got {settings.beta}")
+    if getattr(settings, "mistake_rate", None) is not None:
+        _require(0.0 <= settings.mistake_rate <= 0.5, f"{prefix}mistake_rate", f"must be in [0, 0.5], got {settings.mistake_rate}")
+    if getattr(settings, "equal_threshold", None) is not None:
+        _require(settings.equal_threshold >= 0, f"{prefix}equal_threshold", f"must be >= 0, got {settings.equal_threshold}")
+    if getattr(settings, "myopic_discount", None) is not None:
+        discount = settings.myopic_discount
+        _require(0.0 < discount <= 1.0, f"{prefix}myopic_discount", f"must be in (0, 1], got {discount}")
 
 
 @dataclass
@@ -32,6 +81,10 @@ class CollectConfig:
     :param segment_length: steps per compared segment.
     :param beta: Bradley-Terry rationality of every user (``null`` = deterministic).
     :param mistake_rate: probability a user flips a strict answer.
+    :param skip_threshold: users skip a query when both segments' returns are below it (``null``: never).
+    :param equal_threshold: users answer "equal" when the returns differ by at most this much.
+    :param myopic_discount: weight ``gamma ** (L - 1 - t)`` on step ``t`` of a segment (1 = not myopic).
+        Per-group values in ``groups`` override these five.
     :param env_kwargs: extra ``gym.make`` arguments for collection (e.g. ``random_start: true``).
     """
 
@@ -40,7 +93,21 @@ class CollectConfig:
     segment_length: int = 10
     beta: float | None = 5.0
     mistake_rate: float = 0.0
+    skip_threshold: float | None = None
+    equal_threshold: float = 0.0
+    myopic_discount: float = 1.0
     env_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key in ("n_users", "comparisons_per_user", "segment_length"):
+            _require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        _check_noise(self, "")
+
+    def answering(self) -> dict[str, float | None]:
+        """The five answer settings as :class:`UserGroup` keywords (``beta: null`` -> infinity)."""
+        settings = {name: getattr(self, name) for name in NOISE_SETTINGS}
+        settings["beta"] = math.inf if self.beta is None else self.beta
+        return settings
 
 
 @dataclass
@@ -50,7 +117,11 @@ class RewardConfig:
     :param n_members: K of the EM mixture; ``null`` chooses it from ``k_range`` by held-out likelihood.
     :param k_range: candidate K values when ``n_members`` is null.
     :param hidden_sizes: hidden layers of every reward network.
-    :param epochs: training epochs of the BT fit (and the budget per M-step).
+    :param epochs: training epochs of the single Bradley-Terry fit. EM's budgets are
+        ``em.m_step_epochs`` (per M-step) and ``em.final_epochs`` (the last, longer M-step).
+    :param em: any other :class:`~egalitarian_rl.rewards.EMRewardMixture` keyword
+        (``soft``, ``init``, ``n_init``, ``max_iter``, ``m_step_epochs``, ``final_epochs``, ``lr``, ...).
+    :param heldout_fraction: share of comparisons held out (on segments never trained on) for accuracies.
     """
 
     n_members: int | None = 2
@@ -59,6 +130,20 @@ class RewardConfig:
     epochs: int = 30
     use_next_state: bool = True
     use_action: bool = False
+    em: dict[str, Any] = field(default_factory=dict)
+    heldout_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        _require(self.n_members is None or self.n_members >= 1, "n_members", f"must be >= 1, got {self.n_members}")
+        _require(len(self.k_range) > 0 and all(k >= 1 for k in self.k_range), "k_range", f"needs values >= 1, got {self.k_range}")
+        _require(all(h >= 1 for h in self.hidden_sizes), "hidden_sizes", f"widths must be >= 1, got {self.hidden_sizes}")
+        _require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+        _require(0.0 < self.heldout_fraction < 1.0, "heldout_fraction", f"must be in (0, 1), got {self.heldout_fraction}")
+        from egalitarian_rl.rewards import EMRewardMixture
+
+        set_here = {"n_components", "observation_space", "action_space", "hidden_sizes", "use_state", "use_action"}
+        set_here |= {"use_next_state", "seed", "logger", "progress_bar"}
+        _check_keywords(self.em, EMRewardMixture.__init__, set_here, "em")
 
 
 @dataclass
@@ -68,21 +153,49 @@ class TrainConfig:
     :param total_timesteps: env steps per policy.
     :param n_envs: parallel envs.
     :param vec_env: ``dummy`` or ``subproc``.
-    :param aggregation: MaxMin's rule: worst_group, per_sample_min, softmin, egd or mean.
+    :param aggregation: MaxMin's rule: per_sample_min, worst_group, softmin, egd or mean.
     :param aggregation_kwargs: the rule's parameters (``tau``, ``eta``).
     :param group_critics: MaxMinPPO with one value head per group (linear rules only).
-    :param ppo: keyword arguments of SB3 PPO shared by all methods.
+    :param ppo: keyword arguments of SB3 PPO shared by all methods (checked against PPO's signature).
     :param torch_threads: torch CPU threads (1 is fastest for small MLPs on 2 cores).
     """
 
     total_timesteps: int = 30_000
     n_envs: int = 4
     vec_env: str = "dummy"
-    aggregation: str = "worst_group"
+    aggregation: str = "per_sample_min"
     aggregation_kwargs: dict[str, Any] = field(default_factory=dict)
     group_critics: bool = False
     ppo: dict[str, Any] = field(default_factory=dict)
     torch_threads: int = 1
+
+    def __post_init__(self) -> None:
+        for key in ("total_timesteps", "n_envs", "torch_threads"):
+            _require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        _require(self.vec_env in ("dummy", "subproc"), "vec_env", f"{self.vec_env!r} is neither 'dummy' nor 'subproc'")
+        from stable_baselines3 import PPO
+
+        set_here = {"policy", "env", "seed", "device", "tensorboard_log", "verbose", "_init_setup_model"}
+        _check_keywords(self.ppo, PPO.__init__, set_here, "ppo")
+        for key in ("n_steps", "batch_size", "n_epochs"):
+            if key in self.ppo:
+                value = self.ppo[key]
+                _require(
+                    isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                    f"ppo.{key}",
+                    f"must be an integer >= 1, got {value!r}",
+                )
+        for key in ("learning_rate", "gamma", "gae_lambda", "clip_range", "ent_coef", "vf_coef", "max_grad_norm"):
+            if key in self.ppo:
+                value = self.ppo[key]
+                _require(
+                    isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
+                    f"ppo.{key}",
+                    f"must be a number >= 0, got {value!r}",
+                )
+        for key in ("gamma", "gae_lambda"):
+            if key in self.ppo:
+                _require(self.ppo[key] <= 1, f"ppo.{key}", f"must be in [0, 1], got {self.ppo[key]}")
 
 
 @dataclass
@@ -93,26 +206,40 @@ class EvaluateConfig:
     n_episodes: int = 10
     deterministic: bool = True
 
+    def __post_init__(self) -> None:
+        _require(self.n_episodes >= 1, "n_episodes", f"must be >= 1, got {self.n_episodes}")
+
 
 @dataclass
 class ExperimentConfig:
     """A whole experiment.
 
     :param name: experiment name (used in the report).
-    :param env_id: gymnasium id; must have user groups (see ``egalitarian_rl.envs.group_library``).
-    :param groups: group name -> share of users, e.g. ``{majority: 0.8, minority: 0.2}``.
+    :param env_id: any registered gymnasium id (``"module:Id"`` imports ``module`` first, as gymnasium does).
+    :param groups: group name -> share of users (``{majority: 0.8, minority: 0.2}``), or
+        group name -> a :class:`GroupConfig` mapping with ``share`` and optionally ``reward``
+        (``"module:function"``) and per-group answer noise.
+    :param groups_from: ``"module:ATTRIBUTE"`` naming a
+        :class:`~egalitarian_rl.preferences.GroupRewardLibrary` in user code, for an env the package
+        has no groups for; ``null`` uses the package's library for ``env_id``.
+    :param info_keys: ``info`` entries that ``module:function`` group rewards read.
     :param methods: what to train: ``rlhf`` (SB3 PPO on the single BT reward),
-        ``maxmin`` (MaxMinPPO on the EM mixture), ``mean`` (MaxMinPPO with the
-        utilitarian mean), ``oracle`` (SB3 PPO on each group's true reward).
+        ``maxmin`` (MaxMinPPO on the EM mixture), ``mean`` (MaxMinPPO, mixture members weighted
+        by their EM shares: the utilitarian baseline), ``uniform_mean`` (members weighted
+        equally), ``oracle`` (SB3 PPO on each group's true reward; also anchors the
+        normalised scores).
     :param seeds: one full run (collect, fit, train, evaluate) per seed.
-    :param out_dir: where artefacts go; a stage whose artefacts exist is skipped (resume).
+    :param out_dir: where artefacts go; a stage whose artefacts exist and were computed from
+        the same settings is skipped (resume); a changed setting redoes that stage and every later one.
     :param env_kwargs: ``gym.make`` arguments for training and evaluation.
     """
 
     env_id: str
-    groups: dict[str, float]
+    groups: dict[str, GroupConfig]
     name: str = "experiment"
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    groups_from: str | None = None
+    info_keys: list[str] = field(default_factory=list)
+    methods: list[str] = field(default_factory=lambda: ["rlhf", "maxmin", "mean", "oracle"])
     seeds: list[int] = field(default_factory=lambda: [0])
     out_dir: str = "runs/experiment"
     env_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -122,17 +249,28 @@ class ExperimentConfig:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def __post_init__(self) -> None:
+        _require(bool(self.groups), "groups", "give at least one group")
+        self.groups = {name: _as_group(value, name) for name, value in self.groups.items()}
+        total = sum(group.share for group in self.groups.values())
+        _require(math.isclose(total, 1.0, abs_tol=1e-6), "groups", f"shares must sum to 1, got {total:.6g}")
         unknown = sorted(set(self.methods) - set(METHODS))
-        if unknown:
-            raise ConfigError(f"methods: unknown method {unknown}; choose from {list(METHODS)}")
-        if "rlhf" not in self.methods:
-            raise ConfigError("methods: 'rlhf' is required (it is the baseline every win-rate is measured against)")
-        if not self.seeds:
-            raise ConfigError("seeds: give at least one seed")
-        if self.train.vec_env not in ("dummy", "subproc"):
-            raise ConfigError(f"train.vec_env: {self.train.vec_env!r} is neither 'dummy' nor 'subproc'")
-        if self.reward.n_members is not None and self.reward.n_members < 1:
-            raise ConfigError(f"reward.n_members: must be >= 1, got {self.reward.n_members}")
+        _require(not unknown, "methods", f"unknown method {unknown}; choose from {list(METHODS)}")
+        _require("rlhf" in self.methods, "methods", "'rlhf' is required (it is the baseline every win-rate is measured against)")
+        _require(bool(self.seeds), "seeds", "give at least one seed")
+        _require(len(set(self.seeds)) == len(self.seeds), "seeds", f"repeated seed in {self.seeds}")
+        for spec, key in ((self.groups_from, "groups_from"), *((g.reward, f"groups.{n}.reward") for n, g in self.groups.items())):
+            _require(spec is None or (spec.count(":") == 1 and all(spec.split(":"))), key, f"must be 'module:attribute', got {spec!r}")
+        if self.reward.n_members is not None:
+            _require(
+                self.reward.n_members <= self.collect.n_users,
+                "reward.n_members",
+                f"K={self.reward.n_members} is more than the {self.collect.n_users} users",
+            )
+
+    @property
+    def shares(self) -> dict[str, float]:
+        """Group name -> share."""
+        return {name: group.share for name, group in self.groups.items()}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ExperimentConfig:
@@ -155,25 +293,57 @@ class ExperimentConfig:
         return dataclasses.asdict(self)
 
 
+def _as_group(value: Any, name: str) -> GroupConfig:
+    """A share (``0.8``) or a mapping (``{share: 0.8, reward: ..., beta: ...}``) as a :class:`GroupConfig`."""
+    if isinstance(value, GroupConfig):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return _build(GroupConfig, {"share": value}, f"groups.{name}.")
+    if isinstance(value, dict):
+        return _build(GroupConfig, value, f"groups.{name}.")
+    raise ConfigError(f"groups.{name}: expected a share (a number) or a mapping with 'share', got {value!r}")
+
+
+def _check_keywords(given: dict[str, Any], function: Any, set_here: set[str], key: str) -> None:
+    """Refuse keys that ``function`` does not accept, or that the pipeline sets itself."""
+    accepted = set(inspect.signature(function).parameters) - {"self", "args", "kwargs"}
+    for name in given:
+        if name in set_here:
+            raise ConfigError(f"{key}.{name}: set by the pipeline, not here")
+        if name not in accepted:
+            valid = accepted - set_here
+            raise ConfigError(f"{key}.{name}: unknown setting{_did_you_mean(name, valid)}; valid here: {sorted(valid)}")
+
+
+def _did_you_mean(name: str, valid: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(name), sorted(valid), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(raw).__name__}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown setting; valid here: {sorted(names)}")
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown setting{_did_you_mean(unknown[0], names)}; valid here: {sorted(names)}")
     values = {}
     for key, value in raw.items():
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             values[key] = _build(hint, value, f"{prefix}{key}.")
+        elif key == "groups" and cls is ExperimentConfig:
+            _require(isinstance(value, dict), "groups", f"expected a mapping of group name -> share, got {value!r}")
+            values[key] = {str(name): _as_group(group, name) for name, group in value.items()}
         else:
             values[key] = _check_type(value, hint, f"{prefix}{key}")
     try:
         return cls(**values)
+    except ConfigError as err:
+        raise ConfigError(f"{prefix}{err}") from None
     except TypeError as err:
-        raise ConfigError(f"{prefix or 'config'}: {err}") from None
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {err}") from None
 
 
 def _check_type(value: Any, hint: Any, where: str) -> Any:
@@ -184,7 +354,10 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
                 return _check_type(value, option, where)
             except ConfigError:
                 continue
-        raise ConfigError(f"{where}: {value!r} is not a {hint}")
+        names = " or ".join(
+            "null" if a is type(None) else getattr(typing.get_origin(a) or a, "__name__", str(a)) for a in typing.get_args(hint)
+        )
+        raise ConfigError(f"{where}: expected {names}, got {value!r}")
     if hint is type(None):
         if value is None:
             return None
@@ -196,4 +369,10 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
         return float(value)
     if not isinstance(value, base) or (base in (int, float) and isinstance(value, bool)):
         raise ConfigError(f"{where}: expected {getattr(base, '__name__', base)}, got {value!r}")
+    if base is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if base is dict:
+        key_hint, item = typing.get_args(hint) or (Any, Any)
+        return {_check_type(k, key_hint, f"{where} key"): _check_type(v, item, f"{where}.{k}") for k, v in value.items()}
     return value

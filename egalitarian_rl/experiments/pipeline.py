@@ -1,23 +1,33 @@
 """The pipeline: collect -> fit -> train -> evaluate -> report.
 
-Each stage saves its artefacts under ``out_dir/seed_<s>/`` and is skipped when
-they already exist, so an interrupted run resumes where it stopped and a
-changed report costs no retraining. Delete a stage's files to redo it.
+Each stage saves its artefacts under ``out_dir/seed_<s>/`` together with a
+record (``stages/<stage>.json``) of the settings it was computed from: a hash
+of the config parts it depends on and the run id of the stage it read. A stage
+whose artefacts exist and whose record matches is skipped, so an interrupted
+run resumes where it stopped and a changed report costs no retraining; a
+changed setting redoes that stage and, through the run ids, every later one.
+``force`` (``--force STAGE`` on the command line) redoes a stage anyway.
 
 Methods, all trained with the same PPO settings and budget:
 
 - ``rlhf``: SB3 PPO on the single Bradley-Terry reward (standard RLHF);
-- ``maxmin``: :class:`MaxMinPPO` on the EM mixture with the configured rule (worst_group by default);
-- ``mean``: :class:`MaxMinPPO` with the utilitarian mean of the mixture;
+- ``maxmin``: :class:`MaxMinPPO` on the EM mixture with the configured rule (per_sample_min by default);
+- ``mean``: :class:`MaxMinPPO` with the utilitarian mean of the mixture, members weighted by their EM shares;
+- ``uniform_mean``: :class:`MaxMinPPO` with the members weighted equally;
 - ``oracle_<group>``: SB3 PPO on that group's *true* reward (a reference, not RLHF).
 
-Every policy is then judged by every group's true return.
+Every policy is then judged by every group's true return, and, when the
+oracles were trained, by a normalised score (0 = a random policy, 1 = the
+group's oracle) that puts all groups on one scale.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import json
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +40,14 @@ from stable_baselines3.common.logger import configure as configure_logger
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
 from egalitarian_rl import envs
-from egalitarian_rl.algorithms.aggregation import GroupRewardNormalizer, make_aggregation
+from egalitarian_rl.algorithms.aggregation import GroupRewardNormalizer, Mean, make_aggregation
 from egalitarian_rl.algorithms.maxmin_ppo import MaxMinPPO
-from egalitarian_rl.evaluation import build_metrics, evaluate_group_returns, format_group_table, write_report
+from egalitarian_rl.evaluation import add_normalized_scores, build_metrics, evaluate_group_returns, format_group_table, write_report
 from egalitarian_rl.evaluation.callbacks import GroupReturnCallback
-from egalitarian_rl.experiments.config import ConfigError, ExperimentConfig
-from egalitarian_rl.io import save_json_atomic
+from egalitarian_rl.experiments.config import NOISE_SETTINGS, ConfigError, ExperimentConfig
+from egalitarian_rl.io import save_json_atomic, to_jsonable, write_atomic
 from egalitarian_rl.preferences import MultiUserPreferenceWrapper, PreferenceDataset, collect_preferences
+from egalitarian_rl.preferences.population import GroupRewardLibrary, Population, UserGroup
 from egalitarian_rl.preferences.segments import concatenate_transitions
 from egalitarian_rl.rewards import (
     EMRewardMixture,
@@ -47,7 +58,79 @@ from egalitarian_rl.rewards import (
     purity,
     select_k,
 )
-from egalitarian_rl.rewards.vec_env import GroupRewardVecEnv, learned_rewards, true_rewards
+from egalitarian_rl.rewards.vec_env import GroupRewardVecEnv, check_reward_spaces, learned_rewards, true_rewards
+
+#: The stages in order; forcing one redoes it and, through the run ids, every later one.
+STAGES = ("collect", "fit", "train", "evaluate")
+#: MaxMinPPO methods: the configured rule, the share-weighted mean and the uniform mean.
+MIXTURE_METHODS = ("maxmin", "mean", "uniform_mean")
+
+
+def import_attribute(spec: str, key: str) -> Any:
+    """``"module:attribute"`` -> the attribute, or a :class:`ConfigError` naming ``key``."""
+    module_name, attribute = spec.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigError(f"{key}: cannot import module {module_name!r} ({err})") from None
+    try:
+        return getattr(module, attribute)
+    except AttributeError:
+        raise ConfigError(f"{key}: module {module_name!r} has no attribute {attribute!r}") from None
+
+
+def build_population(config: ExperimentConfig) -> Population:
+    """The simulated users of ``config``: each group's true reward, share and answer noise.
+
+    A group's reward is its ``reward`` (``"module:function"``) if given, else the
+    group of that name in ``groups_from`` (a :class:`GroupRewardLibrary` in user
+    code) or in the package's library for ``env_id``. Answer noise is
+    ``collect``'s, overridden per group.
+    """
+    library: GroupRewardLibrary | None = None
+    if config.groups_from is not None:
+        library = import_attribute(config.groups_from, "groups_from")
+        if not isinstance(library, GroupRewardLibrary):
+            raise ConfigError(f"groups_from: {config.groups_from} is a {type(library).__name__}, not a GroupRewardLibrary")
+    elif any(group.reward is None for group in config.groups.values()):
+        try:
+            library = envs.group_library(config.env_id)
+        except ValueError as err:
+            raise ConfigError(f"groups: {err}; give groups_from or a reward per group") from None
+    groups = []
+    for name, spec in config.groups.items():
+        if spec.reward is not None:
+            reward_fn = import_attribute(spec.reward, f"groups.{name}.reward")
+            if not callable(reward_fn):
+                raise ConfigError(f"groups.{name}.reward: {spec.reward} is not callable")
+        elif library is not None and name in library.rewards:
+            reward_fn = library.rewards[name]
+        else:
+            offered = sorted(library.rewards) if library is not None else []
+            raise ConfigError(f"groups: unknown group {[name]}; the library offers {offered}")
+        answering = config.collect.answering()
+        answering.update({key: getattr(spec, key) for key in NOISE_SETTINGS if getattr(spec, key) is not None})
+        try:
+            groups.append(UserGroup(name, reward_fn, spec.share, **answering))
+        except ValueError as err:
+            raise ConfigError(f"groups.{name}: {err}") from None
+    info_keys = (*(library.info_keys if library is not None else ()), *config.info_keys)
+    return Population(groups, tuple(dict.fromkeys(info_keys)))
+
+
+def _fingerprint(inputs: Any) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class RandomPolicy:
+    """Uniformly random actions with a ``predict`` like SB3's: the 0 of the normalised scores."""
+
+    def __init__(self, action_space: gym.Space, seed: int) -> None:
+        self.action_space = action_space
+        self.action_space.seed(seed)
+
+    def predict(self, observation: Any, *, deterministic: bool = False) -> tuple[Any, None]:
+        return self.action_space.sample(), None
 
 
 class Pipeline:
@@ -58,40 +141,102 @@ class Pipeline:
     :param log: where progress messages go.
     """
 
-    def __init__(self, config: ExperimentConfig, progress_bar: bool = True, log: Callable[[str], None] = print) -> None:
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        progress_bar: bool = True,
+        log: Callable[[str], None] = print,
+        force: Iterable[str] = (),
+    ) -> None:
         self.config = config
         self.progress_bar = progress_bar
         self.log = log
         self.out_dir = Path(config.out_dir)
+        self.force = set(force)
+        unknown = sorted(self.force - set(STAGES))
+        if unknown:
+            raise ConfigError(f"--force: unknown stage {unknown}; stages are {list(STAGES)}")
         self._validate()
-        self.population = envs.make_population(
-            config.env_id,
-            config.groups,
-            beta=config.collect.beta if config.collect.beta is not None else float("inf"),
-            mistake_rate=config.collect.mistake_rate,
-        )
+        self.population = build_population(config)
         self.group_names = list(self.population.group_names)
         self.methods = [m for m in config.methods if m != "oracle"]
         if "oracle" in config.methods:
             self.methods += [f"oracle_{name}" for name in self.group_names]
+        # Stages checked (or redone) in this run: a forced stage is redone once, not at every call.
+        self._checked: dict[tuple[str, int, str], str] = {}
 
     def _validate(self) -> None:
-        """Fail before any work on what the config gets wrong."""
+        """Fail before any work on what the config gets wrong (the rest is checked when it is built)."""
         config = self.config
         try:
             gym.spec(config.env_id)
-        except gym.error.Error as err:
+        except (gym.error.Error, ModuleNotFoundError) as err:
             raise ConfigError(f"env_id: unknown env {config.env_id!r} ({err})") from None
-        try:
-            envs.make_population(config.env_id, config.groups)
-        except ValueError as err:
-            raise ConfigError(f"groups: {err}") from None
+        build_population(config)
         try:
             make_aggregation(config.train.aggregation, **config.train.aggregation_kwargs)
         except ValueError as err:
             raise ConfigError(f"train.aggregation: {err}") from None
-        if config.reward.n_members is not None and config.reward.n_members > config.collect.n_users:
-            raise ConfigError(f"reward.n_members: K={config.reward.n_members} is more than the {config.collect.n_users} users")
+
+    # ------------------------------------------------------------------ stage records
+    def _stage_inputs(self, stage: str, seed: int, method: str = "") -> dict[str, Any]:
+        """The config parts a stage depends on, plus the run id of the stage it reads."""
+        config = self.config.to_dict()
+        users = {key: config[key] for key in ("env_id", "groups", "groups_from", "info_keys")}
+        if stage == "collect":
+            return {**users, "env_kwargs": config["env_kwargs"], "collect": config["collect"], "seed": seed}
+        if stage == "fit":
+            return {"reward": config["reward"], "collect_run": self._stage_run("collect", seed)}
+        if stage == "train":
+            upstream = "collect" if method.startswith("oracle_") else "fit"  # oracles use true rewards
+            train = {**config["train"], "aggregation_kwargs": config["train"]["aggregation_kwargs"]}
+            return {
+                "train": train,
+                "env_kwargs": config["env_kwargs"],
+                "method": method,
+                f"{upstream}_run": self._stage_run(upstream, seed),
+            }
+        if stage == "evaluate":
+            anchor = {"policy_run": self._stage_run("train", seed, method)} if method != "random" else {**users, "seed": seed}
+            return {"evaluate": config["evaluate"], "env_kwargs": config["env_kwargs"], **anchor}
+        raise ValueError(f"unknown stage {stage!r}")
+
+    def _record_path(self, stage: str, seed: int, method: str = "") -> Path:
+        return self.seed_dir(seed) / "stages" / (f"{stage}_{method}.json" if method else f"{stage}.json")
+
+    def _stage_run(self, stage: str, seed: int, method: str = "") -> str:
+        """Run id of a stage's artefacts, bringing the stage up to date first."""
+        runner = {"collect": self.collect, "fit": self.fit}.get(stage)
+        if runner is not None:
+            runner(seed)
+        elif stage == "train":
+            self.train(seed, method)
+        return json.loads(self._record_path(stage, seed, method).read_text())["run_id"]
+
+    def _up_to_date(self, stage: str, seed: int, artefacts: Iterable[Path], method: str = "") -> bool:
+        """Whether a stage's saved artefacts were computed from the current settings (and not forced)."""
+        done = (stage, seed, method)
+        if done in self._checked:
+            return True
+        key = _fingerprint(self._stage_inputs(stage, seed, method))
+        record_path = self._record_path(stage, seed, method)
+        if stage in self.force and not (method == "random" and stage == "evaluate"):
+            self.log(f"[seed {seed}] {stage} {method}: forced, redoing".replace("  ", " "))
+            return False
+        if not all(path.exists() for path in artefacts):
+            return False
+        if not record_path.exists() or json.loads(record_path.read_text()).get("key") != key:
+            self.log(f"[seed {seed}] {stage} {method}: settings changed since it was saved, redoing".replace("  ", " "))
+            return False
+        self._checked[done] = key
+        return True
+
+    def _record(self, stage: str, seed: int, method: str = "") -> None:
+        """Write the stage's record after its artefacts: a crash in between redoes the stage."""
+        inputs = self._stage_inputs(stage, seed, method)
+        key = _fingerprint(inputs)
+        save_json_atomic({"key": key, "run_id": uuid.uuid4().hex, "inputs": inputs}, self._record_path(stage, seed, method))
+        self._checked[(stage, seed, method)] = key
 
     # ------------------------------------------------------------------ paths
     def seed_dir(self, seed: int) -> Path:
@@ -104,8 +249,8 @@ class Pipeline:
     def collect(self, seed: int) -> PreferenceDataset:
         """Simulated users compare segments of random behaviour."""
         path = self.seed_dir(seed) / "preferences.npz"
-        if path.exists():
-            return PreferenceDataset.load(path)
+        if self._up_to_date("collect", seed, [path]):
+            return self._check_dataset(PreferenceDataset.load(path), path)
         cfg = self.config.collect
         self.log(f"[seed {seed}] collecting {cfg.n_users} users x {cfg.comparisons_per_user} comparisons")
         env = gym.make(self.config.env_id, **{**self.config.env_kwargs, **cfg.env_kwargs})
@@ -119,35 +264,45 @@ class Pipeline:
             progress_bar=self.progress_bar,
         )
         data.save(path)
+        self._record("collect", seed)
+        return data
+
+    def _check_dataset(self, data: PreferenceDataset, path: Path) -> PreferenceDataset:
+        """Refuse preferences recorded in another env or with other groups than the config's."""
+        env_id = data.metadata.get("env_id")
+        if env_id is not None and env_id != self.config.env_id.split(":")[-1]:  # "module:Id" makes an env with spec id "Id"
+            raise ConfigError(f"{path}: the preferences were collected in {env_id!r}, not in env_id {self.config.env_id!r}")
+        if data.group_names and list(data.group_names) != self.group_names:
+            raise ConfigError(f"{path}: the preferences come from groups {list(data.group_names)}, not {self.group_names}")
+        env = gym.make(self.config.env_id, **self.config.env_kwargs)
+        expected = env.observation_space.shape
+        recorded = data.segments_a.obs.shape[2:]
+        if expected is not None and tuple(recorded) != tuple(expected):
+            raise ConfigError(f"{path}: segments hold observations of shape {tuple(recorded)}, the env's are {tuple(expected)}")
         return data
 
     # -------------------------------------------------------------------- fit
     def fit(self, seed: int) -> tuple[RewardMixture, EMRewardMixture]:
         """The single BT reward (standard RLHF) and the EM mixture of K rewards."""
         folder = self.seed_dir(seed) / "rewards"
-        bt_path, em_dir = folder / "bradley_terry.safetensors", folder / "em"
-        wanted_k = self.config.reward.n_members
-        if bt_path.exists() and (folder / "fit_metrics.json").exists():
-            em = EMRewardMixture.load(em_dir)
-            if wanted_k is not None and em.reward.n_members != wanted_k:
-                raise ConfigError(
-                    f"reward.n_members: the saved mixture in {em_dir} has K={em.reward.n_members} but the config asks for "
-                    f"K={wanted_k}; delete {folder} to refit or fix the config"
-                )
-            return RewardMixture.load(bt_path), em
-        self._threads()
+        bt_path, em_dir, metrics_path = folder / "bradley_terry.safetensors", folder / "em", folder / "fit_metrics.json"
         data = self.collect(seed)
+        if self._up_to_date("fit", seed, [bt_path, em_dir, metrics_path]):
+            return RewardMixture.load(bt_path), EMRewardMixture.load(em_dir)
+        self._threads()
         cfg = self.config.reward
         net = {"hidden_sizes": tuple(cfg.hidden_sizes), "use_action": cfg.use_action, "use_next_state": cfg.use_next_state}
         self.log(f"[seed {seed}] fitting the single Bradley-Terry reward and the EM mixture")
-        train, heldout = data.split_by_comparison(0.2, seed=seed)
+        # Held-out comparisons use segments the fits never saw (see PreferenceDataset.split_by_comparison).
+        train, heldout = data.split_by_comparison(cfg.heldout_fraction, seed=seed)
         bt = fit_bradley_terry(train, epochs=cfg.epochs, seed=seed, **net).reward
+        wanted_k = cfg.n_members
         if wanted_k is None:
             wanted_k = select_k(train, cfg.k_range, seed=seed, **net).k
             self.log(f"[seed {seed}] chose K={wanted_k} from {cfg.k_range}")
         # EM's per-iteration likelihood, shares, ARI and purity go next to the training curves.
         em_logger = configure_logger(str(self.out_dir / "tensorboard" / f"seed_{seed}" / "em"), ["tensorboard"])
-        em = EMRewardMixture(wanted_k, seed=seed, progress_bar=self.progress_bar, logger=em_logger, **net).fit(train)
+        em = EMRewardMixture(wanted_k, seed=seed, progress_bar=self.progress_bar, logger=em_logger, **net, **cfg.em).fit(train)
         em_logger.close()
         true_groups = data.user_groups[data.positions_of(em.users_)]
         fit_metrics = {
@@ -157,11 +312,14 @@ class Pipeline:
             "em_heldout_accuracy": em.accuracy(heldout).as_dict(),
             "adjusted_rand_index": adjusted_rand_index(true_groups, em.assignments_),
             "purity": purity(true_groups, em.assignments_),
+            "n_train_comparisons": len(train),
+            "n_heldout_comparisons": len(heldout),
         }
         folder.mkdir(parents=True, exist_ok=True)
         bt.save(bt_path)
         em.save(em_dir)
-        save_json_atomic(fit_metrics, folder / "fit_metrics.json")
+        save_json_atomic(to_jsonable(fit_metrics), metrics_path)  # NaN (a group with no held-out answer) -> null
+        self._record("fit", seed)
         return bt, em
 
     def member_names(self, data: PreferenceDataset, em: EMRewardMixture) -> list[str]:
@@ -188,10 +346,10 @@ class Pipeline:
     def train(self, seed: int, method: str) -> Path:
         """Train one method's policy; the same PPO settings for all."""
         path = self.seed_dir(seed) / "policies" / f"{method}.zip"
-        if path.exists():
+        curve_path = path.with_suffix(".curve.npz")
+        if self._up_to_date("train", seed, [path, curve_path], method):
             return path
         self._threads()
-        bt, em = self.fit(seed)
         data = self.collect(seed)
         # Every step of every compared segment: the reference distribution for normalising rewards.
         steps = concatenate_transitions([data.segments_a.flatten_steps(), data.segments_b.flatten_steps()])
@@ -206,55 +364,64 @@ class Pipeline:
         # Every reward is z-scored with statistics of the preference data's segments
         # (the random behaviour's distribution): a fixed affine map per group, so the
         # critic chases a stationary target and groups are compared on one scale.
-        if method == "rlhf":
-            normalizer = GroupRewardNormalizer.from_data(bt.predict_rewards(steps.obs, steps.acts, steps.next_obs))
-            env = GroupRewardVecEnv(venv, learned_rewards(bt), make_aggregation("mean"), 1, normalizer, ["rlhf"])
-            model = PPO("MlpPolicy", env, **ppo_kwargs)
-        elif method.startswith("oracle_"):
+        if method.startswith("oracle_"):
             index = self.group_names.index(method.removeprefix("oracle_"))
             normalizer = GroupRewardNormalizer.from_data(self.population.group_rewards(steps)[:, [index]])
             env = GroupRewardVecEnv(venv, true_rewards([index]), make_aggregation("mean"), 1, normalizer, [self.group_names[index]])
             model = PPO("MlpPolicy", env, **ppo_kwargs)
+        elif method == "rlhf":
+            bt, _ = self.fit(seed)
+            check_reward_spaces(bt, venv.observation_space, venv.action_space)
+            normalizer = GroupRewardNormalizer.from_data(bt.predict_rewards(steps.obs, steps.acts, steps.next_obs))
+            env = GroupRewardVecEnv(venv, learned_rewards(bt), make_aggregation("mean"), 1, normalizer, ["rlhf"])
+            model = PPO("MlpPolicy", env, **ppo_kwargs)
         else:
-            rule = self.config.train.aggregation if method == "maxmin" else "mean"
-            rule_kwargs = self.config.train.aggregation_kwargs if method == "maxmin" else {}
+            _, em = self.fit(seed)
+            rule: Any = {
+                "maxmin": make_aggregation(self.config.train.aggregation, **self.config.train.aggregation_kwargs),
+                "mean": Mean(weights=em.shares_),  # utilitarian: every user counts once
+                "uniform_mean": Mean(),
+            }[method]
             normalizer = GroupRewardNormalizer.from_data(em.reward.predict_rewards(steps.obs, steps.acts, steps.next_obs))
             model = MaxMinPPO(
                 "MlpPolicy",
                 venv,
-                reward_mixture=em.reward,
+                reward_mixture=em,
                 aggregation=rule,
-                aggregation_kwargs=rule_kwargs,
                 normalizer=normalizer,
                 group_names=self.member_names(data, em),
-                group_critics=self.config.train.group_critics and make_aggregation(rule, **rule_kwargs).is_linear,
+                group_critics=self.config.train.group_critics and rule.is_linear,
                 **ppo_kwargs,
             )
         self.log(f"[seed {seed}] training {method} for {self.config.train.total_timesteps} steps")
         callback = GroupReturnCallback(self.group_names)
         model.learn(self.config.train.total_timesteps, callback=callback, progress_bar=self.progress_bar, tb_log_name=method)
         venv.close()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        model.save(path)
+        # Temporary file + rename: a crash never leaves a half-written policy that looks finished.
+        write_atomic(path, model.save)
         curve_steps, curve_returns = callback.curve
-        np.savez(path.with_suffix(".curve.npz"), steps=curve_steps, returns=curve_returns)
+        write_atomic(curve_path, lambda handle: np.savez(handle, steps=curve_steps, returns=curve_returns))
+        self._record("train", seed, method)
         return path
 
     # --------------------------------------------------------------- evaluate
     def evaluate(self, seed: int, method: str) -> np.ndarray:
-        """``(n_episodes, K)`` true group returns of one trained policy."""
+        """``(n_episodes, K)`` true group returns of one trained policy (``method="random"``: random actions)."""
         path = self.seed_dir(seed) / "returns" / f"{method}.npy"
-        if path.exists():
+        if self._up_to_date("evaluate", seed, [path], method):
             return np.load(path, allow_pickle=False)
         self._threads()
-        policy_path = self.train(seed, method)
-        algorithm = MaxMinPPO if method in ("maxmin", "mean") else PPO
-        model = algorithm.load(policy_path, device="cpu")
         env = MultiUserPreferenceWrapper(gym.make(self.config.env_id, **self.config.env_kwargs), self.population)
+        if method == "random":
+            model: Any = RandomPolicy(env.action_space, seed)
+        else:
+            policy_path = self.train(seed, method)
+            algorithm = MaxMinPPO if method in MIXTURE_METHODS else PPO
+            model = algorithm.load(policy_path, device="cpu")
         cfg = self.config.evaluate
         returns = evaluate_group_returns(model, env, cfg.n_episodes, seed=100_000 + seed, deterministic=cfg.deterministic)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, returns, allow_pickle=False)
+        write_atomic(path, lambda handle: np.save(handle, returns, allow_pickle=False))
+        self._record("evaluate", seed, method)
         return returns
 
     # ----------------------------------------------------------------- report
@@ -272,13 +439,21 @@ class Pipeline:
             min_episode_return=getattr(unwrapped, "min_episode_return", None),
             extra=extra,
         )
+        oracles = [f"oracle_{g}" for g in self.group_names]
+        if all(o in self.methods for o in oracles):
+            random = np.concatenate([self.evaluate(seed, "random") for seed in seeds]).mean(axis=0)
+            add_normalized_scores(
+                metrics,
+                dict(zip(self.group_names, random)),
+                {g: metrics["methods"][f"oracle_{g}"]["groups"][g]["mean_return"] for g in self.group_names},
+            )
         return write_report(
             metrics,
             self.out_dir,
             curves=self._curves(),
             config=self.config.to_dict(),
             method="maxmin" if "maxmin" in self.methods else None,
-            group_shares=self.config.groups,
+            group_shares=self.config.shares,
             title=f"MaxMin-RLHF on {self.config.env_id}: {self.config.name}",
         )
 

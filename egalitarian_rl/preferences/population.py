@@ -21,6 +21,18 @@ from egalitarian_rl.preferences.segments import Transitions
 RewardFn = Callable[[Transitions], np.ndarray]
 
 
+def check_finite_rewards(rewards: np.ndarray, group_name: str) -> None:
+    """Refuse NaN or infinite true rewards, naming the group.
+
+    A NaN return makes every comparison silently "b preferred" and every
+    evaluation column NaN: better to stop where it first appears.
+    """
+    rewards = np.asarray(rewards)
+    if not np.isfinite(rewards).all():
+        bad = int((~np.isfinite(rewards)).sum())
+        raise ValueError(f"group {group_name!r}: its reward function returned {bad} NaN or infinite value(s) of {rewards.size}")
+
+
 @dataclass(frozen=True)
 class UserGroup:
     """One group of users who share a reward function and a way of answering.
@@ -65,7 +77,20 @@ class UserGroup:
 
         :param segments: transitions with leading shape ``(n, L)``.
         """
-        rewards = np.asarray(self.reward_fn(segments), dtype=np.float64)
+        leading = np.shape(segments.obs)[:2]
+        try:
+            rewards = np.asarray(self.reward_fn(segments), dtype=np.float64)
+        except (TypeError, ValueError, IndexError) as error:
+            raise ValueError(
+                f"group {self.name!r}: its reward function failed on segments of leading shape {leading} ({error}); "
+                "a group reward must accept Transitions with any leading shape: (...) in, (...) out"
+            ) from error
+        if rewards.shape != leading:
+            raise ValueError(
+                f"group {self.name!r}: its reward function returned shape {rewards.shape} for segments of leading shape "
+                f"{leading}; a group reward must accept Transitions with any leading shape: (...) in, (...) out"
+            )
+        check_finite_rewards(rewards, self.name)
         length = rewards.shape[-1]
         weights = self.myopic_discount ** np.arange(length - 1, -1, -1, dtype=np.float64)
         return rewards @ weights
@@ -127,12 +152,20 @@ class Population:
 
     def group_rewards(self, transitions: Transitions) -> np.ndarray:
         """Every group's true reward, ``(..., K)`` for transitions of leading shape ``(...)``."""
-        return np.stack([np.asarray(fn(transitions), dtype=np.float64) for fn in self._reward_fns], axis=-1)
+        rewards = np.stack([np.asarray(fn(transitions), dtype=np.float64) for fn in self._reward_fns], axis=-1)
+        if not np.isfinite(rewards).all():
+            for group, column in zip(self.groups, np.moveaxis(rewards, -1, 0)):
+                check_finite_rewards(column, group.name)
+        return rewards
 
     def step_rewards(self, obs: np.ndarray, action: np.ndarray, next_obs: np.ndarray, info: dict) -> np.ndarray:
         """Every group's true reward for one env step, ``(K,)``. The wrapper's hot path."""
         step = Transitions(obs, action, next_obs, info)
-        return np.array([fn(step) for fn in self._reward_fns], dtype=np.float64)
+        rewards = np.array([fn(step) for fn in self._reward_fns], dtype=np.float64)
+        if not np.isfinite(rewards).all():
+            for group, reward in zip(self.groups, rewards):
+                check_finite_rewards(reward, group.name)
+        return rewards
 
     def make_users(self, n_users: int) -> np.ndarray:
         """Assign ``n_users`` users to groups by share (largest remainder).
