@@ -102,3 +102,23 @@ def test_groups_from_must_be_a_library(tmp_path, monkeypatch):
     path = _config(tmp_path, groups_from="pendulum_groups:upright")
     with pytest.raises(ConfigError, match="groups_from: pendulum_groups:upright is a function, not a GroupRewardLibrary"):
         Pipeline(ExperimentConfig.from_yaml(path), progress_bar=False, log=lambda _: None)
+
+
+def test_evaluation_refuses_a_nan_group_reward():
+    import gymnasium as gym
+
+    from egalitarian_rl.evaluation import evaluate_group_returns
+    from egalitarian_rl.preferences import MultiUserPreferenceWrapper, Population, UserGroup
+
+    def broken(t):
+        return np.full(np.shape(t.next_obs)[:-1], np.nan)
+
+    population = Population([UserGroup("fine", lambda t: np.zeros(np.shape(t.next_obs)[:-1]), 0.5), UserGroup("broken", broken, 0.5)])
+    env = MultiUserPreferenceWrapper(gym.make("Pendulum-v1"), population)
+
+    class Zero:
+        def predict(self, observation, deterministic=True):
+            return np.zeros(1, dtype=np.float32), None
+
+    with pytest.raises(ValueError, match="group 'broken': its reward function returned 1 NaN"):
+        evaluate_group_returns(Zero(), env, n_episodes=1)
