@@ -14,8 +14,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from egalitarian_rl.lm import MaxMinLMPPO
+from egalitarian_rl.lm import LoraSettings, MaxMinLMPPO, apply_lora
 from egalitarian_rl.lm.rollout import left_pad, response_mask, row_generators, sample_completions, score_tokens
 from egalitarian_rl.lm.toy import TOY_GROUPS, TOY_PROMPTS, toy_group_scores, toy_lm
 
@@ -165,6 +166,32 @@ def test_save_load_round_trip(tmp_path):
     assert restored.history == trainer.history
     # Both continue identically: same weights, optimiser moments, rule state and RNG streams.
     assert restored.train_iteration() == trainer.train_iteration()
+
+
+def test_lora_trains_only_the_adapter_against_the_base_model(tmp_path):
+    model, tokenizer = toy_lm()
+    model = apply_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
+    trainer = MaxMinLMPPO(model, tokenizer, PROMPTS, toy_group_scores(tokenizer), group_names=GROUPS, **FAST)
+    assert trainer.ref_model is None  # the reference is the model with its adapter disabled: no second copy
+    frozen = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if not p.requires_grad}
+    first = trainer.train_iteration()
+    assert first["charts/kl"] == 0.0  # LoRA starts as the identity: policy == reference
+    second = trainer.train_iteration()
+    assert second["charts/kl"] != 0.0
+    for name, p in trainer.model.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), name
+    folder = trainer.save(tmp_path)
+    saved = load_file(str(folder / "policy.safetensors"))
+    assert saved and all("lora_" in name for name in saved)
+
+    model, tokenizer = toy_lm()
+    restored = MaxMinLMPPO(
+        apply_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0)), tokenizer, PROMPTS, toy_group_scores(tokenizer), **FAST
+    )
+    restored.load(tmp_path)
+    for name, p in restored.model.named_parameters():
+        torch.testing.assert_close(p, dict(trainer.model.named_parameters())[name], rtol=0, atol=0)
 
 
 class Interrupted(Exception):

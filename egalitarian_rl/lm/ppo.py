@@ -182,14 +182,16 @@ class MaxMinLMPPO:
     :param model: the policy, a transformers causal LM; peft-wrapped for LoRA (then only the
         adapters train and the reference is the model with adapters disabled).
     :param tokenizer: its tokenizer; must have a pad token.
-    :param prompts: the prompts completions are sampled for (formatted already, e.g. with a chat template).
+    :param prompts: the prompts completions are sampled for, formatted already (e.g. by
+        :func:`~egalitarian_rl.lm.models.format_prompts`); tokenised without adding special tokens.
     :param group_scores: ``(prompts, completions) -> (n, K)`` scores; see :data:`GroupScoreFn`.
     :param aggregation: ``"worst_group"``, ``"per_sample_min"``, ``"softmin"``, ``"egd"``, ``"mean"``
         or an :class:`Aggregation`.
     :param aggregation_kwargs: the rule's arguments (``tau``, ``eta``, ``weights`` e.g. the groups' shares for ``mean``).
-    :param normalizer: fixed per-group statistics (e.g. :meth:`GroupRewardNormalizer.from_data` on the
-        preference data's scores); None: the first batch's statistics (the untrained policy's), then frozen,
-        as in MaxMinPPO, so every group is measured as its gain over the starting model.
+    :param normalizer: per-group statistics: frozen for a fixed scale (e.g. :meth:`GroupRewardNormalizer.from_data`
+        on the preference data's scores), unfrozen for a running one (updated with every batch). None: the
+        first batch's statistics (the untrained policy's), then frozen, as in MaxMinPPO, so every group is
+        measured as its gain over the starting model.
     :param group_names: names of the K groups for logs (``groups/return_<name>``); None: ``group_<k>``
         with K taken from the first scores.
     :param config: an :class:`LMPPOConfig`; keyword arguments override its fields.
@@ -310,11 +312,15 @@ class MaxMinLMPPO:
         return scores
 
     def _normalize(self, scores: np.ndarray) -> np.ndarray:
-        """Scores on one scale; the first call fits (and freezes) the normaliser if none was given."""
+        """``(n, K)`` scores on one scale.
+
+        A given normaliser is updated with every batch unless frozen (a running scale, as in
+        MaxMinPPO's wrapper); without one, the first batch's statistics are fitted and frozen.
+        """
         if self.normalizer is None:
             self.normalizer = GroupRewardNormalizer(scores.shape[1])
+        self.normalizer.update(scores)  # a no-op once frozen
         if self.fit_normalizer_on_first_batch and not self.normalizer.frozen:
-            self.normalizer.update(scores)
             self.normalizer.freeze()
             flat = [name for name, std in zip(self.group_names, self.normalizer.std) if std < 1e-6]
             if flat:
@@ -480,7 +486,7 @@ class MaxMinLMPPO:
             error = float(np.clip(mean_kl / cfg.target_kl - 1.0, -0.2, 0.2))
             self.kl_coef *= 1.0 + error * cfg.batch_size / cfg.kl_horizon
         self.iteration += 1
-        stats["time/iteration"] = self.iteration
+        stats["time/iterations"] = self.iteration
         for key, value in stats.items():
             self.logger.record(key, value)
         self.logger.dump(self.iteration)
