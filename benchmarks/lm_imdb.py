@@ -1,0 +1,72 @@
+"""MaxMin-RLHF vs single-reward RLHF on IMDB prompts with the embedded SmolLM2-135M-Instruct.
+
+Runs the shipped ``imdb`` config (:mod:`egalitarian_rl.experiments.lm_pipeline`):
+128 training prompts x 4 base-model completions, 60 simulated users per
+population (80/20 and 90/10 positive/concise, Bradley-Terry beta 5, 40
+comparisons each), single BT reward and a K=2 EM mixture on frozen MiniLM
+embeddings, then 16 PPO iterations (batch 16, 48 new tokens, LoRA r16, KL 0.1)
+for each of ``rlhf``, ``maxmin`` (worst_group) and ``maxmin_per_sample_min``,
+judged on 64 held-out prompts by the groups' TRUE scores. Seed 0. Resumes from
+``runs/imdb`` (every stage and every PPO iteration is checkpointed).
+
+Writes ``benchmarks/results/lm_imdb.json`` and a line in ``benchmarks/RESULTS.md``.
+
+    nohup .venv/bin/python -m benchmarks.lm_imdb > runs/lm_imdb.log 2>&1 &
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+from benchmarks.common import write_result
+from egalitarian_rl.experiments.lm_pipeline import LMExperimentConfig, LMPipeline
+
+NAME = "lm_imdb"
+MAJORITY, MINORITY = "positive", "concise"
+
+
+def main() -> None:
+    config = LMExperimentConfig.from_yaml(Path(str(resources.files("egalitarian_rl.experiments") / "configs" / "imdb.yaml")))
+    report, metrics = LMPipeline(config, log=lambda line: print(line, flush=True)).run()
+    methods = {
+        method: {"groups": row["groups"], "kl": row["kl"], "mean_length_tokens": row["mean_length_tokens"], "distinct_2": row["distinct_2"]}
+        for method, row in metrics["methods"].items()
+    }
+    maxmin = methods["maxmin"]["groups"]
+    acc = metrics["heldout_accuracy"]
+    passes = {
+        "minority_win_rate>=0.60": maxmin[MINORITY]["win_rate_vs_rlhf"] >= 0.60,
+        "majority_win_rate>=0.45": maxmin[MAJORITY]["win_rate_vs_rlhf"] >= 0.45,
+        "em_ari>=0.9": metrics["em_ari"] >= 0.9,
+        "single_minority_accuracy<mixture": acc["single"][MINORITY] < acc["mixture"][MINORITY],
+    }
+    result = {
+        "config": config.to_dict(),
+        "methods": methods,
+        "em_ari": metrics["em_ari"],
+        "heldout_accuracy": acc,
+        "reward_fit": metrics["reward_fit"],
+        "warnings": metrics["warnings"],
+        "report": str(report),
+        "paper": "GPT-2 on IMDB (Chakraborty et al. 2024): MaxMin +16% average win-rate, +33% for the minority",
+        "passes": passes,
+        "passed": all(passes.values()),
+    }
+    psm = methods.get("maxmin_per_sample_min", {}).get("groups")
+    summary = (
+        f"SmolLM2-135M, {config.train.iterations} PPO it/method, 80/20 positive/concise, {config.prompts.n_eval} held-out prompts: "
+        f"maxmin(worst_group) win-rate vs RLHF {MINORITY} {maxmin[MINORITY]['win_rate_vs_rlhf']:.2f} / "
+        f"{MAJORITY} {maxmin[MAJORITY]['win_rate_vs_rlhf']:.2f}"
+        + (f"; per_sample_min {psm[MINORITY]['win_rate_vs_rlhf']:.2f} / {psm[MAJORITY]['win_rate_vs_rlhf']:.2f}" if psm else "")
+        + f"; KL rlhf {methods['rlhf']['kl']:.1f}, maxmin {methods['maxmin']['kl']:.1f}; EM ARI {metrics['em_ari']:.2f}; "
+        f"held-out acc {MINORITY} single {acc['single'][MINORITY]:.2f} vs mixture {acc['mixture'][MINORITY]:.2f} "
+        f"(paper: minority +33%)"
+    )
+    write_result(NAME, result, summary, "minority win-rate >= 0.60, majority >= 0.45, EM ARI >= 0.9, single < mixture on minority")
+    print(json.dumps({"methods": methods, "em_ari": metrics["em_ari"], "heldout_accuracy": acc, "passes": passes}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

