@@ -1,12 +1,13 @@
 """MaxMin-RLHF vs single-reward RLHF on IMDB prompts with the embedded SmolLM2-135M-Instruct.
 
 Runs the shipped ``imdb`` config (:mod:`egalitarian_rl.experiments.lm_pipeline`):
-128 training prompts x 4 base-model completions, 60 simulated users per
-population (80/20 and 90/10 positive/concise, Bradley-Terry beta 5, 40
-comparisons each), single BT reward and a K=2 EM mixture on frozen MiniLM
-embeddings, then 16 PPO iterations (batch 16, 48 new tokens, LoRA r16, KL 0.1)
-for each of ``rlhf``, ``maxmin`` (worst_group) and ``maxmin_per_sample_min``,
-judged on 64 held-out prompts by the groups' TRUE scores. Seed 0. Resumes from
+96 training prompts x 3 base-model completions (32 new tokens, temperature 0.7,
+chat template), 60 simulated users per population (80/20 and 90/10
+positive/concise, Bradley-Terry beta 5, 40 comparisons each), the single BT
+reward and a K=2 EM mixture on frozen MiniLM embeddings, then 12 PPO
+iterations (batch 16, LoRA r16, lr 2e-4, KL coef 0.1) for each of ``rlhf``,
+``maxmin`` (worst_group) and ``maxmin_per_sample_min`` from the same start,
+judged on 48 held-out prompts by the groups' TRUE scores. Seed 0. Resumes from
 ``runs/imdb`` (every stage and every PPO iteration is checkpointed).
 
 Writes ``benchmarks/results/lm_imdb.json`` and a line in ``benchmarks/RESULTS.md``.

@@ -712,21 +712,8 @@ class LMPipeline:
             f"Held-out prompts: {len(self.evaluate()['prompts'])}. Scores are the groups' TRUE scores "
             "(positive = VADER compound, concise = -words/20); win-rates are paired by prompt, ties half.",
             "",
-            "| method | " + " | ".join(f"{g} score | {g} win vs rlhf" for g in groups) + " | KL to base | tokens | ended | distinct-2 |",
-            "|---|" + "---|---|" * len(groups) + "---|---|---|---|",
+            format_tables(metrics, groups),
         ]
-        for method, row in metrics["methods"].items():
-            cells = [f"{row['groups'][g]['mean_score']:.3f} | {row['groups'][g]['win_rate_vs_rlhf']:.2f}" for g in groups]
-            lines.append(
-                f"| {method} | " + " | ".join(cells)
-                + f" | {row['kl']:.2f} | {row['mean_length_tokens']:.1f} | {row['ended_fraction']:.2f} | {row['distinct_2']:.2f} |"
-            )  # fmt: skip
-        lines += ["", "## Rewards learned from the simulated users", "", "| population | EM ARI | " + " | ".join(
-            f"{g} acc single | {g} acc mixture" for g in groups) + " |", "|---|---|" + "---|---|" * len(groups)]  # fmt: skip
-        for tag, fit in metrics["reward_fit"].items():
-            acc = fit["heldout_accuracy"]
-            cells = [f"{acc['single'][g]:.3f} | {acc['mixture'][g]:.3f}" for g in groups]
-            lines.append(f"| {tag} | {fit['em_ari']:.3f} | " + " | ".join(cells) + " |")
         lines += ["", "## Reward gaming check", ""]
         lines += [f"- WARNING {w}" for w in metrics["warnings"]] or ["- none: every KL below the threshold and distinct bigrams kept"]
         lines += ["", "## Examples (held-out prompts)", ""]
@@ -747,6 +734,38 @@ class LMPipeline:
         """Every stage (resuming), then the report; returns its path and the metrics."""
         path = self.report()
         return path, json.loads((Path(self.config.out_dir) / "metrics.json").read_text())
+
+
+def format_tables(metrics: dict[str, Any], groups: Sequence[str]) -> str:
+    """Markdown tables: every method's true scores, win-rates vs rlhf, KL, length, ending rate and
+    distinct bigrams; then each population's EM ARI and held-out accuracy per group, single vs mixture."""
+    lines = [
+        "| method | " + " | ".join(f"{g} score | {g} win vs rlhf" for g in groups) + " | KL to base | tokens | ended | distinct-2 |",
+        "|---|" + "---|---|" * len(groups) + "---|---|---|---|",
+    ]
+    for method, row in metrics["methods"].items():
+        cells = [f"{row['groups'][g]['mean_score']:.3f} | {row['groups'][g]['win_rate_vs_rlhf']:.2f}" for g in groups]
+        tail = f" | {row['kl']:.2f} | {row['mean_length_tokens']:.1f} | {row['ended_fraction']:.2f} | {row['distinct_2']:.2f} |"
+        lines.append(f"| {method} | " + " | ".join(cells) + tail)
+    lines += ["", "## Rewards learned from the simulated users", ""]
+    lines += ["| population | EM ARI | " + " | ".join(f"{g} acc single | {g} acc mixture" for g in groups) + " |"]
+    lines += ["|---|---|" + "---|---|" * len(groups)]
+    for tag, fit in metrics["reward_fit"].items():
+        acc = fit["heldout_accuracy"]
+        cells = [f"{acc['single'][g]:.3f} | {acc['mixture'][g]:.3f}" for g in groups]
+        lines.append(f"| {tag} | {fit['em_ari']:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def is_lm_config(path: str | Path) -> bool:
+    """Whether a YAML file is a language experiment (:class:`LMExperimentConfig`: it has ``model`` or ``prompts``)
+    rather than an :class:`~egalitarian_rl.experiments.ExperimentConfig` (which has ``env_id``)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except yaml.YAMLError:
+        return False
+    return isinstance(raw, dict) and "env_id" not in raw and bool({"model", "prompts"} & set(raw))
 
 
 def distinct_bigrams(texts: Sequence[str]) -> float:
@@ -790,6 +809,8 @@ __all__ = [
     "TextRewardConfig",
     "check_prompts",
     "distinct_bigrams",
+    "format_tables",
+    "is_lm_config",
     "load_prompts",
     "method_rule",
     "population_tag",

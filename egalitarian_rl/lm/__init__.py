@@ -15,16 +15,38 @@ from egalitarian_rl.lm.models import (
 )
 from egalitarian_rl.lm.ppo import GroupScoreFn, LMPPOConfig, MaxMinLMPPO
 from egalitarian_rl.lm.rollout import sample_completions, score_tokens
+from egalitarian_rl.lm.text_rewards import (
+    CausalLMEncoder,
+    EmbeddingCache,
+    EmbeddingCacheError,
+    LearnedGroupScores,
+    MiniLMEncoder,
+    SequenceClassifierReward,
+    TextEmbedder,
+    TextPool,
+    collect_text_preferences,
+    text_population,
+    text_preference_dataset,
+)
 
 __all__ = [
     "CONTINUE_REVIEW",
     "DEFAULT_MODEL",
+    "CausalLMEncoder",
+    "EmbeddingCache",
+    "EmbeddingCacheError",
     "GroupScoreFn",
     "LMPPOConfig",
+    "LearnedGroupScores",
     "LoraSettings",
     "MaxMinLMPPO",
+    "MiniLMEncoder",
     "ModelLoadError",
+    "SequenceClassifierReward",
+    "TextEmbedder",
+    "TextPool",
     "apply_lora",
+    "collect_text_preferences",
     "format_prompts",
     "gpt2_tokenizer",
     "load_causal_lm",
@@ -32,5 +54,7 @@ __all__ = [
     "load_tokenizer",
     "sample_completions",
     "score_tokens",
+    "text_population",
+    "text_preference_dataset",
     "tiny_gpt2",
 ]

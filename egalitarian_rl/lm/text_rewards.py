@@ -518,13 +518,20 @@ class SequenceClassifierReward:
         model.config.pad_token_id = tokenizer.pad_token_id
         if lora is not None:
             from peft import LoraConfig, get_peft_model
+            from transformers.pytorch_utils import Conv1D
 
             from egalitarian_rl.lm.models import LoraSettings
 
             settings = lora if isinstance(lora, LoraSettings) else LoraSettings(**lora)
             targets = list(settings.target_modules) if settings.target_modules is not None else None
             config = LoraConfig(
-                r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=targets, task_type="SEQ_CLS"
+                r=settings.r,
+                lora_alpha=settings.alpha,
+                lora_dropout=settings.dropout,
+                target_modules=targets,
+                # GPT-2's Conv1D layers store weights transposed; peft must be told.
+                fan_in_fan_out=any(isinstance(module, Conv1D) for module in model.modules()),
+                task_type="SEQ_CLS",
             )
             model = get_peft_model(model, config)
         self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
