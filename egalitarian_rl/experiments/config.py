@@ -210,8 +210,36 @@ class EvaluateConfig:
         _require(self.n_episodes >= 1, "n_episodes", f"must be >= 1, got {self.n_episodes}")
 
 
+class YamlConfig:
+    """``from_dict`` / ``from_yaml`` / ``to_dict`` for a config dataclass and its nested dataclasses.
+
+    Unknown keys, wrong types and out-of-range values (each dataclass's
+    ``__post_init__``) become one :class:`ConfigError` naming the key.
+    """
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Any:
+        return _build(cls, raw, "")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Any:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping of settings, got {type(raw).__name__}")
+        return cls.from_dict(raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+
 @dataclass
-class ExperimentConfig:
+class ExperimentConfig(YamlConfig):
     """A whole experiment.
 
     :param name: experiment name (used in the report).
@@ -271,26 +299,6 @@ class ExperimentConfig:
     def shares(self) -> dict[str, float]:
         """Group name -> share."""
         return {name: group.share for name, group in self.groups.items()}
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> ExperimentConfig:
-        return _build(cls, raw, "")
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> ExperimentConfig:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path} must hold a mapping of settings, got {type(raw).__name__}")
-        return cls.from_dict(raw)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def _as_group(value: Any, name: str) -> GroupConfig:
