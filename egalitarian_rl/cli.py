@@ -45,6 +45,21 @@ def _demo(args: argparse.Namespace) -> int:
     return _run(args)
 
 
+def _assign(args: argparse.Namespace) -> int:
+    from egalitarian_rl.preferences import PreferenceDataset
+
+    pipeline = _load(args)
+    answers = PreferenceDataset.load(args.answers)
+    threshold = pipeline.config.reward.min_confidence
+    for decision in pipeline.assign(args.seed, answers):
+        head = f"user {decision['user']} ({decision['n_comparisons']} answers):"
+        if decision["member"] is None:
+            print(f"{head} not personalised: {decision['best_member']} at {decision['confidence']:.2f} < {threshold:.2f}; serve maxmin")
+        else:
+            print(f"{head} {decision['member']} (confidence {decision['confidence']:.2f})")
+    return 0
+
+
 def _stage(stage: str):
     def handler(args: argparse.Namespace) -> int:
         pipeline = _load(args)
@@ -102,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="every stage of a config, resuming from saved artefacts")
     common(run)
     run.set_defaults(handler=_run)
+    assign = commands.add_parser(
+        "assign",
+        help="put new users (a preferences .npz) in a group of a run's mixture, or refuse below reward.min_confidence",
+    )
+    common(assign)
+    assign.add_argument("answers", help="the new users' comparisons: a PreferenceDataset .npz")
+    assign.add_argument("--seed", type=int, default=0, help="whose mixture (default 0)")
+    assign.set_defaults(handler=_assign)
     for stage, text in STAGES.items():
         sub = commands.add_parser(stage, help=text, description=f"{text}. Earlier stages run first if their artefacts are missing.")
         common(sub)

@@ -139,3 +139,32 @@ def test_shipped_configs_are_valid(name):
     pipeline = Pipeline(config, progress_bar=False, log=lambda _: None)  # validates env, groups, rule and PPO keys
     assert pipeline.population.n_groups == len(config.groups) >= 2
     assert "rlhf" in pipeline.methods and "maxmin" in pipeline.methods
+
+
+def test_assign_new_users_or_refuse_below_the_threshold(tmp_path, capsys, fairgrid_population):
+    import gymnasium as gym
+
+    from egalitarian_rl.preferences import collect_preferences
+
+    config = {"reward": {"n_members": 2, "epochs": 5, "min_confidence": 0.9}, "collect": {"n_users": 30, "comparisons_per_user": 20}}
+    path = _write(tmp_path, **config)
+    assert main(["fit", path, "--no-progress"]) == 0
+    env = gym.make("egalitarian_rl/FairGrid-v0", random_start=True)
+    many = collect_preferences(env, fairgrid_population, n_users=10, comparisons_per_user=20, segment_length=10, seed=7)
+    many.save(tmp_path / "many.npz")
+    capsys.readouterr()
+    assert main(["assign", path, str(tmp_path / "many.npz")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 10
+    # 20 answers each: most users are confidently put in the member named after their true group
+    truth = dict(zip(many.users.tolist(), (many.group_names[g] for g in many.user_groups)))
+    right = [line for line in lines if line.split(" (")[0].split()[1].isdigit() and f"_{truth[int(line.split()[1])]} (confidence" in line]
+    assert len(right) >= 8
+    few = collect_preferences(env, fairgrid_population, n_users=10, comparisons_per_user=1, segment_length=10, seed=8)
+    few.save(tmp_path / "few.npz")
+    assert (
+        main(["assign", _write(tmp_path, **{**config, "reward": {**config["reward"], "min_confidence": 0.999}}), str(tmp_path / "few.npz")])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert out.count("not personalised") >= 8  # one answer each is not enough to be 99.9% sure

@@ -122,6 +122,8 @@ class RewardConfig:
     :param em: any other :class:`~egalitarian_rl.rewards.EMRewardMixture` keyword
         (``soft``, ``init``, ``n_init``, ``max_iter``, ``m_step_epochs``, ``final_epochs``, ``lr``, ...).
     :param heldout_fraction: share of comparisons held out (on segments never trained on) for accuracies.
+    :param min_confidence: ``egalitarian-rl assign`` puts a new user in a group only when the posterior
+        of that group is at least this; below it the user is not personalised (serve the MaxMin policy).
     """
 
     n_members: int | None = 2
@@ -132,6 +134,7 @@ class RewardConfig:
     use_action: bool = False
     em: dict[str, Any] = field(default_factory=dict)
     heldout_fraction: float = 0.2
+    min_confidence: float = 0.9
 
     def __post_init__(self) -> None:
         _require(self.n_members is None or self.n_members >= 1, "n_members", f"must be >= 1, got {self.n_members}")
@@ -139,6 +142,7 @@ class RewardConfig:
         _require(all(h >= 1 for h in self.hidden_sizes), "hidden_sizes", f"widths must be >= 1, got {self.hidden_sizes}")
         _require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         _require(0.0 < self.heldout_fraction < 1.0, "heldout_fraction", f"must be in (0, 1), got {self.heldout_fraction}")
+        _require(0.0 <= self.min_confidence <= 1.0, "min_confidence", f"must be in [0, 1], got {self.min_confidence}")
         from egalitarian_rl.rewards import EMRewardMixture
 
         set_here = {"n_components", "observation_space", "action_space", "hidden_sizes", "use_state", "use_action"}

@@ -58,6 +58,7 @@ from egalitarian_rl.rewards import (
     purity,
     select_k,
 )
+from egalitarian_rl.rewards.nets import spaces_from_dataset
 from egalitarian_rl.rewards.vec_env import GroupRewardVecEnv, check_reward_spaces, learned_rewards, true_rewards
 
 #: The stages in order; forcing one redoes it and, through the run ids, every later one.
@@ -186,7 +187,8 @@ class Pipeline:
         if stage == "collect":
             return {**users, "env_kwargs": config["env_kwargs"], "collect": config["collect"], "seed": seed}
         if stage == "fit":
-            return {"reward": config["reward"], "collect_run": self._stage_run("collect", seed)}
+            reward = {key: value for key, value in config["reward"].items() if key != "min_confidence"}  # read by assign only
+            return {"reward": reward, "collect_run": self._stage_run("collect", seed)}
         if stage == "train":
             upstream = "collect" if method.startswith("oracle_") else "fit"  # oracles use true rewards
             train = {**config["train"], "aggregation_kwargs": config["train"]["aggregation_kwargs"]}
@@ -331,6 +333,35 @@ class Pipeline:
             base = self.group_names[np.bincount(groups, minlength=len(self.group_names)).argmax()] if groups.size else "empty"
             names.append(f"m{member}_{base}")
         return names
+
+    def assign(self, seed: int, answers: PreferenceDataset) -> list[dict[str, Any]]:
+        """Put each user of ``answers`` (new users' comparisons) in a group of the fitted mixture, or refuse.
+
+        A user is personalised only when the posterior of their most likely member
+        is at least ``reward.min_confidence``; below it ``member`` is ``None``: serve
+        the MaxMin policy, which protects every group, rather than guess.
+
+        :return: per user ``{user, member, best_member, confidence, posterior, n_comparisons}``
+            with members named as in the run (``m<k>_<majority true group of its users>``).
+        """
+        _, em = self.fit(seed)
+        data = self.collect(seed)
+        check_reward_spaces(em.reward, *spaces_from_dataset(answers))
+        names = self.member_names(data, em)
+        decisions = []
+        for user in np.unique(answers.user_ids):
+            assignment = em.assign_with_confidence(answers.for_users(np.array([user])), min_confidence=self.config.reward.min_confidence)
+            decisions.append(
+                {
+                    "user": int(user),
+                    "member": None if assignment.member is None else names[assignment.member],
+                    "best_member": names[assignment.best_member],
+                    "confidence": assignment.confidence,
+                    "posterior": dict(zip(names, assignment.posterior.tolist())),
+                    "n_comparisons": assignment.n_comparisons,
+                }
+            )
+        return decisions
 
     # ------------------------------------------------------------------ train
     def make_vec_env(self, seed: int) -> VecEnv:
