@@ -128,7 +128,8 @@ class DisagreementRule:
 
     def select(self, user_id: int, available: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
         available = np.asarray(available, dtype=np.int64)
-        if self.probs is None or len(available) == 0:
+        if self.probs is None or len(available) == 0 or available.max() >= len(self.probs):
+            # No mixture yet, or candidates added after the last fit (not scored): pick at random.
             return rng.permutation(available)[:n]
         n = min(n, len(available))
         # Random tie-break: many pairs score exactly alike (e.g. two segments no member rewards).
