@@ -31,7 +31,21 @@ large one has a member of its own; ``init="kmeans"`` runs k-means++
 After EM stops, a last, longer M-step (``final_epochs``) trains every member
 on its final users and keeps each member's best epoch on held-out comparisons
 (never trained on): EM can stop after a few short M-steps, before the members
-are fully trained.
+are fully trained. A final E-step on those returned rewards then sets
+``assignments_``, ``responsibilities_`` and ``shares_`` (E-steps with the rewards
+fixed until the shares stop changing), with the rule :meth:`EMRewardMixture.assign_users`
+uses: the posterior with the fitted shares as prior. So ``assign_users(train)``
+equals ``assignments_`` and the ARI of the assignments is the returned model's.
+
+M-step budget: ``m_step_epochs`` per EM iteration, ``final_epochs`` for the final
+M-step, ``init_epochs`` for the pooled reward the initialisation starts from.
+
+Noisy annotators (issue 10), all off by default, measured in ``benchmarks/em_noise.py``:
+``mistake_rate`` puts B-Pref's answer flips into the likelihood (given, or one
+learned rate); ``shared_scale`` gives every member the same confidence in the
+E-step, so users are not grouped by how noisily they answer; ``cross_fit`` scores
+every user with out-of-fold members, removing the pull of in-sample likelihoods
+towards whatever partition the members were just fitted to.
 
 Empty clusters (hard EM): a member left without users takes over the users
 the current fit explains worst (lowest mean log-likelihood per comparison,
@@ -47,6 +61,7 @@ rejected, and a non-finite loss or log-likelihood raises
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -66,8 +81,9 @@ from egalitarian_rl.io import write_text_atomic
 from egalitarian_rl.preferences.dataset import PreferenceDataset
 from egalitarian_rl.rewards.bradley_terry import (
     RewardTrainingError,
-    comparison_log_likelihoods,
+    comparison_logits,
     dataset_features,
+    noisy_log_likelihood,
     train_reward,
 )
 from egalitarian_rl.rewards.metrics import (
@@ -170,6 +186,22 @@ class EMRewardMixture:
     :param discount: step ``t`` of a segment is weighted ``discount ** t`` in its return.
     :param normalize_inputs: standardise continuous inputs with statistics of the training data.
     :param reseed_fraction: share of users (at least one) moved to a member that lost all its users.
+    :param mistake_rate: annotator noise in the likelihood (training and E-steps):
+        ``P(a > b) = m + (1 - 2 m) sigmoid(R(a) - R(b))``. ``None``: plain Bradley-Terry
+        (``m = 0``); a number in [0, 0.5): that known flip rate for every member; ``"learn"``:
+        one ``m`` shared by all members, re-estimated after every M-step (maximum likelihood
+        over a grid of 0..0.45). Fitted values are in ``mistake_rates_``.
+    :param shared_scale: in the E-step likelihood, rescale every member's return differences to
+        one common confidence (RMS 1 times a shared, fitted rationality ``beta``; ``logit_scales_``),
+        so users are grouped by what they prefer, not by how noisily they answer.
+    :param cross_fit: out-of-fold E-steps. Every user's comparisons are split in two halves and
+        every member has a twin; member ``k`` trains on the first halves of its users, its twin on
+        the second halves, and a user's log-likelihood under ``k`` sums each half under the copy
+        that did *not* train on it. In-sample likelihoods favour whatever partition the members
+        were just fitted to, so with few noisy answers per user hard EM drifts away from the true
+        groups even when started on them; out-of-fold evidence removes that pull. Costs twice
+        the M-step compute. After EM, member ``k`` is trained on all its users' comparisons in
+        the final M-step (``final_epochs``, at least ``m_step_epochs``) and the twins are dropped.
     :param seed: seeds everything (initialisation, k-means, shuffling).
     :param logger: SB3-style logger; ``em/*`` scalars are recorded and dumped once per EM iteration.
     :param progress_bar: show a tqdm bar over EM iterations.
@@ -203,6 +235,9 @@ class EMRewardMixture:
         discount: float = 1.0,
         normalize_inputs: bool = True,
         reseed_fraction: float = 0.05,
+        mistake_rate: float | str | None = None,
+        shared_scale: bool = False,
+        cross_fit: bool = False,
         seed: int = 0,
         logger: Any = None,
         progress_bar: bool = False,
@@ -213,6 +248,8 @@ class EMRewardMixture:
             raise ValueError(f"init must be 'split', 'kmeans' or 'random', got {init!r}")
         if not 0.0 <= validation_fraction < 1.0:
             raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+        if not (mistake_rate is None or mistake_rate == "learn" or (isinstance(mistake_rate, (int, float)) and 0 <= mistake_rate < 0.5)):
+            raise ValueError(f"mistake_rate must be None, 'learn' or a number in [0, 0.5), got {mistake_rate!r}")
         if n_init < 1 or max_iter < 1:
             raise ValueError(f"n_init and max_iter must be >= 1, got {n_init} and {max_iter}")
         self.n_components = int(n_components)
@@ -238,6 +275,9 @@ class EMRewardMixture:
         self.discount = discount
         self.normalize_inputs = normalize_inputs
         self.reseed_fraction = reseed_fraction
+        self.mistake_rate = mistake_rate
+        self.shared_scale = shared_scale
+        self.cross_fit = cross_fit
         self.seed = seed
         self.logger = logger
         self.progress_bar = progress_bar
@@ -261,6 +301,10 @@ class EMRewardMixture:
         self.log_likelihood_: float = float("nan")
         #: Per EM iteration of the kept restart: log_likelihood, changed, shares, train_loss, seconds, (ari, purity).
         self.history_: list[dict[str, Any]] = []
+        #: ``(K,)`` answer-flip probability of each member's likelihood (zeros for plain BT).
+        self.mistake_rates_: np.ndarray | None = None
+        #: ``(K,)`` factor on each member's return differences in the likelihood (ones unless ``shared_scale``).
+        self.logit_scales_: np.ndarray | None = None
         self.n_iter_: int = 0
         self.converged_: bool = False
 
@@ -291,6 +335,9 @@ class EMRewardMixture:
             "discount": self.discount,
             "normalize_inputs": self.normalize_inputs,
             "reseed_fraction": self.reseed_fraction,
+            "mistake_rate": self.mistake_rate,
+            "shared_scale": self.shared_scale,
+            "cross_fit": self.cross_fit,
             "seed": self.seed,
         }
 
@@ -309,23 +356,114 @@ class EMRewardMixture:
         member keeps its best held-out epoch (stopping after ``patience`` epochs without one).
         """
         validate = validate and bool(data.held_out.any())
+        if self._twinned(reward):
+            assert data.half is not None
+            second = data.half[:, None].to(weights.dtype)
+            weights = torch.cat([weights * (1.0 - second), weights * second], dim=1)  # (N, 2K): member, twin
+        mistake_rates = self._mistake_tensor()
+        if mistake_rates is not None and self._twinned(reward):
+            mistake_rates = torch.cat([mistake_rates, mistake_rates])
         history = train_reward(
             reward, data.features_a, data.features_b, data.labels, weights,
             epochs=epochs, lr=self.lr, batch_size=self.batch_size, weight_decay=self.weight_decay,
             validation_mask=data.held_out if validate else None,
             exclude_mask=data.held_out, patience=patience if validate else None, discount=self.discount, generator=generator,
+            mistake_rates=mistake_rates,
         )  # fmt: skip
         return history.train_loss[-1] if history.train_loss else float("nan")
 
+    def _new_reward(self, observation_space: gym.Space, action_space: gym.Space, n_members: int) -> RewardMixture:
+        return RewardMixture(
+            observation_space, action_space, n_members, use_state=self.use_state,
+            use_action=self.use_action, use_next_state=self.use_next_state, hidden_sizes=self.hidden_sizes,
+        )  # fmt: skip
+
+    def _twinned(self, reward: RewardMixture) -> bool:
+        """Whether ``reward`` holds cross-fitting twins (members ``K..2K-1``) besides the K members."""
+        return reward.n_members == 2 * self.n_components
+
+    def _copy_member(self, reward: RewardMixture, source: int, targets: Iterable[int]) -> None:
+        """Copy member ``source`` into ``targets`` (and its twin into theirs when cross-fitting)."""
+        targets = list(targets)
+        reward.copy_member(source, targets)
+        if self._twinned(reward):
+            reward.copy_member(self.n_components + source, [self.n_components + t for t in targets])
+
+    def _drop_twins(self, reward: RewardMixture) -> RewardMixture:
+        """A K-member mixture holding members ``0..K-1`` of a twinned one (input normalisation included)."""
+        single = self._new_reward(reward.observation_space, reward.action_space, self.n_components)
+        per_member = ("weights.", "biases.")
+        single.load_state_dict({n: t[: self.n_components] if n.startswith(per_member) else t for n, t in reward.state_dict().items()})
+        return single
+
+    def _logits(self, reward: RewardMixture, data: _Data, n_active: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``(N', n_active)`` return differences of members ``0..n_active-1`` on comparisons ``rows`` (all by default).
+
+        Cross-fitting: each comparison is scored by the twin that did not train on it.
+        """
+        features_a = data.features_a if rows is None else data.features_a[rows]
+        features_b = data.features_b if rows is None else data.features_b[rows]
+        if not self._twinned(reward):
+            return comparison_logits(reward, features_a, features_b, self.discount, list(range(n_active)))
+        k = self.n_components
+        members = list(range(n_active)) + [k + m for m in range(n_active)]
+        raw = comparison_logits(reward, features_a, features_b, self.discount, members)
+        assert data.half is not None
+        second_half = (data.half if rows is None else data.half[rows])[:, None]
+        # Member k trained on first halves: it scores the second halves, its twin the first.
+        return torch.where(second_half, raw[:, :n_active], raw[:, n_active:])
+
+    def _mistake_tensor(self, n_active: int | None = None) -> torch.Tensor | None:
+        """``(n_active,)`` flip rates of the first members for the likelihood, or ``None`` for plain BT."""
+        if self.mistake_rates_ is None or not self.mistake_rates_.any():
+            return None
+        return torch.as_tensor(self.mistake_rates_[:n_active], dtype=torch.float32)
+
+    def _calibrate(self, reward: RewardMixture, data: _Data, responsibilities: np.ndarray, n_active: int | None = None) -> None:
+        """Fit the likelihood's per-member logit scales and (``mistake_rate="learn"``) the shared flip rate.
+
+        ``shared_scale``: every member's return differences are divided by their RMS over all
+        comparisons and multiplied by one rationality ``beta`` shared by all members (maximum
+        likelihood over a grid). Members then differ in *what* they prefer, not in how
+        confidently: otherwise a member trained on mixed users predicts flatter, explains noisy
+        users of every group better, attracts them and gets flatter still -- EM clusters users
+        by their noise instead of their preferences. Comparisons held out for early stopping
+        are left out, as in training.
+        """
+        if self.mistake_rate != "learn" and not self.shared_scale:
+            return
+        assert self.mistake_rates_ is not None and self.logit_scales_ is not None
+        n_active = self.n_components if n_active is None else n_active
+        train = ~data.held_out
+        raw = self._logits(reward, data, n_active, rows=torch.nonzero(train).squeeze(1))
+        weights = torch.as_tensor(responsibilities[:, :n_active], dtype=torch.float32)[data.user_index[train]]  # (N', M)
+        labels = data.labels[train, None]
+        if self.shared_scale:
+            unit = raw / raw.square().mean(0).sqrt().clamp_min(1e-6)  # (N', M), RMS 1 per member
+            m = self._mistake_tensor(n_active)
+            betas = torch.exp(torch.linspace(math.log(0.05), math.log(20.0), 40))
+            scores = torch.stack([(noisy_log_likelihood(beta * unit, labels, m) * weights).sum() for beta in betas])
+            beta = betas[scores.argmax()]
+            self.logit_scales_[:n_active] = (beta / raw.square().mean(0).sqrt().clamp_min(1e-6)).double().numpy()
+        if self.mistake_rate == "learn":
+            logits = raw * torch.as_tensor(self.logit_scales_[:n_active], dtype=torch.float32)
+            grid = torch.linspace(0.0, 0.45, 46)
+            # One rate for all members: noise belongs to the annotators, not to a group (a rate per
+            # member lets EM group users by how noisy they are, measured: ARI 0.55 -> 0.18).
+            scores = torch.stack([(noisy_log_likelihood(logits, labels, m.expand(n_active)) * weights).sum() for m in grid])
+            self.mistake_rates_[:n_active] = float(grid[scores.argmax()])
+
     def _user_ll(self, reward: RewardMixture, data: _Data, n_active: int | None = None) -> torch.Tensor:
-        """``(U, K)`` summed BT log-likelihood of each user's comparisons under each member.
+        """``(U, K)`` summed log-likelihood of each user's comparisons under each member (noise-aware if set).
 
         :param n_active: evaluate only members ``0..n_active-1``; the others get ``-inf``.
         """
-        n_active = reward.n_members if n_active is None else n_active
-        members = None if n_active == reward.n_members else list(range(n_active))
-        ll = comparison_log_likelihoods(reward, data.features_a, data.features_b, data.labels, self.discount, members)
-        user_ll = torch.full((data.n_users, reward.n_members), -math.inf, dtype=torch.float64)
+        n_active = self.n_components if n_active is None else n_active
+        logits = self._logits(reward, data, n_active)
+        if self.logit_scales_ is not None:
+            logits = logits * torch.as_tensor(self.logit_scales_[:n_active], dtype=torch.float32)
+        ll = noisy_log_likelihood(logits, data.labels[:, None], self._mistake_tensor(n_active))
+        user_ll = torch.full((data.n_users, self.n_components), -math.inf, dtype=torch.float64)
         user_ll[:, :n_active] = torch.zeros(data.n_users, n_active, dtype=torch.float64).index_add_(0, data.user_index, ll.double())
         return user_ll
 
@@ -348,12 +486,13 @@ class EMRewardMixture:
             observation_space = obs_space if observation_space is None else observation_space
             action_space = act_space if action_space is None else action_space
         generator = torch.Generator().manual_seed(self.seed)
-        reward = RewardMixture(
-            observation_space, action_space, self.n_components, use_state=self.use_state,
-            use_action=self.use_action, use_next_state=self.use_next_state, hidden_sizes=self.hidden_sizes,
-        )  # fmt: skip
+        reward = self._new_reward(observation_space, action_space, 2 * self.n_components if self.cross_fit else self.n_components)
         reward.reset_parameters(generator=generator)
-        data = _Data.build(reward, dataset, self.normalize_inputs, self.validation_fraction, self.seed)
+        data = _Data.build(reward, dataset, self.normalize_inputs, self.validation_fraction, self.seed, halves=self.cross_fit)
+        # "learn" starts from a moderate 10% flip rate and re-estimates it after every M-step.
+        initial_m = {None: 0.0, "learn": 0.1}.get(self.mistake_rate, self.mistake_rate)  # type: ignore[call-overload]
+        self.mistake_rates_ = np.full(self.n_components, float(initial_m))
+        self.logit_scales_ = np.ones(self.n_components)
 
         pooled_state = None
         if self.init in ("split", "kmeans"):
@@ -362,7 +501,7 @@ class EMRewardMixture:
             pooled_weights = torch.zeros(len(data.labels), self.n_components)
             pooled_weights[:, 0] = 1.0
             self._train(reward, data, pooled_weights, self.init_epochs, generator)
-            reward.copy_member(0, range(1, self.n_components))
+            self._copy_member(reward, 0, range(1, self.n_components))
             pooled_state = {name: t.clone() for name, t in reward.state_dict().items()}
 
         best: dict[str, Any] | None = None
@@ -371,6 +510,8 @@ class EMRewardMixture:
             restart_generator = torch.Generator().manual_seed(restart_seed)
             if pooled_state is not None:
                 reward.load_state_dict(pooled_state)
+            self.mistake_rates_ = np.full(self.n_components, float(initial_m))
+            self.logit_scales_ = np.ones(self.n_components)
             if self.init == "split":
                 start = self._split_start(reward, data, restart_seed, restart_generator)
             elif self.init == "kmeans":
@@ -381,9 +522,11 @@ class EMRewardMixture:
                 start = self._random_start(data.n_users, restart_seed)
             result = self._run_em(reward, data, dataset, start, restart_generator, restart)
             if best is None or result["log_likelihood"] > best["log_likelihood"]:
-                best = {**result, "state": {name: t.clone() for name, t in reward.state_dict().items()}}
+                state = {name: t.clone() for name, t in result["reward"].state_dict().items()}
+                best = {**result, "state": state, "m": self.mistake_rates_.copy(), "scales": self.logit_scales_.copy()}
 
         assert best is not None
+        reward = best["reward"]
         reward.load_state_dict(best["state"])
         reward.eval()
         self.reward = reward
@@ -392,6 +535,8 @@ class EMRewardMixture:
         self.responsibilities_ = best["responsibilities"]
         self.assignments_ = self.responsibilities_.argmax(1)
         self.shares_ = best["shares"]
+        self.mistake_rates_ = best["m"]
+        self.logit_scales_ = best["scales"]
         self.log_likelihood_ = best["log_likelihood"]
         self.history_ = best["history"]
         self.n_iter_ = len(best["history"])
@@ -467,7 +612,7 @@ class EMRewardMixture:
             cluster, users, halves, x = best_split
             worse = int(np.argmax([np.square(x[halves == side]).sum(1).mean() for side in (0, 1)]))
             labels[users[halves == worse]] = new
-            reward.copy_member(cluster, [new])
+            self._copy_member(reward, cluster, [new])
             if new == self.n_components - 1:
                 break  # the main EM loop takes over from here
             responsibilities = np.eye(self.n_components)[labels]
@@ -530,6 +675,7 @@ class EMRewardMixture:
         n_active = self.n_components if n_active is None else n_active
         weights = torch.as_tensor(responsibilities, dtype=torch.float32)[data.user_index]  # (N, K)
         train_loss = self._train(reward, data, weights, self.m_step_epochs, generator)
+        self._calibrate(reward, data, responsibilities, n_active)
         user_ll = self._user_ll(reward, data, n_active).numpy()
         new = self._e_step(user_ll, responsibilities, hard)
         if hard:
@@ -574,16 +720,26 @@ class EMRewardMixture:
                 converged = True
                 break
         bar.close()
-        if self.final_epochs > 0:
+        final_epochs = self.final_epochs
+        if self._twinned(reward):
+            # Member k saw only the first halves: it continues on all its users' comparisons.
+            reward = self._drop_twins(reward)
+            final_epochs = max(final_epochs, self.m_step_epochs)
+        else:
+            # Restarts reuse the module: the result keeps its own copy.
+            reward = copy.deepcopy(reward)
+        if final_epochs > 0:
             # A longer M-step on the final groups, each member keeping its best held-out epoch:
             # EM may stop after a few short M-steps, before the members are fully trained.
             weights = torch.as_tensor(responsibilities, dtype=torch.float32)[data.user_index]
-            self._train(reward, data, weights, self.final_epochs, generator, validate=True, patience=self.final_patience)
+            self._train(reward, data, weights, final_epochs, generator, validate=True, patience=self.final_patience)
+            self._calibrate(reward, data, responsibilities)
         # The final E-step, on the rewards that are returned, so the assignments describe them.
         user_ll = self._user_ll(reward, data).numpy()
         responsibilities, shares = self._final_e_step(user_ll, responsibilities, hard=not self.soft)
         objective = self._objective(user_ll, responsibilities, not self.soft)
         return {
+            "reward": reward,
             "responsibilities": responsibilities,
             "shares": shares,
             "log_likelihood": objective,
@@ -763,6 +919,8 @@ class EMRewardMixture:
             "assignments": self.assignments_.tolist(),
             "responsibilities": self.responsibilities_.tolist(),
             "shares": self.shares_.tolist(),
+            "mistake_rates": None if self.mistake_rates_ is None else self.mistake_rates_.tolist(),
+            "logit_scales": None if self.logit_scales_ is None else self.logit_scales_.tolist(),
             "log_likelihood": self.log_likelihood_,
             "history": self.history_,
             "n_iter": self.n_iter_,
@@ -799,6 +957,9 @@ class EMRewardMixture:
         model.assignments_ = np.asarray(state["assignments"], dtype=np.int64)
         model.responsibilities_ = np.asarray(state["responsibilities"], dtype=np.float64).reshape(-1, model.n_components)
         model.shares_ = np.asarray(state["shares"], dtype=np.float64)
+        # Saved before noise-aware likelihoods existed: plain Bradley-Terry.
+        model.mistake_rates_ = np.asarray(state.get("mistake_rates") or np.zeros(model.n_components), dtype=np.float64)
+        model.logit_scales_ = np.asarray(state.get("logit_scales") or np.ones(model.n_components), dtype=np.float64)
         model.log_likelihood_ = float(state["log_likelihood"])
         model.history_ = state["history"]
         model.n_iter_ = int(state["n_iter"])
@@ -821,18 +982,27 @@ class _Data:
     counts: torch.Tensor  # (U,) comparisons per user
     n_users: int
     held_out: torch.Tensor  # (N,) True: never trained on (early stopping only)
+    half: torch.Tensor | None = None  # (N,) cross-fitting: True for the second half of each user's comparisons
 
     @classmethod
     def build(
         cls, reward: RewardMixture, dataset: PreferenceDataset, fit_normalization: bool,
-        validation_fraction: float = 0.0, seed: int = 0,
+        validation_fraction: float = 0.0, seed: int = 0, halves: bool = False,
     ) -> _Data:  # fmt: skip
         features_a, features_b = dataset_features(reward, dataset, fit_normalization=fit_normalization)
         user_index = torch.as_tensor(dataset.user_index(), dtype=torch.long)
         counts = torch.as_tensor(dataset.comparisons_per_user(), dtype=torch.float64)
         labels = torch.as_tensor(dataset.labels, dtype=torch.float32)
-        held_out = torch.as_tensor(np.random.default_rng(seed).random(len(dataset)) < validation_fraction)
-        return cls(features_a, features_b, labels, user_index, counts, dataset.n_users, held_out)
+        rng = np.random.default_rng(seed)
+        held_out = torch.as_tensor(rng.random(len(dataset)) < validation_fraction)
+        half = None
+        if halves:
+            # Each user's comparisons in random order, alternately to the two halves (balanced per user).
+            order = np.lexsort((rng.random(len(dataset)), dataset.user_index()))
+            rank = np.empty(len(dataset), dtype=np.int64)
+            rank[order] = np.arange(len(dataset)) - np.searchsorted(dataset.user_index()[order], dataset.user_index()[order])
+            half = torch.as_tensor(rank % 2 == 1)
+        return cls(features_a, features_b, labels, user_index, counts, dataset.n_users, held_out, half)
 
 
 # ----------------------------------------------------------------------------- choosing K

@@ -1,0 +1,354 @@
+"""EM against the Bayes limit under annotator noise and few answers per user (issue 10).
+
+For every cell of a grid over comparisons per user, mistake rate, Bradley-Terry beta and
+group shares, on FairGrid and HalfCheetah-v5, and every seed:
+
+* **data**: 100 users answer ``comparisons_per_user`` queries each (B-Pref noise: answers are
+  Bradley-Terry with ``beta``, then flipped with probability ``mistake_rate``); 10-step
+  segments of uniformly random actions (the default of ``collect_preferences``, what a new
+  user gets; FairGrid from random start cells). About half of FairGrid's random-walk
+  comparisons are "equal" (no goal cell in either segment), which makes its cells hard.
+* **EM**: ``EMRewardMixture(K, use_action=False, use_next_state=True, seed=seed)`` (the
+  library's defaults otherwise); K = the true number of groups for 80/20 and chosen by
+  :func:`~egalitarian_rl.rewards.select_k` from 1..4 for 60/30/10.
+* **oracle** (``oracle_ari``): each user goes to the group whose *true* reward, with the true
+  beta and mistake rate, gives their answers the highest likelihood under the simulator's own
+  answer model -- including its rule that "equal" is answered exactly when the group's returns
+  tie, which makes every "equal" answer strong evidence. This is the Bayes limit of any
+  clustering of that data.
+* **BT oracle** (``oracle_bt_ari``): the same true rewards, beta and mistake rate, but "equal"
+  scored as a 0.5 soft target (the Bradley-Terry likelihood every reward model here is
+  trained with): the limit of a Bradley-Terry clustering, closer to what the issue measured.
+* **held-out accuracy**: the same users answer 10 more queries on segments of a fresh rollout;
+  each is predicted by the user's fitted member (per true group).
+
+Rows of ``benchmarks/results/em_noise.json``: one per cell with ``env``,
+``comparisons_per_user``, ``mistake_rate``, ``beta``, ``shares``, ``em_ari`` and
+``oracle_ari`` (means over the seeds that ran), the per-seed values, K, and held-out accuracy.
+The run is resumable: every finished (cell, seed) is stored in ``runs`` and skipped next time;
+the JSON is rewritten after each run, so a partial grid is a valid (partial) result.
+
+    .venv/bin/python -m benchmarks.em_noise [--envs fairgrid halfcheetah] [--seeds 0 1 2 3 4]
+        [--comparisons 5 10 20 40] [--mistake-rates 0 0.1 0.2] [--betas 1 2 5]
+        [--shares 80/20 60/30/10] [--output benchmarks/results/em_noise.json] [--em KEY=VALUE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import itertools
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from egalitarian_rl.envs.gridworld import COMPROMISE, MAJORITY_GOAL, MINORITY_GOAL, MOVES, SIZE
+
+from benchmarks.common import HERE, write_result
+from egalitarian_rl import envs
+from egalitarian_rl.preferences import Population, PreferenceDataset, UserGroup, collect_preferences
+from egalitarian_rl.rewards import EMRewardMixture, adjusted_rand_index, select_k
+
+NAME = "em_noise"
+N_USERS = 100
+HELDOUT_PER_USER = 10
+SEGMENT_LENGTH = 10
+FAIRGRID = envs.FAIRGRID_ID
+GOALS = np.array([MAJORITY_GOAL, MINORITY_GOAL, COMPROMISE])
+SHARES = {"80/20": (0.8, 0.2), "60/30/10": (0.6, 0.3, 0.1)}
+#: Group names per env, in the order the shares are given.
+GROUP_NAMES = {"fairgrid": ("majority", "minority", "compromise"), "halfcheetah": ("fast", "calm", "backward")}
+#: The issue's measurements with the EM of that time (FairGrid 80/20, 100 users, seeds 0 and 1).
+ISSUE_TABLE = [
+    {"comparisons_per_user": 20, "mistake_rate": 0.1, "beta": 2.0, "em_ari": (0.55, 0.61), "oracle_ari": (0.95, 0.86)},
+    {"comparisons_per_user": 10, "mistake_rate": 0.1, "beta": 2.0, "em_ari": (0.26, 0.35), "oracle_ari": (0.47, 0.55)},
+    {"comparisons_per_user": 30, "mistake_rate": 0.2, "beta": 1.0, "em_ari": (0.15, 0.12), "oracle_ari": (0.58, 0.67)},
+]
+ACCEPT_CLOSE, ACCEPT_FAR, ACCEPT_ORACLE = 0.05, 0.15, 0.8
+
+
+def nearest_goal_behaviour(epsilon: float, seed: int) -> Callable[[np.ndarray], int]:
+    """FairGrid policy ``obs -> action``: step towards the nearest goal cell, random with prob. ``epsilon``.
+
+    Purely random walks rarely reach a goal, so their comparisons are mostly ties on which the
+    groups agree; segments of a goal-seeking policy (as in training) show the disagreement.
+    """
+    rng = np.random.default_rng(seed)
+
+    def act(obs: np.ndarray) -> int:
+        if rng.random() < epsilon:
+            return int(rng.integers(len(MOVES)))
+        position = np.array(divmod(int(np.argmax(obs)), SIZE))
+        distance = np.abs(GOALS - position).sum(1)
+        goal = GOALS[rng.choice(np.flatnonzero(distance == distance.min()))]
+        delta = goal - position
+        if not delta.any():
+            return len(MOVES) - 1  # stay
+        towards = [a for a, move in enumerate(MOVES[:4]) if (move != 0).any() and np.all(np.sign(delta)[move != 0] == move[move != 0])]
+        return int(rng.choice(towards))
+
+    return act
+
+
+def _compromise_reward(t: Any) -> np.ndarray:
+    """A third FairGrid group (for 60/30/10): 1 per step at the compromise cell C."""
+    return t.next_obs[..., COMPROMISE[0] * SIZE + COMPROMISE[1]]
+
+
+def make_population(env: str, shares: str, beta: float, mistake_rate: float) -> Population:
+    """The env's population with ``shares`` (``"80/20"`` or ``"60/30/10"``) and B-Pref noise."""
+    names = GROUP_NAMES[env][: len(SHARES[shares])]
+    answering = {"beta": beta, "mistake_rate": mistake_rate}
+    if env == "halfcheetah":
+        return envs.make_population("HalfCheetah-v5", dict(zip(names, SHARES[shares])), **answering)
+    library = envs.group_library(FAIRGRID)
+    rewards = {**library.rewards, "compromise": _compromise_reward}
+    return Population([UserGroup(name, rewards[name], share, **answering) for name, share in zip(names, SHARES[shares])])
+
+
+def collect(env: str, population: Population, per_user: int, seed: int, behaviour: str = "random") -> PreferenceDataset:
+    """``N_USERS`` users' labelled comparisons of fresh segments (rollout seeded by ``seed``).
+
+    :param behaviour: FairGrid only: ``"goal"`` (:func:`nearest_goal_behaviour`) or ``"random"``.
+    """
+    if env == "fairgrid":
+        gym_env = gym.make(FAIRGRID, random_start=True)
+        policy: Any = nearest_goal_behaviour(0.3, seed) if behaviour == "goal" else "random"
+    else:
+        gym_env, policy = gym.make("HalfCheetah-v5"), "random"
+    try:
+        return collect_preferences(gym_env, population, N_USERS, per_user, SEGMENT_LENGTH, behaviour=policy, seed=seed)
+    finally:
+        gym_env.close()
+
+
+def oracle_log_likelihoods(population: Population, data: PreferenceDataset, exact_ties: bool = True) -> np.ndarray:
+    """``(U, G)`` log-likelihood of each user's answers under each true group's answering model.
+
+    The answering model of :meth:`UserGroup.answer`: a strict answer is right with probability
+    ``(1 - m) * sigmoid(beta * |diff|) + m * (1 - sigmoid(beta * |diff|))`` (``m`` the mistake
+    rate), "equal" is given exactly when the group's returns differ by at most its
+    ``equal_threshold``. Impossible answers get probability ``1e-12`` rather than 0 (floating
+    point may differ in the last bit from the labeller's own computation).
+
+    :param exact_ties: ``False`` scores "equal" as the soft target 0.5 of the noisy BT
+        probability instead (the Bradley-Terry oracle).
+    """
+    user_ll = np.zeros((data.n_users, population.n_groups))
+    index = data.user_index()
+    for g, group in enumerate(population.groups):
+        diff = group.segment_returns(data.segments_a) - group.segment_returns(data.segments_b)
+        tie = np.abs(diff) <= group.equal_threshold
+        with np.errstate(over="ignore"):
+            p_a = 1.0 / (1.0 + np.exp(-group.beta * diff)) if math.isfinite(group.beta) else (diff > 0).astype(float)
+        p_a = group.mistake_rate + (1.0 - 2.0 * group.mistake_rate) * p_a
+        p_label = np.where(data.labels == 1.0, p_a, 1.0 - p_a)
+        if exact_ties:
+            p_label = np.where(tie, (data.labels == 0.5).astype(float), np.where(data.labels == 0.5, 0.0, p_label))
+            log_p = np.log(np.clip(p_label, 1e-12, None))
+        else:
+            p_a = np.clip(p_a, 1e-12, 1 - 1e-12)
+            log_p = data.labels * np.log(p_a) + (1.0 - data.labels) * np.log(1.0 - p_a)
+        np.add.at(user_ll[:, g], index, log_p)
+    return user_ll
+
+
+def run_one(
+    env: str, per_user: int, mistake_rate: float, beta: float, shares: str, seed: int, em_options: dict[str, Any], behaviour: str = "random"
+) -> dict:
+    """One (cell, seed): data, oracle, K, EM fit, held-out accuracy."""
+    population = make_population(env, shares, beta, mistake_rate)
+    data = collect(env, population, per_user, seed, behaviour)
+    heldout = collect(env, population, HELDOUT_PER_USER, seed + 7919, behaviour)  # same users, fresh segments
+    data = data.for_users(data.users[data.comparisons_per_user() > 0])
+    oracle = oracle_log_likelihoods(population, data).argmax(1)
+    oracle_bt = oracle_log_likelihoods(population, data, exact_ties=False).argmax(1)
+    options = {"use_action": False, "use_next_state": True, "seed": seed, **em_options}
+    start = time.perf_counter()
+    k = population.n_groups
+    if len(SHARES[shares]) > 2:
+        k = select_k(data, range(1, 5), **options).k
+    em = EMRewardMixture(k, **options).fit(data)
+    seconds = time.perf_counter() - start
+    accuracy = em.accuracy(heldout.for_users(data.users))
+    return {
+        "env": env,
+        "comparisons_per_user": per_user,
+        "mistake_rate": mistake_rate,
+        "beta": beta,
+        "shares": shares,
+        "seed": seed,
+        "k": k,
+        "em_ari": round(adjusted_rand_index(data.user_groups, em.assignments_), 4),
+        "oracle_ari": round(adjusted_rand_index(data.user_groups, oracle), 4),
+        "oracle_bt_ari": round(adjusted_rand_index(data.user_groups, oracle_bt), 4),
+        "heldout_accuracy": {name: round(v, 4) for name, v in accuracy.per_group.items()},
+        "em_shares": np.round(np.sort(em.shares_)[::-1], 3).tolist(),
+        "seconds": round(seconds, 2),
+        "em_hyperparameters": em.hyperparameters(),
+    }
+
+
+CELL_KEYS = ("env", "comparisons_per_user", "mistake_rate", "beta", "shares")
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    """One row per cell: means over its seeds (and the per-seed values)."""
+    cells: dict[tuple, list[dict]] = {}
+    for run in runs:
+        cells.setdefault(tuple(run[key] for key in CELL_KEYS), []).append(run)
+    rows = []
+    for key, cell in sorted(cells.items(), key=lambda item: tuple(str(v) for v in item[0])):
+        em_ari = [r["em_ari"] for r in cell]
+        oracle_ari = [r["oracle_ari"] for r in cell]
+        oracle_bt_ari = [r["oracle_bt_ari"] for r in cell]
+        groups = sorted({name for r in cell for name in r["heldout_accuracy"]})
+        rows.append(
+            {
+                **dict(zip(CELL_KEYS, key)),
+                "em_ari": round(float(np.mean(em_ari)), 4),
+                "oracle_ari": round(float(np.mean(oracle_ari)), 4),
+                "oracle_bt_ari": round(float(np.mean(oracle_bt_ari)), 4),
+                "gap": round(float(np.mean(oracle_ari) - np.mean(em_ari)), 4),
+                "gap_bt": round(float(np.mean(oracle_bt_ari) - np.mean(em_ari)), 4),
+                "seeds": [r["seed"] for r in cell],
+                "em_ari_seeds": em_ari,
+                "oracle_ari_seeds": oracle_ari,
+                "k_seeds": [r["k"] for r in cell],
+                "heldout_accuracy": {g: round(float(np.nanmean([r["heldout_accuracy"].get(g, np.nan) for r in cell])), 4) for g in groups},
+                "seconds": round(float(np.mean([r["seconds"] for r in cell])), 2),
+            }
+        )
+    return rows
+
+
+def acceptance(rows: list[dict], oracle: str = "oracle_ari") -> dict:
+    """The issue's acceptance over the cells that ran, against ``oracle`` (``oracle_ari`` or ``oracle_bt_ari``)."""
+    gap = {r_id: rows[r_id][oracle] - rows[r_id]["em_ari"] for r_id in range(len(rows))}
+    close = [i for i in gap if rows[i][oracle] >= ACCEPT_ORACLE]
+    return {
+        "oracle": oracle,
+        "cells": len(rows),
+        "cells_oracle_ge_0.8": len(close),
+        "within_0.05_where_oracle_ge_0.8": sum(gap[i] <= ACCEPT_CLOSE for i in close),
+        "within_0.15_everywhere": sum(g <= ACCEPT_FAR for g in gap.values()),
+        "worst_gap": round(max(gap.values()), 4) if gap else None,
+    }
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """EM ARI against oracle ARI, one point per cell (the diagonal is the Bayes limit)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for env, marker in (("fairgrid", "o"), ("halfcheetah", "s")):
+        for shares, color in (("80/20", "tab:blue"), ("60/30/10", "tab:orange")):
+            cell = [r for r in rows if r["env"] == env and r["shares"] == shares]
+            if cell:
+                x, y = [r["oracle_ari"] for r in cell], [r["em_ari"] for r in cell]
+                ax.scatter(x, y, marker=marker, color=color, label=f"{env} {shares}", alpha=0.8)
+    ax.plot([-0.05, 1.02], [-0.05, 1.02], "k-", lw=0.8, label="EM = oracle")
+    ax.plot([-0.05, 1.02], [-0.2, 0.87], "k:", lw=0.8, label="oracle - 0.15")
+    ax.set_xlabel("oracle ARI (true rewards, true noise)")
+    ax.set_ylabel("EM ARI")
+    ax.set_title("EM vs. the Bayes limit (mean over seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _parse_options(pairs: list[str]) -> dict[str, Any]:
+    options = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value
+    return options
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--envs", nargs="+", default=["fairgrid", "halfcheetah"], choices=["fairgrid", "halfcheetah"])
+    parser.add_argument("--comparisons", type=int, nargs="+", default=[5, 10, 20, 40])
+    parser.add_argument("--mistake-rates", type=float, nargs="+", default=[0.0, 0.1, 0.2])
+    parser.add_argument("--betas", type=float, nargs="+", default=[1.0, 2.0, 5.0])
+    parser.add_argument("--shares", nargs="+", default=list(SHARES), choices=list(SHARES))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--em", nargs="*", default=[], metavar="KEY=VALUE", help="EMRewardMixture options (e.g. noise_model=None)")
+    parser.add_argument("--output", type=Path, default=HERE / "results" / f"{NAME}.json")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-results-md", action="store_true", help="do not touch RESULTS.md (variants, experiments)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    em_options = _parse_options(args.em)
+
+    previous = json.loads(args.output.read_text()) if args.output.exists() else {}
+    if previous and previous.get("em_options", {}) != em_options:
+        raise SystemExit(f"{args.output} holds runs with EM options {previous.get('em_options')}, not {em_options}: use --output")
+    runs: list[dict] = previous.get("runs", [])
+    done = {tuple(r[key] for key in (*CELL_KEYS, "seed")) for r in runs}
+    # Seeds innermost-last: every cell gets its first seed before any cell gets a second one,
+    # so a partial run covers the grid evenly.
+    grid = itertools.product(args.seeds, args.envs, args.shares, args.comparisons, args.mistake_rates, args.betas)
+    for seed, env, shares, per_user, mistake_rate, beta in grid:
+        key = (env, per_user, mistake_rate, beta, shares, seed)
+        if key in done:
+            continue
+        run = run_one(env, per_user, mistake_rate, beta, shares, seed, em_options)
+        runs.append(run)
+        print(json.dumps(run), flush=True)
+        save(args, runs, em_options)
+
+
+def save(args: argparse.Namespace, runs: list[dict], em_options: dict[str, Any]) -> None:
+    """Write the JSON (and, for the default output, the plot and the RESULTS.md line)."""
+    rows = summarise(runs)
+    accepted = acceptance(rows)
+    accepted_bt = acceptance(rows, "oracle_bt_ari")
+    result = {
+        "rows": rows,
+        "runs": runs,
+        "acceptance": accepted,
+        "acceptance_bt_oracle": accepted_bt,
+        "issue_table": ISSUE_TABLE,
+        "em_options": em_options,
+        "passed": bool(rows)
+        and accepted["within_0.05_where_oracle_ge_0.8"] == accepted["cells_oracle_ge_0.8"]
+        and accepted["within_0.15_everywhere"] == accepted["cells"],
+        "setup": {
+            "n_users": N_USERS,
+            "segment_length": SEGMENT_LENGTH,
+            "heldout_per_user": HELDOUT_PER_USER,
+            "em": "EMRewardMixture(K, use_action=False, use_next_state=True, seed=seed, **em_options); K by select_k(1..4) for 60/30/10",
+            "oracle": "argmax over true groups of the users' answer likelihood under the true reward, beta and mistake rate",
+        },
+    }
+    if args.no_results_md or args.output != HERE / "results" / f"{NAME}.json":
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(result, indent=2) + "\n")
+        return
+    plot(rows, HERE / "results" / f"{NAME}.png")
+    gaps, gaps_bt = [r["gap"] for r in rows], [r["gap_bt"] for r in rows]
+    summary = (
+        f"{len(runs)} runs in {len(rows)} cells (partial grid unless 720): oracle - EM ARI mean {np.mean(gaps):+.3f}, "
+        f"worst {max(gaps):+.3f} (BT oracle: {np.mean(gaps_bt):+.3f}, worst {max(gaps_bt):+.3f}); "
+        f"within 0.05 in {accepted['within_0.05_where_oracle_ge_0.8']}/{accepted['cells_oracle_ge_0.8']} cells with oracle >= 0.8, "
+        f"within 0.15 in {accepted['within_0.15_everywhere']}/{accepted['cells']}"
+    )
+    write_result(NAME, result, summary, "EM within 0.05 of oracle where oracle >= 0.8; within 0.15 everywhere")
+
+
+if __name__ == "__main__":
+    main()
