@@ -123,13 +123,12 @@ def test_collection_accepts_models_and_callables_and_is_seeded(fairgrid_populati
 
 
 def test_segments_do_not_cross_episode_boundaries():
-    # FairGrid episodes last 30 steps: segments of 7 fit 4 times, 2 steps are dropped.
+    # FairGrid episodes last 30 steps: segments of 7 fit 4 times, the first 2 steps are dropped.
     env = gym.make(FAIRGRID)
     segments = rollout_segments(env, 8, 7, seed=0)
-    start = np.zeros(25, dtype=np.float32)
-    start[1 * 5 + 2] = 1.0
-    starts = [i for i in range(8) if (segments.obs[i, 0] == start).all()]
-    assert 0 in starts and 4 in starts
+    for episode in (0, 4):
+        for i in range(episode, episode + 3):  # consecutive windows of one episode, in time order
+            np.testing.assert_array_equal(segments.next_obs[i, -1], segments.obs[i + 1, 0])
 
 
 # ---------------------------------------------------------------- dataset
@@ -264,3 +263,18 @@ def test_files_without_segment_ids_still_load_and_split_per_comparison(tmp_path)
     assert loaded.segment_ids is None and loaded.folds is None
     train, test = loaded.split_by_comparison(0.2, seed=0)
     assert (test.comparisons_per_user() == 2).all() and len(train) == 160
+
+
+def test_segments_keep_the_end_of_terminating_episodes_and_never_hang():
+    import gymnasium as gym
+
+    from egalitarian_rl.preferences.segments import rollout_segments
+
+    env = gym.make("CartPole-v1")  # random play falls after ~20 steps: the fall must be inside a segment
+    segments = rollout_segments(env, n_segments=50, segment_length=8, seed=0)
+    assert segments.obs.shape[:2] == (50, 8)
+    # the last step of the first segment of every episode is where the pole fell (|angle| or |x| out of bounds)
+    fell = (np.abs(segments.next_obs[:, -1, 2]) > 0.2095) | (np.abs(segments.next_obs[:, -1, 0]) > 2.4)
+    assert fell.mean() > 0.3
+    with pytest.raises(ValueError, match="choose segment_length <= "):
+        rollout_segments(gym.make("CartPole-v1"), n_segments=2, segment_length=600, seed=0)

@@ -82,6 +82,10 @@ def _make_policy(behaviour: Behaviour, env: gym.Env) -> Callable[[np.ndarray], A
     raise TypeError(f"behaviour must be 'random', a model with .predict or a callable, got {type(behaviour).__name__}")
 
 
+#: Give up when this many episodes in a row were too short to hold one segment.
+MAX_SHORT_EPISODES = 1000
+
+
 def rollout_segments(
     env: gym.Env,
     n_segments: int,
@@ -94,8 +98,10 @@ def rollout_segments(
     """Roll out ``behaviour`` in ``env`` and cut episodes into segments.
 
     Segments are consecutive, non-overlapping windows of ``segment_length``
-    steps inside one episode (an episode's remainder shorter than a segment is
-    dropped), so no segment straddles a reset.
+    steps inside one episode, so no segment straddles a reset. They are cut
+    backwards from the episode's end: an episode's last steps (where it
+    terminates: the pole falls, the text ends) are always in a segment, and a
+    remainder shorter than a segment is dropped at the episode's start.
 
     :param env: any gymnasium env (wrapped or not).
     :param n_segments: how many segments to return.
@@ -104,48 +110,59 @@ def rollout_segments(
     :param info_keys: ``info`` entries to record with every step (what group rewards read).
     :param seed: seeds the env's first reset and its action space.
     :return: transitions with leading shape ``(n_segments, segment_length)``.
+    :raises ValueError: if :data:`MAX_SHORT_EPISODES` episodes in a row end before ``segment_length`` steps.
     """
     if n_segments < 1 or segment_length < 1:
         raise ValueError(f"n_segments and segment_length must be >= 1, got {n_segments} and {segment_length}")
     policy = _make_policy(behaviour, env)
     env.action_space.seed(seed)
     obs, _ = env.reset(seed=seed)
-    obs_buf, act_buf, next_buf = [], [], []
-    info_buf: dict[str, list[Any]] = {key: [] for key in info_keys}
     segments: list[Transitions] = []
+    short_in_a_row, longest = 0, 0
     with tqdm(total=n_segments, desc="segments", unit="seg", disable=not progress_bar) as bar:
         while len(segments) < n_segments:
-            action = policy(obs)
-            next_obs, _, terminated, truncated, info = env.step(action)
-            obs_buf.append(obs)
-            act_buf.append(action)
-            next_buf.append(next_obs)
-            for key in info_keys:
-                if key not in info:
-                    raise KeyError(f"info has no key {key!r} needed by the group rewards; it has {sorted(info)}")
-                info_buf[key].append(info[key])
-            if len(act_buf) == segment_length:
-                segments.append(
-                    Transitions(
-                        np.asarray(obs_buf),
-                        np.asarray(act_buf),
-                        np.asarray(next_buf),
-                        {key: np.asarray(values) for key, values in info_buf.items()},
-                    )
+            # An env without a time limit: stop once the episode holds every segment still needed.
+            episode = _run_episode(env, policy, obs, info_keys, max_steps=(n_segments - len(segments)) * segment_length)
+            length = len(episode.acts)
+            longest = max(longest, length)
+            short_in_a_row = short_in_a_row + 1 if length < segment_length else 0
+            if short_in_a_row >= MAX_SHORT_EPISODES:
+                raise ValueError(
+                    f"{MAX_SHORT_EPISODES} episodes in a row ended before segment_length={segment_length} steps "
+                    f"(the longest lasted {longest}): choose segment_length <= {longest}"
                 )
+            ends = range(length, segment_length - 1, -segment_length)[: n_segments - len(segments)]
+            for end in reversed(ends):  # in time order
+                segments.append(episode.index(slice(end - segment_length, end)))
                 bar.update(1)
-                obs_buf, act_buf, next_buf = [], [], []
-                info_buf = {key: [] for key in info_keys}
-            obs = next_obs
-            if terminated or truncated:
-                obs, _ = env.reset()
-                obs_buf, act_buf, next_buf = [], [], []
-                info_buf = {key: [] for key in info_keys}
+            obs, _ = env.reset()
     return Transitions(
         np.stack([s.obs for s in segments]),
         np.stack([s.acts for s in segments]),
         np.stack([s.next_obs for s in segments]),
         {key: np.stack([s.infos[key] for s in segments]) for key in info_keys},
+    )
+
+
+def _run_episode(env: gym.Env, policy: Callable[[np.ndarray], Any], obs: Any, info_keys: Sequence[str], max_steps: int) -> Transitions:
+    """One episode from ``obs`` to ``terminated or truncated`` (or ``max_steps``), leading shape ``(T,)``."""
+    obs_buf, act_buf, next_buf = [], [], []
+    info_buf: dict[str, list[Any]] = {key: [] for key in info_keys}
+    done = False
+    while not done:
+        action = policy(obs)
+        next_obs, _, terminated, truncated, info = env.step(action)
+        obs_buf.append(obs)
+        act_buf.append(action)
+        next_buf.append(next_obs)
+        for key in info_keys:
+            if key not in info:
+                raise KeyError(f"info has no key {key!r} needed by the group rewards; it has {sorted(info)}")
+            info_buf[key].append(info[key])
+        obs = next_obs
+        done = terminated or truncated or len(act_buf) >= max_steps
+    return Transitions(
+        np.asarray(obs_buf), np.asarray(act_buf), np.asarray(next_buf), {key: np.asarray(values) for key, values in info_buf.items()}
     )
 
 
