@@ -92,6 +92,29 @@ def test_grpo_step_runs_and_moves_policy():
     assert "losses/value_loss" not in stats and math.isfinite(stats["losses/policy_loss"])
 
 
+class TwoPassGRPO(MaxMinLMPPO):
+    single_pass = False  # type: ignore[assignment]
+
+
+def test_grpo_single_pass_equals_a_separate_rollout_pass():
+    """With one gradient step per batch, the update's own forward replaces the no-grad pass: same result."""
+    settings = {**FAST, "advantage": "grpo", "completions_per_prompt": 4, "n_epochs": 1, "minibatch_size": 16}
+    results = []
+    for cls in (MaxMinLMPPO, TwoPassGRPO):
+        model, tokenizer = toy_lm()
+        trainer = cls(model, tokenizer, PROMPTS, toy_group_scores(tokenizer), group_names=GROUPS, **settings)
+        assert trainer.single_pass == (cls is MaxMinLMPPO)
+        results.append((trainer.learn(2).history, lm_parameters(trainer)))
+    (history, weights), (history_two_pass, weights_two_pass) = results
+    assert history[1]["charts/kl"] > 0
+    for row, row_two_pass in zip(history, history_two_pass):
+        assert row.keys() == row_two_pass.keys()
+        for key in row:
+            assert row[key] == pytest.approx(row_two_pass[key], rel=1e-4, abs=1e-5), key
+    for name in weights:
+        torch.testing.assert_close(weights[name], weights_two_pass[name], rtol=1e-4, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- rollouts
 def test_one_forward_pass_reproduces_sampling_log_probs_with_left_padding():
     model, tokenizer = toy_lm()

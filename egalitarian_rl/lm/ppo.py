@@ -19,9 +19,10 @@ One iteration (:meth:`MaxMinLMPPO.train_iteration`), read top to bottom:
    ``"gae"`` (TRL's PPO recipe): per-token reward ``-kl_coef * (log pi - log pi_ref)``,
    the aggregated score added at the last token, GAE over tokens with the value
    head, advantages whitened;
-   ``"rloo"`` / ``"grpo"`` (critic-free): the sequence reward ``score - kl_coef * KL``
-   minus the leave-one-out mean (RLOO) or the group mean over std (GRPO) of the
-   other completions of the same prompt, for every token of the completion;
+   ``"rloo"`` (critic-free): the sequence reward ``score - kl_coef * KL`` minus the
+   leave-one-out mean of the other completions of the same prompt, for every token;
+   ``"grpo"`` (critic-free): the score minus the prompt's group mean over its std,
+   with the KL to the reference as a loss term (``kl_coef`` times GRPO's per-token estimator);
 6. ``n_epochs`` passes of clipped PPO (and clipped value) losses over minibatches.
 
 Data parallel: the trainer always runs through an :class:`accelerate.Accelerator`.
@@ -84,7 +85,9 @@ class LMPPOConfig:
     :param vf_coef: weight of the value loss.
     :param gamma: discount over tokens.
     :param gae_lambda: GAE's lambda over tokens.
-    :param kl_coef: (initial) coefficient of the KL penalty to the reference model.
+    :param kl_coef: (initial) coefficient of the KL penalty to the reference model: a per-token reward
+        ``-kl_coef * (log pi - log pi_ref)`` for ``"gae"`` and ``"rloo"``; for ``"grpo"`` a loss term,
+        ``kl_coef`` times the token mean of ``exp(d) - d - 1`` with ``d = log pi_ref - log pi``.
     :param target_kl: None for a fixed coefficient; else the KL (nats per completion) that an
         adaptive coefficient steers towards (Ziegler et al.'s controller, as in TRL).
     :param kl_horizon: the adaptive controller's horizon in completions.
@@ -429,16 +432,17 @@ class MaxMinLMPPO:
         rows = self._local_rows(cfg.batch_size)
         prompt_index = global_prompts[rows.start : rows.stop]
 
-        # 2-3. Sample, then one forward pass of the policy and one of the reference.
+        # 2-3. Sample, then one forward pass of the reference and one of the policy (unless the
+        # update's own forward serves, see ``single_pass``).
         sample = self._sample([self.prompt_token_ids[i] for i in prompt_index], rows, (0, cfg.seed, self.iteration))
         prompt_ids, prompt_mask, response_ids, mask = sample["prompt_ids"], sample["prompt_mask"], sample["response_ids"], sample["mask"]
-        with torch.no_grad():
-            old_logprobs, old_values, entropy = self.accelerator.unwrap_model(self.policy)(
-                prompt_ids, prompt_mask, response_ids, cfg.temperature, with_entropy=True
-            )
         ref_logprobs = self._reference_logprobs(prompt_ids, prompt_mask, response_ids)
-        kl_tokens = (old_logprobs - ref_logprobs) * mask  # (B, R) per-token KL estimate, 0 after EOS
-        kl_sequences = kl_tokens.sum(-1)  # (B,)
+        old_logprobs = old_values = entropy = None
+        if not self.single_pass:
+            with torch.no_grad():
+                old_logprobs, old_values, entropy = self.accelerator.unwrap_model(self.policy)(
+                    prompt_ids, prompt_mask, response_ids, cfg.temperature, with_entropy=True
+                )
 
         # 4. Group scores -> one scale -> one score per completion, all on the global batch.
         raw_scores = self._gather(self._score([self.prompts[i] for i in prompt_index], sample["texts"]))
@@ -447,24 +451,28 @@ class MaxMinLMPPO:
         result = self.aggregation.aggregate(normalized, group_returns)
         scores = torch.as_tensor(result.rewards[rows.start : rows.stop], dtype=torch.float32, device=device)
 
-        # 5. Advantages.
-        last = (mask.sum(-1).long() - 1).clamp(min=0)  # index of each completion's last counted token
+        # 5. Advantages. The KL penalty is a per-token reward (gae, rloo), or a loss term (grpo).
         if cfg.advantage == "gae":
-            rewards = -self.kl_coef * kl_tokens
+            rewards = -self.kl_coef * (old_logprobs - ref_logprobs) * mask
+            last = (mask.sum(-1).long() - 1).clamp(min=0)  # each completion's last counted token
             rewards[torch.arange(len(last)), last] += scores
             advantages, returns = self._gae(rewards, old_values * mask, mask)
         else:
-            sequence_rewards = self._gather((scores - self.kl_coef * kl_sequences).cpu().numpy())
-            baseline_advantages = self._critic_free_advantages(sequence_rewards.reshape(n_prompts, cfg.completions_per_prompt))
-            advantages = torch.as_tensor(baseline_advantages.reshape(-1)[rows.start : rows.stop], dtype=torch.float32, device=device)
-            advantages = advantages[:, None].expand_as(mask).contiguous()
+            sequence_rewards = scores if cfg.advantage == "grpo" else scores - self.kl_coef * ((old_logprobs - ref_logprobs) * mask).sum(-1)
+            grouped = self._gather(sequence_rewards.cpu().numpy()).reshape(n_prompts, cfg.completions_per_prompt)
+            baseline_advantages = self._critic_free_advantages(grouped).reshape(-1)[rows.start : rows.stop]
+            advantages = torch.as_tensor(baseline_advantages, dtype=torch.float32, device=device)[:, None].expand_as(mask).contiguous()
             returns = None
 
         # 6. PPO epochs over minibatches (the same order on every process).
-        losses = self._update(prompt_ids, prompt_mask, response_ids, mask, old_logprobs, old_values, advantages, returns)
+        losses, first_pass = self._update(
+            prompt_ids, prompt_mask, response_ids, mask, old_logprobs, old_values, ref_logprobs, advantages, returns
+        )
+        if self.single_pass:  # the update's forward ran before its step: it saw the rollout policy
+            old_logprobs, entropy = first_pass
 
-        # Statistics of the whole batch.
-        mean_kl = float(self._gather(kl_sequences.cpu().numpy()).mean())
+        # Statistics of the whole batch; KL in nats per completion.
+        mean_kl = float(self._gather(((old_logprobs - ref_logprobs) * mask).sum(-1).cpu().numpy()).mean())
         stats: dict[str, float] = {
             "charts/kl": mean_kl,
             "charts/kl_coef": self.kl_coef,
@@ -523,46 +531,79 @@ class MaxMinLMPPO:
             return rewards - (rewards.sum(axis=1, keepdims=True) - rewards) / (k - 1)
         return (rewards - rewards.mean(axis=1, keepdims=True)) / (rewards.std(axis=1, keepdims=True) + 1e-4)
 
+    @property
+    def single_pass(self) -> bool:
+        """True for GRPO with one gradient step per batch (``n_epochs == 1``, ``minibatch_size == batch_size``).
+
+        Then the update's forward pass runs on the rollout policy itself, so its detached log-probs
+        are the old log-probs (ratio 1, as TRL's GRPO with ``num_iterations=1``) and a separate
+        no-grad pass would compute the same numbers again. GRPO's KL is a loss term, so no
+        advantage needs the policy's log-probs before that pass.
+        """
+        cfg = self.config
+        return cfg.advantage == "grpo" and cfg.n_epochs == 1 and cfg.minibatch_size == cfg.batch_size
+
     def _update(
         self,
         prompt_ids: torch.Tensor,
         prompt_mask: torch.Tensor,
         response_ids: torch.Tensor,
         mask: torch.Tensor,
-        old_logprobs: torch.Tensor,
+        old_logprobs: torch.Tensor | None,
         old_values: torch.Tensor | None,
+        ref_logprobs: torch.Tensor,
         advantages: torch.Tensor,
         returns: torch.Tensor | None,
-    ) -> dict[str, float]:
-        """``n_epochs`` of clipped PPO over minibatches; returns the mean losses (``losses/*``).
+    ) -> tuple[dict[str, float], tuple[torch.Tensor, torch.Tensor] | None]:
+        """``n_epochs`` of clipped PPO over minibatches.
 
-        All per-row tensors are ``(B_local, R)``. A minibatch's loss is its token sum divided by
-        the minibatch's token count over all processes, times the number of processes, because
-        data-parallel training averages the processes' gradients.
+        All per-row tensors are ``(B_local, R)``; ``old_logprobs`` is None in :attr:`single_pass`
+        mode. A minibatch's loss is its token sum divided by the minibatch's token count over all
+        processes, times the number of processes, because data-parallel training averages the
+        processes' gradients.
+
+        :return: the mean losses (``losses/*``), and in :attr:`single_pass` mode the pre-step
+            ``(logprobs, entropy)`` of the batch, each ``(B_local, R)``.
         """
         cfg = self.config
         local_minibatch = cfg.minibatch_size // self.accelerator.num_processes
         n_local = prompt_ids.shape[0]
-        totals: dict[str, list[torch.Tensor]] = {"policy_loss": [], "value_loss": [], "approx_kl": [], "clip_fraction": []}
+        first_pass = None
+        totals: dict[str, list[torch.Tensor]] = {"policy_loss": [], "value_loss": [], "kl_loss": [], "approx_kl": [], "clip_fraction": []}
         for epoch in range(cfg.n_epochs):
             order = np.random.default_rng([cfg.seed, self.iteration, epoch]).permutation(n_local)
             for start in range(0, n_local, local_minibatch):
                 idx = torch.as_tensor(order[start : start + local_minibatch], device=mask.device)
                 mb_mask = mask[idx]
                 scale = self.accelerator.num_processes / self._sum(mb_mask.sum()).clamp(min=1.0)
-                logprobs, values, _ = self.policy(prompt_ids[idx], prompt_mask[idx], response_ids[idx], cfg.temperature)
-                log_ratio = logprobs - old_logprobs[idx]
+                logprobs, values, entropy = self.policy(
+                    prompt_ids[idx], prompt_mask[idx], response_ids[idx], cfg.temperature, with_entropy=old_logprobs is None
+                )
+                if old_logprobs is None:
+                    old = logprobs.detach()
+                    first_pass = (torch.empty_like(old), torch.empty_like(old))
+                    first_pass[0][idx], first_pass[1][idx] = old, entropy
+                else:
+                    old = old_logprobs[idx]
+                log_ratio = logprobs - old
                 ratio = torch.exp(log_ratio)
                 adv = advantages[idx]
                 policy_losses = torch.max(-adv * ratio, -adv * ratio.clamp(1.0 - cfg.clip_range, 1.0 + cfg.clip_range))
                 policy_loss = (policy_losses * mb_mask).sum() * scale
                 loss = policy_loss
                 if values is not None:
-                    old = old_values[idx]
-                    clipped = values if cfg.clip_range_vf is None else old + (values - old).clamp(-cfg.clip_range_vf, cfg.clip_range_vf)
+                    old_v = old_values[idx]
+                    clipped = values if cfg.clip_range_vf is None else old_v + (values - old_v).clamp(-cfg.clip_range_vf, cfg.clip_range_vf)
                     value_losses = torch.max((values - returns[idx]) ** 2, (clipped - returns[idx]) ** 2)
                     value_loss = 0.5 * (value_losses * mb_mask).sum() * scale
                     loss = loss + cfg.vf_coef * value_loss
+                    totals["value_loss"].append(value_loss.detach())
+                if cfg.advantage == "grpo":
+                    # GRPO's per-token KL estimator (k3, unbiased and >= 0): exp(d) - d - 1 with d = log ref - log pi.
+                    delta = ref_logprobs[idx] - logprobs
+                    kl_loss = ((torch.exp(delta) - delta - 1.0) * mb_mask).sum() * scale
+                    loss = loss + self.kl_coef * kl_loss
+                    totals["kl_loss"].append(kl_loss.detach())
                 self.optimizer.zero_grad()
                 self.accelerator.backward(loss)
                 self.accelerator.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
@@ -572,10 +613,9 @@ class MaxMinLMPPO:
                     totals["policy_loss"].append(policy_loss.detach())
                     totals["approx_kl"].append((((ratio - 1) - log_ratio) * mb_mask).sum() * scale)
                     totals["clip_fraction"].append((((ratio - 1).abs() > cfg.clip_range).float() * mb_mask).sum() * scale)
-                    if values is not None:
-                        totals["value_loss"].append(value_loss.detach())
         processes = self.accelerator.num_processes
-        return {f"losses/{key}": float(self._sum(torch.stack(values).mean())) / processes for key, values in totals.items() if values}
+        losses = {f"losses/{key}": float(self._sum(torch.stack(values).mean())) / processes for key, values in totals.items() if values}
+        return losses, first_pass
 
     # ------------------------------------------------------------------ the loop
     def learn(

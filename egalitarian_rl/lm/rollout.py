@@ -222,7 +222,7 @@ def score_tokens(
     :param prompt_mask: ``(B, P)`` 1 on real prompt tokens.
     :param response_ids: ``(B, R)`` sampled tokens (padding after EOS included; mask it afterwards).
     :param temperature: the sampling temperature: logits are divided by it.
-    :param with_entropy: also return the entropy (costs one more ``(B, R, V)`` pass; use without grad).
+    :param with_entropy: also return the entropy (one more ``(B, R, V)`` pass, without gradient).
     :param with_hidden: also return the last hidden states for a value head.
     """
     response_length = response_ids.shape[1]
@@ -241,8 +241,9 @@ def score_tokens(
     log_normaliser = torch.logsumexp(logits, dim=-1)
     logprobs = logits.gather(-1, response_ids[..., None]).squeeze(-1) - log_normaliser
     entropy = None
-    if with_entropy:
-        probs = torch.softmax(logits, dim=-1)
-        entropy = log_normaliser - (probs * logits).sum(-1)
+    if with_entropy:  # a diagnostic: never part of a loss, so no graph through the (B, R, V) softmax
+        with torch.no_grad():
+            probs = torch.softmax(logits, dim=-1)
+            entropy = log_normaliser - (probs * logits).sum(-1)
     hidden = output.hidden_states[-1][:, -response_length - 1 : -1] if with_hidden else None
     return LogProbs(logprobs=logprobs, entropy=entropy, hidden=hidden)
