@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from egalitarian_rl.experiments.config import ConfigError
-from egalitarian_rl.experiments.lm_pipeline import LMExperimentConfig, LMPipeline, distinct_bigrams, method_rule, population_tag
+from egalitarian_rl.experiments.lm_pipeline import (
+    LMExperimentConfig,
+    LMPipeline,
+    distinct_bigrams,
+    is_lm_config,
+    method_rule,
+    population_tag,
+)
 
 torch.set_num_threads(1)
 
@@ -37,6 +44,13 @@ def test_shipped_configs_load(name: str) -> None:
     cfg = LMExperimentConfig.from_yaml(path)
     assert cfg.group_names == ("positive", "concise")
     assert cfg.train.methods[0] == "rlhf" and cfg.model.name == "smollm2"
+
+
+def test_is_lm_config_tells_the_two_kinds_apart() -> None:
+    folder = resources.files("egalitarian_rl.experiments") / "configs"
+    assert is_lm_config(Path(str(folder / "imdb.yaml")))
+    assert not is_lm_config(Path(str(folder / "fairgrid.yaml")))
+    assert not is_lm_config("no/such/file.yaml")
 
 
 @pytest.mark.parametrize(
@@ -92,10 +106,14 @@ def test_every_stage_end_to_end_and_resume(tmp_path: Path) -> None:
     assert "| method |" in text and "## Examples" in text and "Reward gaming check" in text
     assert (report.parent / "scores.png").stat().st_size > 0
 
-    # Nothing changed: every stage is skipped.
+    # Nothing changed: every stage is skipped, also when driven stage by stage as the CLI drives Pipeline.
     lines.clear()
-    LMPipeline(cfg, log=lines.append).run()
+    again = LMPipeline(cfg, log=lines.append)
+    again.collect(0), again.fit(0), [again.train(0, m) for m in again.methods], again.evaluate(0, "rlhf")
+    again.run()
     assert lines == []
+    with pytest.raises(ConfigError, match="runs seed 0, not 1"):
+        again.collect(1)
 
     # More training iterations: training resumes and evaluation follows; collection and fits are kept.
     lines.clear()

@@ -173,3 +173,14 @@ def test_sequence_classifier_reward_learns_a_preference(lora) -> None:
     scores = reward.group_scores([""] * 16, good + bad)
     assert scores.shape == (16, 2)
     assert (scores[:8, 0].mean() - scores[8:, 0].mean()) > 0.5
+
+
+def test_with_length_appends_the_log_word_count_and_renames_the_cache_key(tmp_path) -> None:
+    from egalitarian_rl.lm.text_rewards import WithLength
+
+    encoder = WithLength(CountingEncoder("counter-v1"))
+    out = TextEmbedder(encoder, tmp_path).embed(["one two three", ""])
+    assert out.shape == (2, 3)
+    np.testing.assert_allclose(out[:, -1], np.log1p([3, 0]))
+    with pytest.raises(EmbeddingCacheError, match="'counter-v1\\+log1p_words', not 'counter-v1'"):
+        EmbeddingCache(tmp_path, "counter-v1")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -114,6 +115,7 @@ class TextCollectConfig:
     :param comparisons_per_user: comparisons per user.
     :param beta: Bradley-Terry rationality of every user (``null`` = deterministic).
     :param encoder: ``"minilm"`` (frozen all-MiniLM-L6-v2) or ``"policy"`` (the base model's mean hidden state).
+    :param length_feature: append ``log(1 + words)`` to the embedding (see :class:`~egalitarian_rl.lm.text_rewards.WithLength`).
     """
 
     completions_per_prompt: int = 4
@@ -124,6 +126,7 @@ class TextCollectConfig:
     comparisons_per_user: int = 40
     beta: float | None = 5.0
     encoder: str = "minilm"
+    length_feature: bool = False
 
     def __post_init__(self) -> None:
         _require(self.completions_per_prompt >= 2, "completions_per_prompt", f"must be >= 2, got {self.completions_per_prompt}")
@@ -337,7 +340,10 @@ class LMPipeline:
         if unknown:
             raise ConfigError(f"--force: unknown stage {unknown}; stages are {list(STAGES)}")
         self.config, self.log, self.force, self.progress_bar = config, log, set(force), progress_bar
-        self.dir = Path(config.out_dir) / f"seed_{config.seed}"
+        self.out_dir = Path(config.out_dir)
+        self.dir = self.out_dir / f"seed_{config.seed}"
+        #: The trained methods (the CLI's stage commands loop over them, as for :class:`Pipeline`).
+        self.methods = list(config.train.methods)
         self.group_names = config.group_names
         self.tags = [population_tag(p) for p in config.collect.populations]
         self._done: set[str] = set()  # stages checked in this run (a forced stage is redone once)
@@ -404,13 +410,15 @@ class LMPipeline:
     def embedder(self) -> Any:
         """The text embedder of ``collect.encoder`` with its on-disk cache."""
         if self._embedder is None:
-            from egalitarian_rl.lm.text_rewards import CausalLMEncoder, MiniLMEncoder, TextEmbedder
+            from egalitarian_rl.lm.text_rewards import CausalLMEncoder, MiniLMEncoder, TextEmbedder, WithLength
 
             if self.config.collect.encoder == "minilm":
                 encoder = MiniLMEncoder()
             else:
                 model, tokenizer = self.base_model()
                 encoder = CausalLMEncoder(model, tokenizer, name=f"{self.config.model.name}-hidden/mean")
+            if self.config.collect.length_feature:
+                encoder = WithLength(encoder)
             # One cache folder per encoder: switching encoders never meets the other's cache.
             folder = "".join(c if c.isalnum() or c in "-." else "_" for c in encoder.name)
             self._embedder = TextEmbedder(encoder, self.dir / "embeddings" / folder)
@@ -456,8 +464,14 @@ class LMPipeline:
         return out
 
     # ------------------------------------------------------------------ 1. collect
-    def collect(self) -> dict[str, PreferenceDataset]:
+    def _check_seed(self, seed: int | None) -> None:
+        # The stage methods take the seed as Pipeline's do, so the CLI drives both alike; one seed per run here.
+        if seed is not None and seed != self.config.seed:
+            raise ConfigError(f"seed: this language experiment runs seed {self.config.seed}, not {seed}; set `seed` in the config")
+
+    def collect(self, seed: int | None = None) -> dict[str, PreferenceDataset]:
         """Base-model completions of the training prompts, their embeddings, and each population's comparisons."""
+        self._check_seed(seed)
         from egalitarian_rl.lm.text_rewards import TextPool, collect_text_preferences, text_population
 
         paths = {tag: self.dir / f"preferences_{tag}.npz" for tag in self.tags}
@@ -504,8 +518,9 @@ class LMPipeline:
         return TextPool.from_json(saved["pool"]), saved["eval_prompts"]
 
     # ------------------------------------------------------------------ 2. fit
-    def fit(self) -> dict[str, Any]:
+    def fit(self, seed: int | None = None) -> dict[str, Any]:
         """Single BT and EM mixture per population; ARI and held-out accuracy per group for single vs mixture."""
+        self._check_seed(seed)
         from egalitarian_rl.rewards import EMRewardMixture, adjusted_rand_index, cluster_to_group, fit_bradley_terry, preference_accuracy
 
         datasets = self.collect()
@@ -570,8 +585,17 @@ class LMPipeline:
         names = [f"r{m}_{name}" for m, name in enumerate(fit[tag]["member_groups"])]
         return LearnedGroupScores(em.reward, self.embedder()), names
 
-    def train(self, method: str) -> Path:
-        """Train one method (resuming its checkpoint); returns the checkpoint folder."""
+    def train(self, seed_or_method: int | str, method: str | None = None) -> Path:
+        """Train one method (resuming its checkpoint); returns the checkpoint folder.
+
+        Called as ``train(method)`` or, like :class:`Pipeline`, ``train(seed, method)``.
+        """
+        if isinstance(seed_or_method, str):
+            method = seed_or_method
+        else:
+            self._check_seed(seed_or_method)
+        if method not in self.methods:
+            raise ConfigError(f"train: unknown method {method!r}; this config trains {self.methods}")
         from egalitarian_rl.lm.ppo import LMPPOConfig, MaxMinLMPPO
 
         folder = self.dir / "policies" / method
@@ -580,10 +604,15 @@ class LMPipeline:
             return folder
         self._threads()
         cfg = self.config
-        if "train" in self.force and f"train:{method}" not in self._done:
-            import shutil
-
+        # A checkpoint resumes only if it was trained with the same settings and rewards (any
+        # number of iterations: more iterations continue it); otherwise training starts afresh.
+        inputs = self._inputs("train", method)
+        start_key = _fingerprint({**inputs, "train": {**inputs["train"], "iterations": None}})
+        key_path = folder / "started_from.json"
+        forced = "train" in self.force and f"train:{method}" not in self._done
+        if forced or (key_path.exists() and json.loads(key_path.read_text())["fingerprint"] != start_key) or not key_path.exists():
             shutil.rmtree(folder, ignore_errors=True)
+        save_json_atomic({"fingerprint": start_key}, key_path)
         scores, names = self._group_scores(method)
         pool, _ = self.pool()
         ppo = LMPPOConfig(
@@ -620,8 +649,13 @@ class LMPipeline:
                 own[name].copy_(tensor)
         return model.eval()
 
-    def evaluate(self) -> dict[str, Any]:
-        """Every method's (and the base model's) completions of the held-out prompts, true scores and KL."""
+    def evaluate(self, seed: int | None = None, method: str | None = None) -> dict[str, Any]:
+        """Every method's (and the base model's) completions of the held-out prompts, true scores and KL.
+
+        :param seed, method: accepted as :class:`Pipeline`'s are; all methods are evaluated together
+            (once: a later call reads the saved evaluation).
+        """
+        self._check_seed(seed)
         from egalitarian_rl.envs.text_groups import score_texts
 
         for method in self.config.train.methods:

