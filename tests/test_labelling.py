@@ -456,3 +456,64 @@ def test_control_pool_renders_a_gif_per_segment() -> None:
     assert pool.transitions.obs.shape == (3, 4, 25) and not pool.transitions.infos  # the frames are not kept as data
     with pytest.raises(ValueError, match="rgb_array"):
         control_pool(gym.make(envs.FAIRGRID_ID), 2, 3)
+
+
+def test_campaign_config_refuses_unknown_keys_and_ambiguous_sources(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("database: x.sqlite\nenv_id: egalitarian_rl/FairGrid-v0\nannotator: [a]\n")
+    with pytest.raises(ValueError, match="unknown key"):
+        CampaignConfig.from_yaml(path)
+    path.write_text("database: x.sqlite\nenv_id: egalitarian_rl/FairGrid-v0\ntexts: {file: t.jsonl}\n")
+    with pytest.raises(ValueError, match="exactly one"):
+        CampaignConfig.from_yaml(path)
+    path.write_text("database: x.sqlite\nenv_id: egalitarian_rl/FairGrid-v0\nqueries: {rule: smart}\n")
+    with pytest.raises(ValueError, match="queries.rule"):
+        CampaignConfig.from_yaml(path)
+
+
+def test_extending_a_campaign_adds_new_candidates_that_show_a_new_segment() -> None:
+    population = envs.make_population(envs.FAIRGRID_ID, {"majority": 0.8, "minority": 0.2}, beta=5.0)
+    env = gym.make(envs.FAIRGRID_ID, random_start=True)
+    first = rollout_segments(env, 20, 4, "random", population.info_keys, seed=0)
+    pairs = np.unique(np.sort(sample_pairs(20, 50, np.random.default_rng(0)), axis=1), axis=0)
+    campaign = SimulatedCampaign(population, first, pairs, n_users=5, rule=RandomRule(), seed=0)
+    campaign.ask(2)
+    campaign.extend(rollout_segments(env, 10, 4, "random", population.info_keys, seed=1), 40)
+    added = campaign.pairs[len(pairs) :]
+    assert len(campaign.pool.acts) == 30 and len(added) > 0 and np.all(added.max(axis=1) >= 20)
+    assert len(np.unique(campaign.pairs, axis=0)) == len(campaign.pairs) and campaign.asked.shape == (5, len(campaign.pairs))
+    campaign.ask(2)
+    assert len(campaign.dataset()) == 20
+
+
+def test_online_loop_runs_rounds_and_carries_the_policy_over() -> None:
+    from stable_baselines3 import PPO
+
+    from egalitarian_rl.labelling.online import OnlineSettings, run_online
+
+    population = envs.make_population(envs.FAIRGRID_ID, {"majority": 0.8, "minority": 0.2}, beta=5.0)
+    previous_agents: list[Any] = []
+
+    def make_agent(mixture: Any, answers: PreferenceDataset, previous: Any) -> Any:
+        previous_agents.append(previous)
+        agent = PPO("MlpPolicy", gym.make(envs.FAIRGRID_ID), n_steps=64, batch_size=64, n_epochs=1, seed=0, device="cpu")
+        if previous is not None:
+            agent.policy.load_state_dict(previous.policy.state_dict())
+        return agent
+
+    settings = OnlineSettings(
+        rounds=2, segments_per_round=30, segment_length=4, candidates_per_round=100, queries_per_user=2, timesteps_per_round=64
+    )
+    agent, mixture, records = run_online(
+        lambda: gym.make(envs.FAIRGRID_ID, random_start=True),
+        population,
+        10,
+        lambda: EMRewardMixture(**FAST_EM),
+        make_agent,
+        settings,
+        evaluate=lambda a: np.ones((3, 2)),
+        log=lambda _msg: None,
+    )
+    assert [r.comparisons for r in records] == [20, 40] and previous_agents[0] is None and previous_agents[1] is not None
+    assert records[-1].group_returns == {"majority": 1.0, "minority": 1.0} and np.isclose(sum(records[-1].shares), 1.0)
+    assert mixture.users_.tolist() == list(range(10)) and agent is not previous_agents[1]

@@ -15,7 +15,7 @@ import numpy as np
 from egalitarian_rl.labelling.queries import DisagreementRule, QueryRule, segment_member_returns
 from egalitarian_rl.preferences.dataset import PreferenceDataset
 from egalitarian_rl.preferences.population import Population
-from egalitarian_rl.preferences.segments import Transitions
+from egalitarian_rl.preferences.segments import Transitions, concatenate_transitions
 
 
 class SimulatedCampaign:
@@ -91,6 +91,28 @@ class SimulatedCampaign:
             self.metadata,
             segment_ids=pairs,
         )
+
+    def extend(self, segments: Transitions, n_pairs: int) -> None:
+        """Add segments to the pool and ``n_pairs`` candidate pairs that each show at least one of them.
+
+        The online loop's new round: segments of the current policy, compared with each other
+        and with earlier ones.
+
+        :param segments: new segments, leading shape ``(S', L)``, same info keys as the pool.
+        :param n_pairs: candidates to add (duplicates of existing candidates are dropped).
+        """
+        old = len(self.pool.acts)
+        self.pool = concatenate_transitions([self.pool, segments])
+        total = len(self.pool.acts)
+        first = old + self.rng.integers(total - old, size=n_pairs)
+        # Shift by 1..total-1: the partner is any other segment of the pool, old or new.
+        second = (first + self.rng.integers(1, total, size=n_pairs)) % total
+        new = np.sort(np.stack([first, second], axis=1), axis=1)
+        existing = {tuple(pair) for pair in self.pairs.tolist()}
+        new = np.unique(new, axis=0)
+        new = new[[tuple(pair) not in existing for pair in new.tolist()]]
+        self.pairs = np.concatenate([self.pairs, new.astype(np.int64)])
+        self.asked = np.concatenate([self.asked, np.zeros((self.n_users, len(new)), dtype=bool)], axis=1)
 
     def refresh(self, mixture: object) -> None:
         """Tell an active rule about a newly fitted mixture (a random rule needs nothing)."""
