@@ -14,7 +14,7 @@ round. A run stops at the first round where
 and records the total number of answered comparisons. Medians over seeds; target: active
 needs <= 60% of random's comparisons.
 
-Run: ``python -m benchmarks.active_queries`` (about 10-20 min on 2 shared cores).
+Run: ``python -m benchmarks.active_queries`` (about 5 min on 2 shared cores: one EM fit per round, ~1-3 s each).
 """
 
 from __future__ import annotations

@@ -175,13 +175,21 @@ def link(host: str, port: int, name: str, token: str) -> str:
 
 def make_campaign(config: CampaignConfig, store: AnswerStore, seed: int | None = None) -> Campaign:
     """The app's campaign object: the configured query rule, and EM refitting in the background."""
-    from egalitarian_rl.rewards import EMRewardMixture
-
     rule_name = config.queries.get("rule", "disagreement")
     rule = make_rule(rule_name, float(config.queries.get("epsilon", 0.2)))
     em = {"n_components": 2, **config.em}
     app_keys = {k: em.pop(k) for k in _EM_APP_KEYS if k in em}
-    fitter = MixtureFitter(store, lambda: EMRewardMixture(**em), on_fit=rule_refresher(store, rule), **app_keys)
+
+    def make_mixture() -> Any:
+        # torch is imported at the first fit, not at start-up: the page is up in a second.
+        import torch
+
+        from egalitarian_rl.rewards import EMRewardMixture
+
+        torch.set_num_threads(1)  # EM refits share the machine with the server (and everyone else)
+        return EMRewardMixture(**em)
+
+    fitter = MixtureFitter(store, make_mixture, on_fit=rule_refresher(store, rule), **app_keys)
     return Campaign(
         store,
         rule,
@@ -202,11 +210,9 @@ def label_main(config_path: str | os.PathLike, host: str = "127.0.0.1", port: in
     :param export: write the answers so far as a ``PreferenceDataset`` ``.npz`` here and exit.
     :return: the process exit code.
     """
-    import torch
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(1)  # EM refits share the machine with the server and everyone else
     config = CampaignConfig.from_yaml(config_path)
     store, created = prepare_campaign(config)
     if export is not None:

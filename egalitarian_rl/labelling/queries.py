@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-import torch
 
 from egalitarian_rl.preferences.dataset import PreferenceDataset
 from egalitarian_rl.preferences.segments import Transitions
@@ -46,18 +45,20 @@ class RandomRule:
         return rng.permutation(available)[:n]
 
 
-@torch.no_grad()
 def segment_member_returns(mixture: object, segments: Transitions, chunk_size: int = 1024) -> np.ndarray:
     """``(S, K)`` each member's return of each segment (leading shape ``(S, L)``) of a fitted mixture.
 
     :param mixture: a fitted :class:`~egalitarian_rl.rewards.EMRewardMixture`.
     """
+    import torch  # only once a mixture exists: the labelling server starts without torch
+
     reward = mixture.reward  # type: ignore[attr-defined]
     discount = getattr(mixture, "discount", 1.0)
-    parts = [
-        reward.segment_returns(segments.index(slice(start, start + chunk_size)), discount).numpy()
-        for start in range(0, len(segments.acts), chunk_size)
-    ]
+    with torch.no_grad():
+        parts = [
+            reward.segment_returns(segments.index(slice(start, start + chunk_size)), discount).numpy()
+            for start in range(0, len(segments.acts), chunk_size)
+        ]
     return np.concatenate(parts).astype(np.float64)
 
 
