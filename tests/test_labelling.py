@@ -32,7 +32,7 @@ from egalitarian_rl import envs
 from egalitarian_rl.labelling import AnswerStore, DisagreementRule, RandomRule, SimulatedCampaign, StoreError, text_pool
 from egalitarian_rl.labelling.app import pairwise_agreement, redact_path
 from egalitarian_rl.labelling.campaign import CampaignConfig, prepare_campaign
-from egalitarian_rl.labelling.pool import control_pool, hashed_bag_of_words
+from egalitarian_rl.labelling.pool import candidate_pairs, control_pool, hashed_bag_of_words
 from egalitarian_rl.labelling.store import choice_to_label, is_swapped
 from egalitarian_rl.preferences import PreferenceDataset, collect_preferences, rollout_segments, sample_pairs
 from egalitarian_rl.rewards import EMRewardMixture
@@ -517,3 +517,11 @@ def test_online_loop_runs_rounds_and_carries_the_policy_over() -> None:
     assert [r.comparisons for r in records] == [20, 40] and previous_agents[0] is None and previous_agents[1] is not None
     assert records[-1].group_returns == {"majority": 1.0, "minority": 1.0} and np.isclose(sum(records[-1].shares), 1.0)
     assert mixture.users_.tolist() == list(range(10)) and agent is not previous_agents[1]
+
+
+def test_text_candidates_pair_completions_of_the_same_prompt() -> None:
+    prompts = ["p1", "p1", "p1", "p2", "p2", "p3"]
+    pool = text_pool(prompts, [f"reply {i}" for i in range(6)], hashed_bag_of_words)
+    pairs = candidate_pairs(pool, 50, np.random.default_rng(0))
+    assert len(pairs) == 4  # 3 pairs among p1's replies, 1 among p2's, none for the lone p3
+    assert all(prompts[a] == prompts[b] and a < b for a, b in pairs.tolist())

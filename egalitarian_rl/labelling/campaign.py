@@ -33,10 +33,9 @@ import numpy as np
 import yaml
 
 from egalitarian_rl.labelling.app import Campaign, MixtureFitter, create_app, rule_refresher
-from egalitarian_rl.labelling.pool import SegmentPool, control_pool, hashed_bag_of_words, text_pool
+from egalitarian_rl.labelling.pool import SegmentPool, candidate_pairs, control_pool, hashed_bag_of_words, text_pool
 from egalitarian_rl.labelling.queries import RULES, make_rule
 from egalitarian_rl.labelling.store import AnswerStore, hash_token, redact
-from egalitarian_rl.preferences.segments import sample_pairs
 
 _EM_APP_KEYS = ("min_answers", "refit_every")
 
@@ -138,8 +137,7 @@ def prepare_campaign(config: CampaignConfig, log: Any = print) -> tuple[AnswerSt
         pool = build_pool(config)
         ids = store.add_segments(pool)
         rng = np.random.default_rng(int(config.segments.get("seed", 0)))
-        pairs = np.unique(np.sort(sample_pairs(len(ids), config.n_queries, rng), axis=1), axis=0)
-        store.add_queries(ids[pairs])
+        store.add_queries(ids[candidate_pairs(pool, config.n_queries, rng)])
         metadata = {"env_id": config.env_id, "segment_length": int(pool.transitions.acts.shape[1]), "campaign": config.title}
         if config.env_id is not None:
             import gymnasium as gym

@@ -9,9 +9,10 @@ Each round:
 3. **EM** on every answer so far;
 4. **training**: the policy continues (its weights are carried over) on the new mixture.
 
-Users are simulated here (:class:`~egalitarian_rl.labelling.simulate.SimulatedCampaign`); with
-real people the same round structure reads the answers from an
-:class:`~egalitarian_rl.labelling.store.AnswerStore` instead.
+Users are simulated (:class:`~egalitarian_rl.labelling.simulate.SimulatedCampaign`). Rounds with
+real people (new segments added to a campaign's :class:`~egalitarian_rl.labelling.store.AnswerStore`,
+waiting for their answers) are not implemented yet. EM is refitted from scratch every round:
+:class:`~egalitarian_rl.rewards.EMRewardMixture` has no warm start from a previous mixture yet.
 
 What the loop does not own is passed in: how to build the mixture (``make_mixture``), the
 agent (``make_agent``, e.g. :func:`maxmin_agent_factory`) and how to score a policy

@@ -16,7 +16,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from egalitarian_rl.preferences.segments import Behaviour, Transitions, rollout_segments
+from egalitarian_rl.preferences.segments import Behaviour, Transitions, rollout_segments, sample_pairs
 
 #: ``info`` keys the frame recorder adds; removed from the pool's transitions once rendered.
 FRAME_KEY = "labelling_frame"
@@ -56,6 +56,26 @@ class SegmentPool:
         if self.texts is not None:
             return "text"
         return "clip" if self.media is not None else "data"
+
+
+def candidate_pairs(pool: SegmentPool, n_pairs: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to ``n_pairs`` distinct unordered pairs of pool positions, ``(M, 2)`` with ``a < b``.
+
+    Text segments are paired only with completions of the same prompt (comparing replies to
+    different prompts says little about either); control segments with any other segment.
+    """
+    if pool.prompts is None:
+        pairs = sample_pairs(len(pool), n_pairs, rng)
+    else:
+        prompts = np.asarray(pool.prompts, dtype=object)
+        groups = [np.flatnonzero(prompts == p) for p in dict.fromkeys(pool.prompts)]
+        groups = [g for g in groups if len(g) >= 2]
+        if not groups:
+            raise ValueError("no prompt has two completions to compare")
+        # Each draw: a prompt (weighted by its completions), then two of its completions.
+        which = rng.choice(len(groups), size=n_pairs, p=np.array([len(g) for g in groups]) / sum(len(g) for g in groups))
+        pairs = np.concatenate([groups[g][sample_pairs(len(groups[g]), int((which == g).sum()), rng)] for g in range(len(groups))])
+    return np.unique(np.sort(pairs, axis=1), axis=0)
 
 
 class FrameRecorder(gym.Wrapper):
