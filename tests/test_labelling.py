@@ -525,3 +525,23 @@ def test_text_candidates_pair_completions_of_the_same_prompt() -> None:
     pairs = candidate_pairs(pool, 50, np.random.default_rng(0))
     assert len(pairs) == 4  # 3 pairs among p1's replies, 1 among p2's, none for the lone p3
     assert all(prompts[a] == prompts[b] and a < b for a, b in pairs.tolist())
+
+
+def test_the_apps_em_fit_points_the_active_rule_at_the_new_mixture(tmp_path: Path) -> None:
+    from egalitarian_rl.labelling.app import Campaign, MixtureFitter, rule_refresher
+
+    with AnswerStore(tmp_path / "f.sqlite") as store:
+        store.import_dataset(small_dataset(6, 4))
+        store.add_queries(np.array([[1, 2], [3, 4], [5, 6]]))
+        rule = DisagreementRule(epsilon=0.0)
+        too_few = MixtureFitter(store, lambda: EMRewardMixture(**FAST_EM), min_answers=100)
+        assert too_few.fit() is None and too_few.result is None
+        fitter = MixtureFitter(store, lambda: EMRewardMixture(**FAST_EM), min_answers=10, on_fit=rule_refresher(store, rule))
+        result = fitter.fit()
+        assert result is not None and result.n_answers == 24 and set(result.members) == set(range(6))
+        assert rule.probs.shape == (len(store.queries()[0]), 2) and set(rule.posteriors) == set(range(6))
+        campaign = Campaign(store, rule, "unused", fitter=fitter, rule_name="disagreement", rng=np.random.default_rng(0))
+        user = store.users()[0]
+        asked = set(store.asked_queries(user.id).tolist())
+        picked = campaign.next_query(user)
+        assert picked is not None and picked not in asked

@@ -86,17 +86,21 @@ class MixtureFitter:
         self.result: FitResult | None = None
         self.error: str | None = None
         self._busy = threading.Lock()
+        #: Stored answers (skips included) when the last fit started: what ``refit_every`` counts from.
+        self._answers_at_last_fit = 0
 
     def fit(self) -> FitResult | None:
         """Fit now (blocking); ``None`` when there is not enough data or another fit is running."""
         if not self._busy.acquire(blocking=False):
             return None
         try:
-            data = self.store.export_dataset() if self.store.n_answers() else None
+            answers = self.store.n_answers()
+            data = self.store.export_dataset() if answers else None
             mixture = self.make_mixture()
             if data is None or len(data) < self.min_answers or data.n_users < mixture.n_components:
                 return None
             start = time.perf_counter()
+            self._answers_at_last_fit = answers
             mixture.fit(data)
             posterior = mixture.predict_proba(data)
             users = data.users.tolist()
@@ -122,10 +126,9 @@ class MixtureFitter:
 
     def maybe_refit(self) -> None:
         """Start a background fit if ``refit_every`` new answers arrived since the last one."""
-        if self.refit_every <= 0:
+        if self.refit_every <= 0 or self._busy.locked():
             return
-        done = self.result.n_answers if self.result else 0
-        if self.store.n_answers() - done >= max(self.refit_every, self.min_answers - done):
+        if self.store.n_answers() - self._answers_at_last_fit >= max(self.refit_every, self.min_answers - self._answers_at_last_fit):
             threading.Thread(target=self.fit, daemon=True, name="em-fit").start()
 
 
