@@ -60,6 +60,12 @@ def _assign(args: argparse.Namespace) -> int:
     return 0
 
 
+def _label(args: argparse.Namespace) -> int:
+    from egalitarian_rl.labelling.campaign import label_main
+
+    return label_main(args.config, host=args.host, port=args.port, export=args.export)
+
+
 def _stage(stage: str):
     def handler(args: argparse.Namespace) -> int:
         pipeline = _load(args)
@@ -129,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(stage, help=text, description=f"{text}. Earlier stages run first if their artefacts are missing.")
         common(sub)
         sub.set_defaults(handler=_stage(stage))
+    label = commands.add_parser("label", help="serve a labelling web page for one campaign: people compare pairs, answers go to SQLite")
+    label.add_argument("config", help="the campaign's YAML file (README: 'Labelling with people')")
+    label.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
+    label.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    label.add_argument("--export", metavar="FILE.npz", help="write the answers so far as a PreferenceDataset and exit")
+    label.set_defaults(handler=_label)
     return parser
 
 

@@ -125,7 +125,7 @@ def test_corrupt_preferences_file(tmp_path, capsys):
     _fails_cleanly(capsys, ["fit", path], "truncated or corrupt")
 
 
-@pytest.mark.parametrize("command", ["demo", "run", "collect", "fit", "train", "evaluate", "report"])
+@pytest.mark.parametrize("command", ["demo", "run", "collect", "fit", "train", "evaluate", "report", "assign", "label"])
 def test_every_command_has_help(command):
     result = subprocess.run([sys.executable, "-m", "egalitarian_rl.cli", command, "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "usage: egalitarian-rl" in result.stdout
