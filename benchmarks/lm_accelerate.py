@@ -3,7 +3,7 @@
 Runs the toy task (:mod:`egalitarian_rl.lm.toy`) for a few iterations, once in
 one process and once under ``accelerate launch --cpu --num_processes 2``, with
 the same seeds and the same global batch, for the PPO (``gae``) and the
-critic-free (``rloo``) advantage, and compares every logged statistic and
+critic-free (``rloo``; ``grpo`` with one gradient step per batch) advantages, and compares every logged statistic and
 every trained weight. Each process samples half the rows (each row from its
 own random stream), scores are gathered before normalising and aggregating,
 and gradients are averaged over the processes; only float rounding may differ.
@@ -33,7 +33,11 @@ from pathlib import Path
 NAME = "lm_accelerate"
 ITERATIONS = 3
 SETTINGS = {"batch_size": 8, "minibatch_size": 8, "n_epochs": 2, "max_new_tokens": 8, "learning_rate": 3e-3, "kl_coef": 0.05}
-VARIANTS = {"gae": {}, "rloo": {"advantage": "rloo", "completions_per_prompt": 2}}
+VARIANTS = {
+    "gae": {},
+    "rloo": {"advantage": "rloo", "completions_per_prompt": 2},
+    "grpo_single_pass": {"advantage": "grpo", "completions_per_prompt": 2, "n_epochs": 1},
+}
 TOLERANCE = 1e-4
 
 
@@ -49,7 +53,7 @@ def worker(out: Path) -> None:
     for variant, extra in VARIANTS.items():
         model, tokenizer = toy_lm(seed=0)
         trainer = MaxMinLMPPO(
-            model, tokenizer, list(TOY_PROMPTS), toy_group_scores(tokenizer), group_names=list(TOY_GROUPS), **SETTINGS, **extra
+            model, tokenizer, list(TOY_PROMPTS), toy_group_scores(tokenizer), group_names=list(TOY_GROUPS), **{**SETTINGS, **extra}
         )
         trainer.learn(ITERATIONS)
         if trainer.accelerator.is_main_process:

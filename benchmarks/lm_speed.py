@@ -19,7 +19,9 @@ always ``NEW_TOKENS`` long (EOS suppressed in ``generate`` and TRL with
   ``ppo_step_seconds`` / ``trl_ratio_ppo``, for scale, not like for like.
 
 Blocks run interleaved (ours GRPO, ours PPO, TRL, repeated ``--rounds`` times, one
-warm-up step each); the medians are compared. 1 torch thread everywhere.
+warm-up step each); the medians are compared. 1 torch thread everywhere. Times are
+the process's CPU seconds: on this shared 2-core machine wall-clock step times swung
+3x with other users' load; wall-clock medians and ratios are reported beside them.
 
 ``trl`` is not a dependency of the package; install it for this benchmark only:
 
@@ -35,6 +37,7 @@ import argparse
 import copy
 import gc
 import importlib.util
+import os
 import shutil
 import statistics
 import sys
@@ -56,6 +59,17 @@ NEW_TOKENS = 32
 TEMPERATURE = 0.7
 KL_COEF = 0.05
 LEARNING_RATE = 1e-6
+
+
+def clocks() -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds). On a shared machine the CPU time of a 1-thread run
+    hardly depends on what else runs; the wall time does (3x swings were seen here)."""
+    return time.perf_counter(), time.process_time()
+
+
+def elapsed(start: tuple[float, float]) -> tuple[float, float]:
+    now = clocks()
+    return now[0] - start[0], now[1] - start[1]
 
 
 def load_model(tiny: bool) -> tuple[Any, Any, str]:
@@ -140,29 +154,31 @@ def time_rollouts(model: Any, tokenizer: Any, prompts: list[str], rounds: int) -
             head(policy.hidden)
             score_tokens(reference, input_ids, attention_mask, response, TEMPERATURE)
 
-    times: dict[str, list[float]] = {"ours": [], "generate": [], "ours_with_scoring": []}
+    times: dict[str, list[tuple[float, float]]] = {"ours": [], "generate": [], "ours_with_scoring": []}
     for fn in (ours, generate):  # warm-up
         assert fn().shape == (BATCH, NEW_TOKENS)
     for _ in range(rounds * 2):
         for name, fn in (("ours", ours), ("generate", generate), ("ours_with_scoring", ours_with_scoring)):
-            start = time.perf_counter()
+            start = clocks()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(elapsed(start))
     tokens = BATCH * NEW_TOKENS
+    cpu = {name: statistics.median(t[1] for t in values) for name, values in times.items()}
+    wall = {name: statistics.median(t[0] for t in values) for name, values in times.items()}
     result = {
-        "rollout_tokens_per_s": tokens / statistics.median(times["ours"]),
-        "generate_tokens_per_s": tokens / statistics.median(times["generate"]),
-        "rollout_with_scoring_tokens_per_s": tokens / statistics.median(times["ours_with_scoring"]),
-        "rollout_seconds": times["ours"],
-        "generate_seconds": times["generate"],
+        "rollout_tokens_per_s": tokens / cpu["ours"],
+        "generate_tokens_per_s": tokens / cpu["generate"],
+        "rollout_with_scoring_tokens_per_s": tokens / cpu["ours_with_scoring"],
+        "rollout_ratio": cpu["generate"] / cpu["ours"],
+        "rollout_ratio_wall": wall["generate"] / wall["ours"],
+        "rollout_seconds_wall_cpu": times,
     }
-    result["rollout_ratio"] = result["rollout_tokens_per_s"] / result["generate_tokens_per_s"]
     return result
 
 
 # --------------------------------------------------------------------------- policy-update steps
-def time_ours(model: Any, tokenizer: Any, prompts: list[str], advantage: str, steps: int) -> list[float]:
-    """Seconds per iteration of our trainer (after one warm-up iteration)."""
+def time_ours(model: Any, tokenizer: Any, prompts: list[str], advantage: str, steps: int) -> list[tuple[float, float]]:
+    """(wall, CPU) seconds per iteration of our trainer (after one warm-up iteration)."""
     from egalitarian_rl.lm import MaxMinLMPPO
 
     trainer = MaxMinLMPPO(
@@ -184,17 +200,17 @@ def time_ours(model: Any, tokenizer: Any, prompts: list[str], advantage: str, st
     trainer.eos_token_id = None  # every completion NEW_TOKENS long, like min_new_tokens in the others
     seconds = []
     for step in range(steps + 1):
-        start = time.perf_counter()
+        start = clocks()
         trainer.train_iteration()
         if step:
-            seconds.append(time.perf_counter() - start)
+            seconds.append(elapsed(start))
     del trainer
     gc.collect()
     return seconds
 
 
-def time_trl(model_dir: str, tokenizer: Any, prompts: list[str], steps: int) -> list[float]:
-    """Seconds per step of TRL's GRPOTrainer (after one warm-up step), timed by a callback around each step.
+def time_trl(model_dir: str, tokenizer: Any, prompts: list[str], steps: int) -> list[tuple[float, float]]:
+    """(wall, CPU) seconds per step of TRL's GRPOTrainer (after one warm-up step), timed by a callback around each step.
 
     :param model_dir: the model saved with ``save_pretrained``: TRL loads its reference model from a path.
     """
@@ -204,13 +220,13 @@ def time_trl(model_dir: str, tokenizer: Any, prompts: list[str], steps: int) -> 
 
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
-            self.seconds: list[float] = []
+            self.seconds: list[tuple[float, float]] = []
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.start = time.perf_counter()
+            self.start = clocks()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.seconds.append(time.perf_counter() - self.start)
+            self.seconds.append(elapsed(self.start))
 
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as output_dir:
@@ -275,14 +291,16 @@ def main() -> None:
     model_dir = tempfile.mkdtemp(prefix="lm_speed_model_")
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    blocks: dict[str, list[float]] = {"critic_free": [], "ppo": [], "trl": []}
+    blocks: dict[str, list[tuple[float, float]]] = {"critic_free": [], "ppo": [], "trl": []}
     for round_ in range(args.rounds):
         blocks["critic_free"] += time_ours(model, tokenizer, prompts, "grpo", args.steps)
         blocks["ppo"] += time_ours(model, tokenizer, prompts, "gae", args.steps)
         blocks["trl"] += time_trl(model_dir, tokenizer, prompts, args.steps)
-        print(f"round {round_}: " + ", ".join(f"{k} {statistics.median(v):.2f} s" for k, v in blocks.items()), flush=True)
+        print(f"round {round_}: " + ", ".join(f"{k} {statistics.median(t[1] for t in v):.2f} CPU s" for k, v in blocks.items()), flush=True)
 
-    critic_free, ppo, trl_step = (statistics.median(blocks[k]) for k in ("critic_free", "ppo", "trl"))
+    cpu = {k: statistics.median(t[1] for t in v) for k, v in blocks.items()}
+    wall = {k: statistics.median(t[0] for t in v) for k, v in blocks.items()}
+    critic_free, ppo, trl_step = cpu["critic_free"], cpu["ppo"], cpu["trl"]
     result = {
         "model": model_name,
         "batch": BATCH,
@@ -291,13 +309,17 @@ def main() -> None:
         "temperature": TEMPERATURE,
         "torch_threads": 1,
         "trl_version": trl.__version__,
+        "clock": "medians of process CPU seconds (1 torch thread; robust to other load on a shared machine); *_wall: wall-clock medians",
         **rollout,
         "critic_free_step_seconds": critic_free,
         "ppo_step_seconds": ppo,
         "trl_step_seconds": trl_step,
         "trl_ratio": critic_free / trl_step,
         "trl_ratio_ppo": ppo / trl_step,
-        "step_seconds": blocks,
+        "step_seconds_wall": wall,
+        "trl_ratio_wall": wall["critic_free"] / wall["trl"],
+        "step_seconds_wall_cpu": blocks,
+        "load_average_1min_at_end": os.getloadavg()[0],
         "comparison": (
             "trl_ratio: our critic-free step (advantage='grpo', 4 completions per prompt) / TRL GRPOTrainer step, "
             "same settings; trl_ratio_ppo: our token-level PPO step (value head, GAE) / the same TRL GRPO step "
@@ -309,7 +331,7 @@ def main() -> None:
         f"{model_name.split(' (')[0]}, batch {BATCH}, {PROMPT_TOKENS}+{NEW_TOKENS} tokens, 1 thread: rollout "
         f"{result['rollout_tokens_per_s']:.0f} tok/s vs generate {result['generate_tokens_per_s']:.0f} "
         f"(ratio {result['rollout_ratio']:.2f}); "
-        f"step: ours GRPO {critic_free:.2f} s, ours PPO {ppo:.2f} s, TRL {trl.__version__} GRPOTrainer {trl_step:.2f} s "
+        f"step (CPU s): ours GRPO {critic_free:.1f}, ours PPO {ppo:.1f}, TRL {trl.__version__} GRPOTrainer {trl_step:.1f} "
         f"(ratio {result['trl_ratio']:.2f}, PPO {result['trl_ratio_ppo']:.2f})"
     )
     shutil.rmtree(model_dir, ignore_errors=True)
