@@ -23,11 +23,15 @@ torch.set_num_threads(1)
 
 TINY = {
     "name": "tiny",
-    "prompts": {"n_train": 12, "n_eval": 4},
-    "model": {"name": "tiny-gpt2", "lora_r": 0, "max_new_tokens": 6, "batch_size": 16},
-    "collect": {"completions_per_prompt": 3, "n_users": 20, "comparisons_per_user": 10},
-    "reward": {"epochs": 5, "em": {"final_epochs": 3}},
-    "train": {"iterations": 2, "ppo": {"batch_size": 8, "minibatch_size": 4, "n_epochs": 1, "learning_rate": 1e-3}},
+    "prompts": {"n_train": 8, "n_eval": 3},
+    "model": {"name": "tiny-gpt2", "lora_r": 0, "max_new_tokens": 5, "batch_size": 16},
+    "collect": {"completions_per_prompt": 2, "n_users": 10, "comparisons_per_user": 8, "populations": [{"positive": 0.8, "concise": 0.2}]},
+    "reward": {"epochs": 3, "em": {"final_epochs": 2, "max_iter": 3}},
+    "train": {
+        "methods": ["rlhf", "maxmin"],
+        "iterations": 1,
+        "ppo": {"batch_size": 4, "minibatch_size": 4, "n_epochs": 1, "learning_rate": 1e-3},
+    },
 }
 
 
@@ -91,7 +95,7 @@ def test_every_stage_end_to_end_and_resume(tmp_path: Path) -> None:
     assert {"collect", "fit", "train", "evaluate"} <= {line.split(":")[0] for line in lines}
 
     methods = metrics["methods"]
-    assert list(methods) == ["base", "rlhf", "maxmin", "maxmin_per_sample_min"]
+    assert list(methods) == ["base", "rlhf", "maxmin"]
     for row in methods.values():
         assert set(row["groups"]) == {"positive", "concise"}
         assert np.isfinite(row["kl"]) and 0.0 <= row["distinct_2"] <= 1.0
@@ -101,7 +105,7 @@ def test_every_stage_end_to_end_and_resume(tmp_path: Path) -> None:
     assert methods["base"]["kl"] == pytest.approx(0.0, abs=1e-4)
     assert methods["maxmin"]["kl"] > 0.0  # trained away from the base model, measured against it
     assert set(metrics["heldout_accuracy"]) == {"single", "mixture"}
-    assert set(metrics["reward_fit"]) == {"80-20", "90-10"}
+    assert set(metrics["reward_fit"]) == {"80-20"}
     text = report.read_text()
     assert "| method |" in text and "## Examples" in text and "Reward gaming check" in text
     assert (report.parent / "scores.png").stat().st_size > 0
@@ -117,8 +121,8 @@ def test_every_stage_end_to_end_and_resume(tmp_path: Path) -> None:
 
     # More training iterations: training resumes and evaluation follows; collection and fits are kept.
     lines.clear()
-    longer = config(tmp_path, train={"iterations": 3})
+    longer = config(tmp_path, train={"iterations": 2})
     LMPipeline(longer, log=lines.append).run()
     stages = [line.split(":")[0] for line in lines if not line.startswith(" ")]
     assert "collect" not in stages and "fit" not in stages
-    assert stages.count("train") == 3 and "evaluate" in stages
+    assert stages.count("train") == 2 and "evaluate" in stages

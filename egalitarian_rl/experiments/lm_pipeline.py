@@ -214,11 +214,13 @@ class LMTrainConfig:
 @dataclass
 class LMEvaluateConfig:
     """:param completions_per_prompt: completions per held-out prompt and method.
+    :param max_prompts: judge only the first this many held-out prompts (``null``: all ``prompts.n_eval``).
     :param sample_seed: sampling seed (the same for every method).
     :param n_examples: prompts shown with every method's completion in the report.
     :param kl_warning: KL (nats per completion) above which the report warns of reward gaming."""
 
     completions_per_prompt: int = 1
+    max_prompts: int | None = None
     sample_seed: int = 12345
     n_examples: int = 4
     kl_warning: float = 8.0
@@ -585,6 +587,12 @@ class LMPipeline:
         names = [f"r{m}_{name}" for m, name in enumerate(fit[tag]["member_groups"])]
         return LearnedGroupScores(em.reward, self.embedder()), names
 
+    def _start_key(self, method: str) -> str:
+        """What a method's checkpoint depends on: its rule, PPO settings, model and rewards (not the iteration count)."""
+        c = self.config.to_dict()
+        rule = method_rule(method, self.config.train.aggregation)
+        return _fingerprint({"ppo": c["train"]["ppo"], "rule": rule, "model": c["model"], "fit": self._run_id("fit")})
+
     def train(self, seed_or_method: int | str, method: str | None = None) -> Path:
         """Train one method (resuming its checkpoint); returns the checkpoint folder.
 
@@ -606,8 +614,7 @@ class LMPipeline:
         cfg = self.config
         # A checkpoint resumes only if it was trained with the same settings and rewards (any
         # number of iterations: more iterations continue it); otherwise training starts afresh.
-        inputs = self._inputs("train", method)
-        start_key = _fingerprint({**inputs, "train": {**inputs["train"], "iterations": None}})
+        start_key = self._start_key(method)
         key_path = folder / "started_from.json"
         forced = "train" in self.force and f"train:{method}" not in self._done
         if forced or (key_path.exists() and json.loads(key_path.read_text())["fingerprint"] != start_key) or not key_path.exists():
@@ -666,6 +673,7 @@ class LMPipeline:
         self._threads()
         cfg = self.config.evaluate
         _, eval_prompts = self.pool()
+        eval_prompts = eval_prompts[: cfg.max_prompts]
         index = np.repeat(np.arange(len(eval_prompts)), cfg.completions_per_prompt)
         formatted = self.formatted([eval_prompts[i] for i in index])
         results: dict[str, Any] = {"prompts": eval_prompts, "prompt_index": index.tolist(), "methods": {}}
