@@ -290,9 +290,13 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=HERE / "results" / f"{NAME}.json")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-results-md", action="store_true", help="do not touch RESULTS.md (variants, experiments)")
+    parser.add_argument("--issue-table", action="store_true", help="only print the issue's three cells (seeds 0, 1) beside its numbers")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     em_options = _parse_options(args.em)
+    if args.issue_table:
+        print_issue_table(em_options)
+        return
 
     previous = json.loads(args.output.read_text()) if args.output.exists() else {}
     if previous and previous.get("em_options", {}) != em_options:
@@ -310,6 +314,24 @@ def main() -> None:
         runs.append(run)
         print(json.dumps(run), flush=True)
         save(args, runs, em_options)
+
+
+def print_issue_table(em_options: dict[str, Any]) -> None:
+    """The issue's table (FairGrid 80/20, 100 users, seeds 0 and 1) with this EM and both oracles beside it."""
+    print("| comparisons / user | mistake_rate | beta | issue EM | issue oracle | EM | oracle (exact) | BT oracle |")
+    print("|---|---|---|---|---|---|---|---|")
+    for cell in ISSUE_TABLE:
+        runs = [
+            run_one("fairgrid", cell["comparisons_per_user"], cell["mistake_rate"], cell["beta"], "80/20", seed, em_options)
+            for seed in (0, 1)
+        ]
+        values = {key: ", ".join(f"{r[key]:.2f}" for r in runs) for key in ("em_ari", "oracle_ari", "oracle_bt_ari")}
+        issue = {key: ", ".join(f"{v:.2f}" for v in cell[key]) for key in ("em_ari", "oracle_ari")}
+        print(
+            f"| {cell['comparisons_per_user']} | {cell['mistake_rate']} | {cell['beta']:g} | {issue['em_ari']} | {issue['oracle_ari']} "
+            f"| {values['em_ari']} | {values['oracle_ari']} | {values['oracle_bt_ari']} |",
+            flush=True,
+        )
 
 
 def save(args: argparse.Namespace, runs: list[dict], em_options: dict[str, Any]) -> None:

@@ -278,3 +278,16 @@ def test_segments_keep_the_end_of_terminating_episodes_and_never_hang():
     assert fell.mean() > 0.3
     with pytest.raises(ValueError, match="choose segment_length <= "):
         rollout_segments(gym.make("CartPole-v1"), n_segments=2, segment_length=600, seed=0)
+
+
+def test_concatenating_separate_collections_keeps_an_honest_split():
+    _, first = _collect(seed=0, n_users=20, per_user=10)
+    _, second = _collect(seed=1, n_users=20, per_user=10)
+    # Pool indices of two collections collide: each keeps its own pool and folds.
+    joined = PreferenceDataset.concatenate([first, second])
+    assert len(np.unique(joined.folds)) == 20 and len(np.unique(joined.segment_ids)) > len(np.unique(first.segment_ids))
+    train, test = joined.split_by_comparison(0.2, seed=0)
+    assert len(test) > 0 and np.intersect1d(train.segment_ids, test.segment_ids).size == 0
+    # Parts of one collection go back together with their folds.
+    train, test = first.split_by_comparison(0.2, seed=0)
+    assert PreferenceDataset.concatenate([train, test]).folds is not None

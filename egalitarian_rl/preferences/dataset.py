@@ -114,12 +114,9 @@ class PreferenceDataset:
             raise PreferenceDatasetError(f"wrong shape: segment_ids {self.segment_ids.shape} must be (N, 2) = ({n}, 2)")
         if self.folds is not None and self.folds.shape != (n,):
             raise PreferenceDatasetError(f"wrong shape: folds {self.folds.shape} must be (N,) = ({n},)")
-        if self.folds is not None and self.segment_ids is not None and n:
+        if self.folds is not None and self.segment_ids is not None:
             # A segment in two folds would leak between the two sides of a fold split.
-            segments = self.segment_ids.reshape(-1)
-            folds = np.repeat(self.folds, 2)
-            pairs = np.unique(np.stack([segments, folds], axis=1), axis=0)
-            shared = pairs[:-1, 0][pairs[:-1, 0] == pairs[1:, 0]]
+            shared = _segments_in_several_folds(self.segment_ids, self.folds)
             if len(shared):
                 raise PreferenceDatasetError(f"segment {int(shared[0])} appears in more than one fold; folds must be segment-disjoint")
 
@@ -269,10 +266,17 @@ class PreferenceDataset:
                 if group_of.setdefault(user, group) != group:
                     raise PreferenceDatasetError(f"user {user} has true group {group_of[user]} in one dataset and {group} in another")
         users = np.array(sorted(group_of), dtype=np.int64)
-        # Ids are kept as they are (parts of one collection share one pool); pools of different
-        # collections may then look shared, which only ever makes splits more conservative.
+        # Parts of one collection share one pool: ids and folds are kept as they are.
         identified = all(d.segment_ids is not None for d in datasets)
-        with_folds = all(d.folds is not None for d in datasets)
+        segment_ids = np.concatenate([d.segment_ids for d in datasets]) if identified else None  # type: ignore[misc]
+        folds = np.concatenate([d.folds for d in datasets]) if identified and all(d.folds is not None for d in datasets) else None  # type: ignore[misc]
+        if folds is not None and len(_segments_in_several_folds(segment_ids, folds)):  # type: ignore[arg-type]
+            # A pool index in two folds: these are different collections (within one, a segment
+            # belongs to one fold). Each keeps its own pool: ids and folds are offset per dataset.
+            id_offsets = np.cumsum([0] + [int(d.segment_ids.max()) + 1 if len(d) else 0 for d in datasets[:-1]])  # type: ignore[union-attr]
+            fold_offsets = np.cumsum([0] + [int(d.folds.max()) + 1 if len(d) else 0 for d in datasets[:-1]])  # type: ignore[union-attr]
+            segment_ids = np.concatenate([d.segment_ids + o for d, o in zip(datasets, id_offsets)])  # type: ignore[operator]
+            folds = np.concatenate([d.folds + o for d, o in zip(datasets, fold_offsets)])  # type: ignore[operator]
         return PreferenceDataset(
             np.concatenate([d.user_ids for d in datasets]),
             concatenate_transitions([d.segments_a for d in datasets]),
@@ -282,8 +286,8 @@ class PreferenceDataset:
             np.array([group_of[u] for u in users.tolist()], dtype=np.int64),
             names,
             dict(datasets[0].metadata),
-            np.concatenate([d.segment_ids for d in datasets]) if identified else None,  # type: ignore[misc]
-            np.concatenate([d.folds for d in datasets]) if identified and with_folds else None,  # type: ignore[misc]
+            segment_ids,
+            folds,
         )
 
     # ---------------------------------------------------------------- storage
@@ -373,6 +377,14 @@ def _digest(arrays: dict[str, np.ndarray]) -> str:
         sha.update(f"{key}|{array.dtype.str}|{array.shape}".encode())
         sha.update(array.tobytes())
     return sha.hexdigest()
+
+
+def _segments_in_several_folds(segment_ids: np.ndarray, folds: np.ndarray) -> np.ndarray:
+    """Segment ids that occur in more than one fold (``segment_ids`` ``(N, 2)``, ``folds`` ``(N,)``)."""
+    if len(folds) == 0:
+        return np.zeros(0, dtype=np.int64)
+    pairs = np.unique(np.stack([segment_ids.reshape(-1), np.repeat(folds, 2)], axis=1), axis=0)
+    return pairs[:-1, 0][pairs[:-1, 0] == pairs[1:, 0]]
 
 
 def _components(segment_ids: np.ndarray) -> np.ndarray:
