@@ -360,8 +360,11 @@ class LMPipeline:
         if stage == "fit":
             return {"reward": c["reward"], "collect": self._run_id("collect")}
         if stage == "train":
-            return {"train": c["train"], "method": method, "model": c["model"], "fit": self._run_id("fit")}
-        return {"evaluate": c["evaluate"], "train": {m: self._run_id("train", m) for m in self.config.train.methods}}
+            # A method's own settings only: adding another method to the config redoes nothing here.
+            return {"start": self._start_key(method), "iterations": self.config.train.iterations}
+        judged = {key: c["evaluate"][key] for key in ("completions_per_prompt", "max_prompts", "sample_seed")}
+        policy = self._run_id("train", method) if method != "base" else {"lora_r": None}
+        return {"evaluate": judged, "prompts": c["prompts"], "seed": c["seed"], "sampling": self._sampling(), "policy": policy}
 
     def _sampling(self) -> dict[str, Any]:
         """The model settings that change base-model completions (not LoRA rank or threads)."""
@@ -659,32 +662,41 @@ class LMPipeline:
     def evaluate(self, seed: int | None = None, method: str | None = None) -> dict[str, Any]:
         """Every method's (and the base model's) completions of the held-out prompts, true scores and KL.
 
-        :param seed, method: accepted as :class:`Pipeline`'s are; all methods are evaluated together
-            (once: a later call reads the saved evaluation).
+        Each method's evaluation is saved and reused on its own (``evaluation/<method>.json``): a
+        method added to the config later costs only its own evaluation.
+
+        :param seed: accepted as :class:`Pipeline`'s is (must be the config's seed).
+        :param method: evaluate only this method (and the base model); ``None``: every method.
+        :return: ``prompts``, ``prompt_index`` (the prompt of each completion) and ``methods``:
+            method -> ``texts``, ``scores`` (n, K) true scores, ``kl``, ``length``, ``ended``.
         """
         self._check_seed(seed)
-        from egalitarian_rl.envs.text_groups import score_texts
-
-        for method in self.config.train.methods:
-            self.train(method)
-        path = self.dir / "evaluation.json"
-        if self._fresh("evaluate") and path.exists():
-            return json.loads(path.read_text())
-        self._threads()
+        methods = self.methods if method is None else [method]
+        for name in methods:
+            self.train(name)
         cfg = self.config.evaluate
         _, eval_prompts = self.pool()
         eval_prompts = eval_prompts[: cfg.max_prompts]
         index = np.repeat(np.arange(len(eval_prompts)), cfg.completions_per_prompt)
-        formatted = self.formatted([eval_prompts[i] for i in index])
         results: dict[str, Any] = {"prompts": eval_prompts, "prompt_index": index.tolist(), "methods": {}}
-        for method in ["base", *self.config.train.methods]:
-            self.log(f"evaluate: {method} on {len(eval_prompts)} held-out prompts")
-            sample = self.sample(self._load_policy(method), formatted, (3, cfg.sample_seed), with_kl=True)
-            sample["scores"] = score_texts(self.group_names, sample["texts"]).tolist()
-            results["methods"][method] = sample
-        save_json_atomic(to_jsonable(results), path)
-        self._mark("evaluate")
+        for name in ["base", *methods]:
+            results["methods"][name] = self._evaluate_method(name, [eval_prompts[i] for i in index])
         return results
+
+    def _evaluate_method(self, method: str, prompts: list[str]) -> dict[str, Any]:
+        """One policy's completions of the raw held-out ``prompts`` with their true scores and KL (saved, reused)."""
+        from egalitarian_rl.envs.text_groups import score_texts
+
+        path = self.dir / "evaluation" / f"{method}.json"
+        if self._fresh("evaluate", method) and path.exists():
+            return json.loads(path.read_text())
+        self._threads()
+        self.log(f"evaluate: {method} on {len(set(prompts))} held-out prompts")
+        sample = self.sample(self._load_policy(method), self.formatted(prompts), (3, self.config.evaluate.sample_seed), with_kl=True)
+        sample["scores"] = score_texts(self.group_names, sample["texts"]).tolist()
+        save_json_atomic(to_jsonable(sample), path)
+        self._mark("evaluate", method)
+        return sample
 
     # ------------------------------------------------------------------ 5. report
     def metrics(self) -> dict[str, Any]:
