@@ -108,7 +108,7 @@ def main() -> None:
     from benchmarks.common import write_result
 
     passed = all(
-        d["max_stat_diff"] <= TOLERANCE and d["max_weight_diff"] <= TOLERANCE and d["max_weight_change"] > 100 * TOLERANCE
+        d["max_stat_diff"] <= TOLERANCE and d["max_weight_diff"] <= TOLERANCE and d["max_weight_change"] > 10 * TOLERANCE
         for d in diffs.values()
     )
     result = {
