@@ -252,6 +252,11 @@ class LMExperimentConfig:
     def group_names(self) -> tuple[str, ...]:
         return tuple(self.collect.populations[0])
 
+    @property
+    def seeds(self) -> list[int]:
+        """``[seed]``: the CLI's stage commands loop over ``config.seeds`` for both kinds of experiment."""
+        return [self.seed]
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> LMExperimentConfig:
         return _build(cls, raw, "")
