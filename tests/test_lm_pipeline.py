@@ -104,7 +104,7 @@ def test_every_stage_end_to_end_and_resume(tmp_path: Path) -> None:
     assert methods["rlhf"]["groups"]["concise"]["win_rate_vs_rlhf"] == 0.5
     assert methods["base"]["kl"] == pytest.approx(0.0, abs=1e-4)
     assert methods["maxmin"]["kl"] > 0.0  # trained away from the base model, measured against it
-    assert set(metrics["heldout_accuracy"]) == {"single", "mixture"}
+    assert set(metrics["heldout_accuracy"]) == {"single", "mixture", "true_reward"}
     assert set(metrics["reward_fit"]) == {"80-20"}
     text = report.read_text()
     assert "| method |" in text and "## Examples" in text and "Reward gaming check" in text

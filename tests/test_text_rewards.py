@@ -86,6 +86,15 @@ def test_em_recovers_the_text_groups_and_the_mixture_serves_the_minority(fitted:
     assert mixture["concise"] > 0.75 and mixture["positive"] > 0.75
 
 
+def test_true_scores_bound_the_learned_rewards_accuracy(fitted: dict) -> None:
+    from egalitarian_rl.lm.text_rewards import true_score_accuracy
+
+    ceiling = true_score_accuracy(fitted["pool"], fitted["heldout"]).per_group
+    mixture = fitted["em"].accuracy(fitted["heldout"]).per_group
+    assert ceiling["positive"] > 0.85 and ceiling["concise"] > 0.8  # beta = 10: few answers go against the true score
+    assert all(ceiling[g] >= mixture[g] - 0.05 for g in GROUPS)
+
+
 def test_learned_group_scores_rank_texts_like_the_groups(fitted: dict, minilm: MiniLMEncoder) -> None:
     em = fitted["em"]
     scores = LearnedGroupScores(em.reward, TextEmbedder(minilm))

@@ -723,16 +723,30 @@ class LMPipeline:
                 "ended_fraction": float(np.mean(sample["ended"])),
                 "distinct_2": distinct_bigrams(sample["texts"]),
             }
+        ceiling = self.true_reward_accuracy()
+        for tag in fit:
+            fit[tag]["heldout_accuracy"]["true_reward"] = ceiling[tag]
         tag = self.tags[0]
         return {
             "name": self.config.name,
             "trained_for": fit[tag]["shares"],
             "methods": methods,
             "em_ari": fit[tag]["em_ari"],
-            "heldout_accuracy": {kind: fit[tag]["heldout_accuracy"][kind] for kind in ("single", "mixture")},
+            "heldout_accuracy": {kind: fit[tag]["heldout_accuracy"][kind] for kind in ("single", "mixture", "true_reward")},
             "reward_fit": fit,
             "warnings": self.gaming_warnings(methods),
         }
+
+    def true_reward_accuracy(self) -> dict[str, dict[str, float]]:
+        """Per population, the held-out accuracy of the users' TRUE scores (the ceiling under their noise)."""
+        from egalitarian_rl.lm.text_rewards import true_score_accuracy
+
+        pool, _ = self.pool()
+        out = {}
+        for tag, data in self.collect().items():
+            _, heldout = data.split_by_comparison(self.config.reward.heldout_fraction, seed=self.config.seed)
+            out[tag] = true_score_accuracy(pool, heldout).as_dict()
+        return out
 
     def gaming_warnings(self, methods: dict[str, Any]) -> list[str]:
         """Signs of reward gaming: a KL above ``evaluate.kl_warning`` or distinct bigrams below 60% of the base model's."""
@@ -807,11 +821,16 @@ def format_tables(metrics: dict[str, Any], groups: Sequence[str]) -> str:
         tail = f" | {row['kl']:.2f} | {row['mean_length_tokens']:.1f} | {row['ended_fraction']:.2f} | {row['distinct_2']:.2f} |"
         lines.append(f"| {method} | " + " | ".join(cells) + tail)
     lines += ["", "## Rewards learned from the simulated users", ""]
-    lines += ["| population | EM ARI | " + " | ".join(f"{g} acc single | {g} acc mixture" for g in groups) + " |"]
-    lines += ["|---|---|" + "---|---|" * len(groups)]
+    lines += [
+        "Held-out preference accuracy per group: single reward, EM mixture, and the TRUE scores (the ceiling under the users' noise).",
+        "",
+    ]
+    lines += ["| population | EM ARI | " + " | ".join(f"{g} single | {g} mixture | {g} true" for g in groups) + " |"]
+    lines += ["|---|---|" + "---|---|---|" * len(groups)]
     for tag, fit in metrics["reward_fit"].items():
         acc = fit["heldout_accuracy"]
-        cells = [f"{acc['single'][g]:.3f} | {acc['mixture'][g]:.3f}" for g in groups]
+        true = acc.get("true_reward", {})
+        cells = [f"{acc['single'][g]:.3f} | {acc['mixture'][g]:.3f} | {true.get(g, float('nan')):.3f}" for g in groups]
         lines.append(f"| {tag} | {fit['em_ari']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

