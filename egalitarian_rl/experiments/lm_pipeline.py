@@ -583,17 +583,17 @@ class LMPipeline:
     def _group_scores(self, method: str) -> tuple[Any, list[str]]:
         """The learned ``group_scores`` of a method and its column names (the trained-for population's rewards)."""
         from egalitarian_rl.lm.text_rewards import LearnedGroupScores
-        from egalitarian_rl.rewards import EMRewardMixture, RewardMixture
+        from egalitarian_rl.rewards import RewardMixture
 
         fit = self.fit()
         tag = self.tags[0]
         folder = self.dir / "rewards" / tag
         if method == BASELINE:
             return LearnedGroupScores(RewardMixture.load(folder / "bt.safetensors"), self.embedder()), ["single"]
-        em = EMRewardMixture.load(folder / "em")
-        assert em.reward is not None
+        # Only the K reward members are needed (EMRewardMixture.save writes them as one RewardMixture file).
+        mixture = RewardMixture.load(folder / "em" / "reward.safetensors")
         names = [f"r{m}_{name}" for m, name in enumerate(fit[tag]["member_groups"])]
-        return LearnedGroupScores(em.reward, self.embedder()), names
+        return LearnedGroupScores(mixture, self.embedder()), names
 
     def _start_key(self, method: str) -> str:
         """What a method's checkpoint depends on: its rule, PPO settings, model and rewards (not the iteration count)."""
