@@ -32,7 +32,15 @@ from pathlib import Path
 
 NAME = "lm_accelerate"
 ITERATIONS = 3
-SETTINGS = {"batch_size": 8, "minibatch_size": 8, "n_epochs": 2, "max_new_tokens": 8, "learning_rate": 3e-3, "kl_coef": 0.05}
+SETTINGS = {
+    "aggregation": "worst_group",
+    "batch_size": 8,
+    "minibatch_size": 8,
+    "n_epochs": 2,
+    "max_new_tokens": 8,
+    "learning_rate": 3e-3,
+    "kl_coef": 0.05,
+}
 VARIANTS = {
     "gae": {},
     "rloo": {"advantage": "rloo", "completions_per_prompt": 2},

@@ -188,7 +188,8 @@ class MaxMinLMPPO:
     :param prompts: the prompts completions are sampled for, formatted already (e.g. by
         :func:`~egalitarian_rl.lm.models.format_prompts`); tokenised without adding special tokens.
     :param group_scores: ``(prompts, completions) -> (n, K)`` scores; see :data:`GroupScoreFn`.
-    :param aggregation: ``"worst_group"``, ``"per_sample_min"``, ``"softmin"``, ``"egd"``, ``"mean"``
+    :param aggregation: ``"per_sample_min"`` (default, as MaxMinPPO and the paper's released LM code), ``"worst_group"``,
+        ``"softmin"``, ``"egd"``, ``"mean"``
         or an :class:`Aggregation`.
     :param aggregation_kwargs: the rule's arguments (``tau``, ``eta``, ``weights`` e.g. the groups' shares for ``mean``).
     :param normalizer: per-group statistics: frozen for a fixed scale (e.g. :meth:`GroupRewardNormalizer.from_data`
@@ -212,7 +213,7 @@ class MaxMinLMPPO:
         prompts: Sequence[str],
         group_scores: GroupScoreFn,
         *,
-        aggregation: str | Aggregation = "worst_group",
+        aggregation: str | Aggregation = "per_sample_min",
         aggregation_kwargs: dict[str, Any] | None = None,
         normalizer: GroupRewardNormalizer | None = None,
         group_names: Sequence[str] | None = None,
