@@ -34,12 +34,20 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Every benchmark writes benchmarks/results/<name>.json and its line in benchmarks/RESULTS.md; each resumes or
+# reruns on its own (python -m benchmarks.<name>). The whole list takes several hours on 2 CPU cores:
+# em_noise's full grid and lm_imdb (~90 min) are the long ones. lm_speed needs trl (it prints the pip command).
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.wrapper_overhead
 	$(BIN)/python -m benchmarks.em_scaling
 	$(BIN)/python -m benchmarks.maxmin_overhead
 	$(BIN)/python -m benchmarks.fairgrid_maxmin
 	$(BIN)/python -m benchmarks.halfcheetah_maxmin
+	$(BIN)/python -m benchmarks.em_noise
+	$(BIN)/python -m benchmarks.active_queries
+	$(BIN)/python -m benchmarks.lm_accelerate
+	$(BIN)/python -m benchmarks.lm_speed
+	$(BIN)/python -m benchmarks.lm_imdb
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
