@@ -47,6 +47,7 @@ def write(config: LMExperimentConfig, report: Path, metrics: dict) -> None:
         for method, row in metrics["methods"].items()
     }
     maxmin = methods["maxmin"]["groups"]
+    n_judged = config.evaluate.max_prompts or config.prompts.n_eval
     acc = metrics["heldout_accuracy"]
     passes = {
         "minority_win_rate>=0.60": maxmin[MINORITY]["win_rate_vs_rlhf"] >= 0.60,
@@ -68,9 +69,9 @@ def write(config: LMExperimentConfig, report: Path, metrics: dict) -> None:
     }
     worst = methods.get("maxmin_worst_group", {}).get("groups")
     summary = (
-        f"SmolLM2-135M, {config.train.iterations} PPO it/method, 80/20 positive/concise, {config.prompts.n_eval} held-out prompts: "
+        f"SmolLM2-135M, {config.train.iterations} PPO it/method, 80/20 positive/concise, {n_judged} held-out prompts: "
         f"maxmin ({config.train.aggregation}) win-rate vs RLHF {MINORITY} {maxmin[MINORITY]['win_rate_vs_rlhf']:.2f} / "
-        f"{MAJORITY} {maxmin[MAJORITY]['win_rate_vs_rlhf']:.2f}"
+        f"{MAJORITY} {maxmin[MAJORITY]['win_rate_vs_rlhf']:.2f} (s.e. {maxmin[MINORITY]['win_rate_se']:.2f})"
         + (f"; worst_group {worst[MINORITY]['win_rate_vs_rlhf']:.2f} / {worst[MAJORITY]['win_rate_vs_rlhf']:.2f}" if worst else "")
         + f"; KL rlhf {methods['rlhf']['kl']:.1f}, maxmin {methods['maxmin']['kl']:.1f}; EM ARI {metrics['em_ari']:.2f}; "
         f"held-out acc {MINORITY} single {acc['single'][MINORITY]:.2f} vs mixture {acc['mixture'][MINORITY]:.2f} "
