@@ -20,8 +20,11 @@ from typing import Any
 
 import yaml
 
-#: ``mean`` weighs the mixture's members by their EM shares (utilitarian); ``uniform_mean`` weighs them equally.
-METHODS = ("rlhf", "maxmin", "mean", "uniform_mean", "oracle")
+from egalitarian_rl.labelling.online import OnlineSettings
+
+#: ``mean`` weighs the mixture's members by their EM shares (utilitarian); ``uniform_mean`` weighs them equally;
+#: ``online`` is MaxMin trained by the online preference loop (needs an ``online:`` section).
+METHODS = ("rlhf", "maxmin", "mean", "uniform_mean", "oracle", "online")
 #: Answer settings of simulated users (see :class:`~egalitarian_rl.preferences.UserGroup`).
 NOISE_SETTINGS = ("beta", "mistake_rate", "skip_threshold", "equal_threshold", "myopic_discount")
 
@@ -214,6 +217,27 @@ class EvaluateConfig:
         _require(self.n_episodes >= 1, "n_episodes", f"must be >= 1, got {self.n_episodes}")
 
 
+@dataclass
+class OnlineConfig(OnlineSettings):
+    """The ``online:`` section: the method ``online``, MaxMin trained by the online preference loop.
+
+    Each of ``rounds`` rolls out ``segments_per_round`` segments of ``segment_length`` steps from
+    the current policy (random actions in round 0, in ``collect.env_kwargs``' env), adds
+    ``candidates_per_round`` candidate pairs, asks each of ``collect``'s ``n_users`` simulated users
+    ``queries_per_user`` pairs chosen by ``rule`` (``disagreement`` of the mixture's members, with an
+    ``epsilon`` share of random picks, or ``random``), refits EM on every answer so far and trains
+    MaxMinPPO ``timesteps_per_round`` more steps with ``train``'s PPO settings and aggregation.
+    Total comparisons: ``rounds * n_users * queries_per_user`` (minus skips); total PPO steps:
+    ``rounds * timesteps_per_round`` (``train.total_timesteps`` is not used).
+    """
+
+    def __post_init__(self) -> None:
+        try:
+            super().__post_init__()
+        except ValueError as err:  # "online.<key>: ..."; _build adds the "online." prefix back
+            raise ConfigError(str(err).removeprefix("online.")) from None
+
+
 class YamlConfig:
     """``from_dict`` / ``from_yaml`` / ``to_dict`` for a config dataclass and its nested dataclasses.
 
@@ -264,6 +288,7 @@ class ExperimentConfig(YamlConfig):
     :param out_dir: where artefacts go; a stage whose artefacts exist and were computed from
         the same settings is skipped (resume); a changed setting redoes that stage and every later one.
     :param env_kwargs: ``gym.make`` arguments for training and evaluation.
+    :param online: the online loop's settings (:class:`OnlineConfig`); required by, and only by, the method ``online``.
     """
 
     env_id: str
@@ -279,6 +304,7 @@ class ExperimentConfig(YamlConfig):
     reward: RewardConfig = field(default_factory=RewardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    online: OnlineConfig | None = None
 
     def __post_init__(self) -> None:
         _require(bool(self.groups), "groups", "give at least one group")
@@ -292,6 +318,11 @@ class ExperimentConfig(YamlConfig):
         _require(len(set(self.seeds)) == len(self.seeds), "seeds", f"repeated seed in {self.seeds}")
         for spec, key in ((self.groups_from, "groups_from"), *((g.reward, f"groups.{n}.reward") for n, g in self.groups.items())):
             _require(spec is None or (spec.count(":") == 1 and all(spec.split(":"))), key, f"must be 'module:attribute', got {spec!r}")
+        if "online" in self.methods:
+            _require(self.online is not None, "online", "method 'online' needs an online: section (rounds, queries_per_user, ...)")
+            _require(self.reward.n_members is not None, "reward.n_members", "method 'online' refits a fixed K every round; give one")
+        else:
+            _require(self.online is None, "online", "the section is set but 'online' is not in methods")
         if self.reward.n_members is not None:
             _require(
                 self.reward.n_members <= self.collect.n_users,
@@ -343,8 +374,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     values = {}
     for key, value in raw.items():
         hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            values[key] = _build(hint, value, f"{prefix}{key}.")
+        section = _section_class(hint)
+        if section is not None and (value is not None or section is hint):
+            values[key] = _build(section, value, f"{prefix}{key}.")
         elif key == "groups" and cls is ExperimentConfig:
             _require(isinstance(value, dict), "groups", f"expected a mapping of group name -> share, got {value!r}")
             values[key] = {str(name): _as_group(group, name) for name, group in value.items()}
@@ -356,6 +388,16 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         raise ConfigError(f"{prefix}{err}") from None
     except TypeError as err:
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {err}") from None
+
+
+def _section_class(hint: Any) -> type | None:
+    """The dataclass of a section's type hint (``CollectConfig``, or ``OnlineConfig`` in ``OnlineConfig | None``)."""
+    if dataclasses.is_dataclass(hint):
+        return hint  # type: ignore[return-value]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)]
+        return options[0] if len(options) == 1 else None
+    return None
 
 
 def _check_type(value: Any, hint: Any, where: str) -> Any:

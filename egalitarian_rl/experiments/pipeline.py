@@ -14,7 +14,11 @@ Methods, all trained with the same PPO settings and budget:
 - ``maxmin``: :class:`MaxMinPPO` on the EM mixture with the configured rule (per_sample_min by default);
 - ``mean``: :class:`MaxMinPPO` with the utilitarian mean of the mixture, members weighted by their EM shares;
 - ``uniform_mean``: :class:`MaxMinPPO` with the members weighted equally;
-- ``oracle_<group>``: SB3 PPO on that group's *true* reward (a reference, not RLHF).
+- ``oracle_<group>``: SB3 PPO on that group's *true* reward (a reference, not RLHF);
+- ``online``: :class:`MaxMinPPO` trained by the online preference loop (``online:`` section,
+  :func:`~egalitarian_rl.labelling.online.run_online`): rounds of segments from the current policy,
+  simulated users' answers, an EM refit and more training; it collects its own comparisons
+  instead of reading ``collect``'s, and its per-round records go to ``online_rounds.json``.
 
 Every policy is then judged by every group's true return, and, when the
 oracles were trained, by a normalised score (0 = a random policy, 1 = the
@@ -28,6 +32,7 @@ import importlib
 import json
 import uuid
 from collections.abc import Callable, Iterable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +50,8 @@ from egalitarian_rl.algorithms.maxmin_ppo import MaxMinPPO
 from egalitarian_rl.evaluation import add_normalized_scores, build_metrics, evaluate_group_returns, format_group_table, write_report
 from egalitarian_rl.evaluation.callbacks import GroupReturnCallback
 from egalitarian_rl.experiments.config import NOISE_SETTINGS, ConfigError, ExperimentConfig
-from egalitarian_rl.io import save_json_atomic, to_jsonable, write_atomic
+from egalitarian_rl.io import save_json_atomic, to_jsonable, write_atomic, write_text_atomic
+from egalitarian_rl.labelling.online import maxmin_agent_factory, run_online
 from egalitarian_rl.preferences import MultiUserPreferenceWrapper, PreferenceDataset, collect_preferences
 from egalitarian_rl.preferences.population import GroupRewardLibrary, Population, UserGroup
 from egalitarian_rl.preferences.segments import concatenate_transitions
@@ -65,6 +71,8 @@ from egalitarian_rl.rewards.vec_env import GroupRewardVecEnv, check_reward_space
 STAGES = ("collect", "fit", "train", "evaluate")
 #: MaxMinPPO methods: the configured rule, the share-weighted mean and the uniform mean.
 MIXTURE_METHODS = ("maxmin", "mean", "uniform_mean")
+#: Per-round records of the online method (:class:`~egalitarian_rl.labelling.online.RoundRecord`), per seed.
+ONLINE_ROUNDS_FILE = "online_rounds.json"
 
 
 def import_attribute(spec: str, key: str) -> Any:
@@ -189,6 +197,13 @@ class Pipeline:
         if stage == "fit":
             reward = {key: value for key, value in config["reward"].items() if key != "min_confidence"}  # read by assign only
             return {"reward": reward, "collect_run": self._stage_run("collect", seed)}
+        if stage == "train" and method == "online":
+            # It collects and fits on its own: the users, answer noise, reward nets and PPO settings,
+            # not collect's or fit's artefacts; its budget is the online section's, not total_timesteps.
+            train = {key: value for key, value in config["train"].items() if key != "total_timesteps"}
+            reward = {key: value for key, value in config["reward"].items() if key != "min_confidence"}
+            online = {"online": config["online"], "collect": config["collect"], "reward": reward, "train": train}
+            return {**users, **online, "env_kwargs": config["env_kwargs"], "method": method, "seed": seed}
         if stage == "train":
             upstream = "collect" if method.startswith("oracle_") else "fit"  # oracles use true rewards
             train = {**config["train"], "aggregation_kwargs": config["train"]["aggregation_kwargs"]}
@@ -292,8 +307,7 @@ class Pipeline:
         if self._up_to_date("fit", seed, [bt_path, em_dir, metrics_path]):
             return RewardMixture.load(bt_path), EMRewardMixture.load(em_dir)
         self._threads()
-        cfg = self.config.reward
-        net = {"hidden_sizes": tuple(cfg.hidden_sizes), "use_action": cfg.use_action, "use_next_state": cfg.use_next_state}
+        cfg, net = self.config.reward, self._reward_net()
         self.log(f"[seed {seed}] fitting the single Bradley-Terry reward and the EM mixture")
         # Held-out comparisons use segments the fits never saw (see PreferenceDataset.split_by_comparison).
         train, heldout = data.split_by_comparison(cfg.heldout_fraction, seed=seed)
@@ -323,6 +337,11 @@ class Pipeline:
         save_json_atomic(to_jsonable(fit_metrics), metrics_path)  # NaN (a group with no held-out answer) -> null
         self._record("fit", seed)
         return bt, em
+
+    def _reward_net(self) -> dict[str, Any]:
+        """The reward networks' shape, shared by every fit."""
+        cfg = self.config.reward
+        return {"hidden_sizes": tuple(cfg.hidden_sizes), "use_action": cfg.use_action, "use_next_state": cfg.use_next_state}
 
     def member_names(self, data: PreferenceDataset, em: EMRewardMixture) -> list[str]:
         """Name each mixture member after the true group most of its users belong to."""
@@ -374,24 +393,40 @@ class Pipeline:
         vec_cls = SubprocVecEnv if self.config.train.vec_env == "subproc" else DummyVecEnv
         return make_vec_env(make, n_envs=self.config.train.n_envs, seed=seed, vec_env_cls=vec_cls)
 
+    def _ppo_kwargs(self, seed: int) -> dict[str, Any]:
+        """PPO keywords shared by every method."""
+        tensorboard = str(self.out_dir / "tensorboard" / f"seed_{seed}")
+        return {"seed": seed, "device": "cpu", "verbose": 0, "tensorboard_log": tensorboard, **self.config.train.ppo}
+
+    def _maxmin_rule(self) -> Any:
+        """The configured MaxMin aggregation."""
+        return make_aggregation(self.config.train.aggregation, **self.config.train.aggregation_kwargs)
+
+    def online_rounds_path(self, seed: int) -> Path:
+        return self.seed_dir(seed) / ONLINE_ROUNDS_FILE
+
     def train(self, seed: int, method: str) -> Path:
         """Train one method's policy; the same PPO settings for all."""
         path = self.seed_dir(seed) / "policies" / f"{method}.zip"
         curve_path = path.with_suffix(".curve.npz")
-        if self._up_to_date("train", seed, [path, curve_path], method):
+        artefacts = [path, curve_path, *([self.online_rounds_path(seed)] if method == "online" else [])]
+        if self._up_to_date("train", seed, artefacts, method):
             return path
         self._threads()
+        model, (curve_steps, curve_returns) = self._train_online(seed) if method == "online" else self._train_offline(seed, method)
+        # Temporary file + rename: a crash never leaves a half-written policy that looks finished.
+        write_atomic(path, model.save)
+        write_atomic(curve_path, lambda handle: np.savez(handle, steps=curve_steps, returns=curve_returns))
+        self._record("train", seed, method)
+        return path
+
+    def _train_offline(self, seed: int, method: str) -> tuple[Any, tuple[np.ndarray, np.ndarray]]:
+        """One method's policy on collect's comparisons; returns it and its learning curve (see :class:`GroupReturnCallback`)."""
         data = self.collect(seed)
         # Every step of every compared segment: the reference distribution for normalising rewards.
         steps = concatenate_transitions([data.segments_a.flatten_steps(), data.segments_b.flatten_steps()])
         venv = self.make_vec_env(seed)
-        ppo_kwargs = {
-            "seed": seed,
-            "device": "cpu",
-            "verbose": 0,
-            "tensorboard_log": str(self.out_dir / "tensorboard" / f"seed_{seed}"),
-            **self.config.train.ppo,
-        }
+        ppo_kwargs = self._ppo_kwargs(seed)
         # Every reward is z-scored with statistics of the preference data's segments
         # (the random behaviour's distribution): a fixed affine map per group, so the
         # critic chases a stationary target and groups are compared on one scale.
@@ -409,7 +444,7 @@ class Pipeline:
         else:
             _, em = self.fit(seed)
             rule: Any = {
-                "maxmin": make_aggregation(self.config.train.aggregation, **self.config.train.aggregation_kwargs),
+                "maxmin": self._maxmin_rule(),
                 "mean": Mean(weights=em.shares_),  # utilitarian: every user counts once
                 "uniform_mean": Mean(),
             }[method]
@@ -428,12 +463,43 @@ class Pipeline:
         callback = GroupReturnCallback(self.group_names)
         model.learn(self.config.train.total_timesteps, callback=callback, progress_bar=self.progress_bar, tb_log_name=method)
         venv.close()
-        # Temporary file + rename: a crash never leaves a half-written policy that looks finished.
-        write_atomic(path, model.save)
-        curve_steps, curve_returns = callback.curve
-        write_atomic(curve_path, lambda handle: np.savez(handle, steps=curve_steps, returns=curve_returns))
-        self._record("train", seed, method)
-        return path
+        return model, callback.curve
+
+    def _train_online(self, seed: int) -> tuple[MaxMinPPO, tuple[np.ndarray, np.ndarray]]:
+        """MaxMinPPO trained by the online loop; writes its per-round records, returns it and its learning curve.
+
+        Each round is judged like the finished policies (``evaluate``'s episodes, every group's true return).
+        """
+        config, online = self.config, self.config.online
+        assert online is not None  # the config refuses the method 'online' without its section
+        callbacks: list[GroupReturnCallback] = []
+
+        def make_callback() -> GroupReturnCallback:
+            callbacks.append(GroupReturnCallback(self.group_names))
+            return callbacks[-1]
+
+        eval_env = MultiUserPreferenceWrapper(gym.make(config.env_id, **config.env_kwargs), self.population)
+        cfg = config.evaluate
+        self.log(f"[seed {seed}] training online: {online.rounds} rounds of {online.timesteps_per_round} steps")
+        agent, _, records = run_online(
+            # Segments come from collect's env (e.g. random starts), as the offline comparisons do.
+            lambda: gym.make(config.env_id, **{**config.env_kwargs, **config.collect.env_kwargs}),
+            self.population,
+            config.collect.n_users,
+            lambda: EMRewardMixture(config.reward.n_members, seed=seed, progress_bar=False, **self._reward_net(), **config.reward.em),
+            maxmin_agent_factory(lambda: self.make_vec_env(seed), self._ppo_kwargs(seed), self._maxmin_rule()),
+            online,
+            evaluate=lambda policy: evaluate_group_returns(
+                policy, eval_env, cfg.n_episodes, seed=100_000 + seed, deterministic=cfg.deterministic
+            ),
+            seed=seed,
+            log=lambda message: self.log(f"[seed {seed}] {message}"),
+            make_callback=make_callback,
+        )
+        save_json_atomic(to_jsonable([asdict(record) for record in records]), self.online_rounds_path(seed))
+        # Every round's agent counts its steps from 0: shift them onto the whole loop's step axis.
+        steps = np.concatenate([c.curve[0] + r * online.timesteps_per_round for r, c in enumerate(callbacks)])
+        return agent, (steps, np.concatenate([c.curve[1] for c in callbacks]))
 
     # --------------------------------------------------------------- evaluate
     def evaluate(self, seed: int, method: str) -> np.ndarray:
@@ -447,7 +513,7 @@ class Pipeline:
             model: Any = RandomPolicy(env.action_space, seed)
         else:
             policy_path = self.train(seed, method)
-            algorithm = MaxMinPPO if method in MIXTURE_METHODS else PPO
+            algorithm = MaxMinPPO if method in (*MIXTURE_METHODS, "online") else PPO
             model = algorithm.load(policy_path, device="cpu")
         cfg = self.config.evaluate
         returns = evaluate_group_returns(model, env, cfg.n_episodes, seed=100_000 + seed, deterministic=cfg.deterministic)
@@ -462,7 +528,9 @@ class Pipeline:
         returns = {method: [self.evaluate(seed, method) for seed in seeds] for method in self.methods}
         unwrapped = gym.make(self.config.env_id, **self.config.env_kwargs).unwrapped
         fit = [json.loads((self.seed_dir(s) / "rewards" / "fit_metrics.json").read_text()) for s in seeds]
-        extra = {"reward_fit": {f"seed_{s}": f for s, f in zip(seeds, fit)}}
+        extra: dict[str, Any] = {"reward_fit": {f"seed_{s}": f for s, f in zip(seeds, fit)}}
+        if "online" in self.methods:
+            extra["online_rounds"] = {f"seed_{s}": json.loads(self.online_rounds_path(s).read_text()) for s in seeds}
         metrics = build_metrics(
             returns,
             self.group_names,
@@ -478,7 +546,7 @@ class Pipeline:
                 dict(zip(self.group_names, random)),
                 {g: metrics["methods"][f"oracle_{g}"]["groups"][g]["mean_return"] for g in self.group_names},
             )
-        return write_report(
+        report = write_report(
             metrics,
             self.out_dir,
             curves=self._curves(),
@@ -486,6 +554,34 @@ class Pipeline:
             method="maxmin" if "maxmin" in self.methods else None,
             group_shares=self.config.shares,
             title=f"MaxMin-RLHF on {self.config.env_id}: {self.config.name}",
+        )
+        if "online" in self.methods:
+            write_text_atomic(report.read_text() + "\n" + self._online_section(extra["online_rounds"]), report)
+        return report
+
+    def _online_section(self, rounds: dict[str, list[dict[str, Any]]]) -> str:
+        """report.md's table of the online loop's rounds: means over seeds of ``{seed_<s>: [round record, ...]}``."""
+        per_seed = list(rounds.values())
+        header = ["round", "comparisons so far", "ARI", "shares", *(f"{g} return" for g in self.group_names)]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for index in range(len(per_seed[0])):
+            records = [seed_rounds[index] for seed_rounds in per_seed]
+            shares = np.mean([r["shares"] for r in records], axis=0)
+            cells = [
+                str(index),
+                f"{np.mean([r['comparisons'] for r in records]):.0f}",
+                f"{np.mean([r['ari'] for r in records]):.2f}",
+                " / ".join(f"{share:.2f}" for share in shares),
+                *(f"{np.mean([r['group_returns'][g] for r in records]):.1f}" for g in self.group_names),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        offline = self.config.collect.n_users * self.config.collect.comparisons_per_user
+        return (
+            "## Online loop\n\n"
+            f"MaxMin trained by the online preference loop (method `online`), after each round; means over "
+            f"{len(per_seed)} seed(s). Returns are every group's true return; the offline methods were asked up to "
+            f"{offline} comparisons. Per seed: `{ONLINE_ROUNDS_FILE}` in each seed folder and `extra.online_rounds` in "
+            f"[`metrics.json`](metrics.json).\n\n" + "\n".join(lines) + "\n"
         )
 
     def _curves(self) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:

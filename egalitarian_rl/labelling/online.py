@@ -61,11 +61,15 @@ class OnlineSettings:
     epsilon: float = 0.2
 
     def __post_init__(self) -> None:
+        # "online.<key>: ..." so the pipeline's config can name the key (see OnlineConfig).
         if self.rule not in RULES:
-            raise ValueError(f"online.rule must be one of {RULES}, got {self.rule!r}")
-        for name in ("rounds", "segments_per_round", "segment_length", "candidates_per_round", "queries_per_user"):
+            raise ValueError(f"online.rule: must be one of {RULES}, got {self.rule!r}")
+        names = ("rounds", "segments_per_round", "segment_length", "candidates_per_round", "queries_per_user", "timesteps_per_round")
+        for name in names:
             if getattr(self, name) < 1:
-                raise ValueError(f"online.{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"online.{name}: must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.epsilon <= 1.0:
+            raise ValueError(f"online.epsilon: must be in [0, 1], got {self.epsilon}")
 
 
 @dataclass
@@ -99,6 +103,7 @@ def run_online(
     evaluate: Callable[[Any], np.ndarray] | None = None,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    make_callback: Callable[[], Any] | None = None,
 ) -> tuple[Any, Any, list[RoundRecord]]:
     """Run the online loop with simulated users; returns the last agent, the last mixture and per-round records.
 
@@ -110,6 +115,8 @@ def run_online(
     :param settings: the ``online:`` settings.
     :param evaluate: ``agent -> (n_episodes, G)`` true group returns (for the per-round report).
     :param seed: seeds rollouts, picks, answers and EM.
+    :param make_callback: a fresh SB3 callback for each round's ``learn`` (e.g. a
+        :class:`~egalitarian_rl.evaluation.callbacks.GroupReturnCallback`; its steps count from 0 every round).
     """
     env = make_env()
     campaign: SimulatedCampaign | None = None
@@ -133,7 +140,7 @@ def run_online(
         mixture = make_mixture().fit(answers)
         groups = answers.user_groups[answers.positions_of(mixture.users_)]
         agent = make_agent(mixture, answers, agent)
-        agent.learn(settings.timesteps_per_round)
+        agent.learn(settings.timesteps_per_round, callback=make_callback() if make_callback is not None else None)
         record = RoundRecord(
             round_index, len(answers), adjusted_rand_index(groups, mixture.assignments_), [float(s) for s in mixture.shares_]
         )
@@ -159,7 +166,7 @@ def _metadata(env: gym.Env, settings: OnlineSettings) -> dict[str, Any]:
 
 
 def maxmin_agent_factory(
-    make_vec_env: Callable[[], Any], ppo_kwargs: dict[str, Any] | None = None, aggregation: str = "per_sample_min"
+    make_vec_env: Callable[[], Any], ppo_kwargs: dict[str, Any] | None = None, aggregation: Any = "per_sample_min"
 ) -> AgentFactory:
     """A :data:`AgentFactory` building :class:`~egalitarian_rl.algorithms.MaxMinPPO` on each round's mixture.
 
@@ -170,7 +177,7 @@ def maxmin_agent_factory(
 
     :param make_vec_env: the training VecEnv (a fresh one per round).
     :param ppo_kwargs: PPO keywords (``n_steps``, ``gamma``, ``seed``, ...).
-    :param aggregation: the MaxMin rule.
+    :param aggregation: the MaxMin rule (a name or an :class:`~egalitarian_rl.algorithms.aggregation.Aggregation`).
     """
     from egalitarian_rl.algorithms import MaxMinPPO
     from egalitarian_rl.algorithms.aggregation import GroupRewardNormalizer
