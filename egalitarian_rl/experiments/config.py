@@ -283,7 +283,7 @@ class ExperimentConfig(YamlConfig):
         ``maxmin`` (MaxMinPPO on the EM mixture), ``mean`` (MaxMinPPO, mixture members weighted
         by their EM shares: the utilitarian baseline), ``uniform_mean`` (members weighted
         equally), ``oracle`` (SB3 PPO on each group's true reward; also anchors the
-        normalised scores).
+        normalised scores), ``online`` (MaxMinPPO trained by the online preference loop; needs ``online``).
     :param seeds: one full run (collect, fit, train, evaluate) per seed.
     :param out_dir: where artefacts go; a stage whose artefacts exist and were computed from
         the same settings is skipped (resume); a changed setting redoes that stage and every later one.

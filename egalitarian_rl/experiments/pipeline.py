@@ -496,6 +496,7 @@ class Pipeline:
             log=lambda message: self.log(f"[seed {seed}] {message}"),
             make_callback=make_callback,
         )
+        eval_env.close()
         save_json_atomic(to_jsonable([asdict(record) for record in records]), self.online_rounds_path(seed))
         # Every round's agent counts its steps from 0: shift them onto the whole loop's step axis.
         steps = np.concatenate([c.curve[0] + r * online.timesteps_per_round for r, c in enumerate(callbacks)])
@@ -562,11 +563,12 @@ class Pipeline:
     def _online_section(self, rounds: dict[str, list[dict[str, Any]]]) -> str:
         """report.md's table of the online loop's rounds: means over seeds of ``{seed_<s>: [round record, ...]}``."""
         per_seed = list(rounds.values())
-        header = ["round", "comparisons so far", "ARI", "shares", *(f"{g} return" for g in self.group_names)]
+        header = ["round", "comparisons so far", "ARI", "shares (largest first)", *(f"{g} return" for g in self.group_names)]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for index in range(len(per_seed[0])):
             records = [seed_rounds[index] for seed_rounds in per_seed]
-            shares = np.mean([r["shares"] for r in records], axis=0)
+            # Members are numbered differently in every seed (and refit): compare shares by size.
+            shares = np.mean([sorted(r["shares"], reverse=True) for r in records], axis=0)
             cells = [
                 str(index),
                 f"{np.mean([r['comparisons'] for r in records]):.0f}",
