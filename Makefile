@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean chromium
+.PHONY: demo demo-lm test lint bench clean chromium
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/egalitarian-rl demo
+
+# The paper's IMDB experiment, short: SmolLM2 on IMDB prompts, a positive majority and a concise minority.
+demo-lm: $(STAMP)
+	$(BIN)/egalitarian-rl run imdb_quick
 
 # The labelling page's test drives Debian's Chromium (playwright's own browser download fails offline).
 chromium:

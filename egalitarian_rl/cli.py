@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
-SHIPPED_CONFIGS = ("fairgrid", "halfcheetah", "fairgrid_online", "halfcheetah_online")
+SHIPPED_CONFIGS = ("fairgrid", "halfcheetah", "fairgrid_online", "halfcheetah_online", "imdb", "imdb_quick")
 
 
 def _config_path(name_or_path: str) -> Path:
@@ -20,22 +20,40 @@ def _config_path(name_or_path: str) -> Path:
 
 def _load(args: argparse.Namespace):
     from egalitarian_rl.experiments import ExperimentConfig, Pipeline
+    from egalitarian_rl.experiments.config import ConfigError, is_lm_config
 
     path = _config_path(args.config)
     # "module:function" rewards and groups_from may live next to the config or in the working directory.
     for folder in (str(Path.cwd()), str(path.parent.resolve())):
         if folder not in sys.path:
             sys.path.insert(0, folder)
+    force = getattr(args, "force", None) or ()
+    if is_lm_config(path):  # a language experiment (model + prompts) runs through the same stage commands
+        from egalitarian_rl.experiments.lm_pipeline import LMExperimentConfig, LMPipeline
+
+        lm_config = LMExperimentConfig.from_yaml(path)
+        if getattr(args, "out", None):
+            lm_config.out_dir = args.out
+        if getattr(args, "seeds", None):
+            if len(args.seeds) != 1:
+                raise ConfigError("--seeds: a language experiment runs one seed at a time; give one")
+            lm_config.seed = args.seeds[0]
+        return LMPipeline(lm_config, progress_bar=not args.no_progress, force=force)
     config = ExperimentConfig.from_yaml(path)
     if getattr(args, "out", None):
         config.out_dir = args.out
     if getattr(args, "seeds", None):
         config.seeds = args.seeds
-    return Pipeline(config, progress_bar=not args.no_progress, force=getattr(args, "force", None) or ())
+    return Pipeline(config, progress_bar=not args.no_progress, force=force)
 
 
 def _run(args: argparse.Namespace) -> int:
-    report, _ = _load(args).run()
+    pipeline = _load(args)
+    report, metrics = pipeline.run()
+    if "em_ari" in metrics:  # a language experiment: its own tables
+        from egalitarian_rl.experiments.lm_pipeline import format_tables
+
+        print(format_tables(metrics, pipeline.group_names))
     print(f"\nreport: {report}")
     return 0
 
@@ -155,6 +173,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A user's mistake (a bad config, a corrupt file, a group reward returning NaN): one clear line, no traceback.
         message = " ".join(str(err).split())
         print(f"egalitarian-rl: error: {message}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        # A model that cannot be loaded offline: one line too (imported lazily: transformers is slow to import).
+        from egalitarian_rl.lm.models import ModelLoadError
+
+        if not isinstance(err, ModelLoadError):
+            raise
+        print(f"egalitarian-rl: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("egalitarian-rl: interrupted; finished stages are saved and will be reused", file=sys.stderr)

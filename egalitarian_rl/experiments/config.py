@@ -430,3 +430,14 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
         key_hint, item = typing.get_args(hint) or (Any, Any)
         return {_check_type(k, key_hint, f"{where} key"): _check_type(v, item, f"{where}.{k}") for k, v in value.items()}
     return value
+
+
+def is_lm_config(path: str | Path) -> bool:
+    """Whether a YAML file is a language experiment (:class:`LMExperimentConfig`: it has ``model`` or ``prompts``)
+    rather than an :class:`~egalitarian_rl.experiments.ExperimentConfig` (which has ``env_id``)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except yaml.YAMLError:
+        return False
+    return isinstance(raw, dict) and "env_id" not in raw and bool({"model", "prompts"} & set(raw))

@@ -41,7 +41,7 @@ import torch
 import yaml
 
 from egalitarian_rl.evaluation.metrics import win_rate
-from egalitarian_rl.experiments.config import ConfigError, _build, _check_keywords, _require
+from egalitarian_rl.experiments.config import ConfigError, _build, _check_keywords, _require, is_lm_config
 from egalitarian_rl.io import save_json_atomic, to_jsonable, write_atomic, write_text_atomic
 from egalitarian_rl.preferences.dataset import PreferenceDataset
 
@@ -838,17 +838,6 @@ def format_tables(metrics: dict[str, Any], groups: Sequence[str]) -> str:
         cells = [f"{acc['single'][g]:.3f} | {acc['mixture'][g]:.3f} | {true.get(g, float('nan')):.3f}" for g in groups]
         lines.append(f"| {tag} | {fit['em_ari']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def is_lm_config(path: str | Path) -> bool:
-    """Whether a YAML file is a language experiment (:class:`LMExperimentConfig`: it has ``model`` or ``prompts``)
-    rather than an :class:`~egalitarian_rl.experiments.ExperimentConfig` (which has ``env_id``)."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) if path.is_file() else None
-    except yaml.YAMLError:
-        return False
-    return isinstance(raw, dict) and "env_id" not in raw and bool({"model", "prompts"} & set(raw))
 
 
 def distinct_bigrams(texts: Sequence[str]) -> float:
