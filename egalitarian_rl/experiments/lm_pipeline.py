@@ -32,16 +32,15 @@ import json
 import math
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from egalitarian_rl.evaluation.metrics import win_rate
-from egalitarian_rl.experiments.config import ConfigError, _build, _check_keywords, _require, is_lm_config
+from egalitarian_rl.experiments.config import ConfigError, YamlConfig, _check_keywords, _require, is_lm_config
 from egalitarian_rl.io import save_json_atomic, to_jsonable, write_atomic, write_text_atomic
 from egalitarian_rl.preferences.dataset import PreferenceDataset
 
@@ -230,7 +229,7 @@ class LMEvaluateConfig:
 
 
 @dataclass
-class LMExperimentConfig:
+class LMExperimentConfig(YamlConfig):
     """The language experiment: prompts, model, users, rewards, training, evaluation.
 
     :param name: used in the report.
@@ -256,26 +255,6 @@ class LMExperimentConfig:
     def seeds(self) -> list[int]:
         """``[seed]``: the CLI's stage commands loop over ``config.seeds`` for both kinds of experiment."""
         return [self.seed]
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> LMExperimentConfig:
-        return _build(cls, raw, "")
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> LMExperimentConfig:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path} must hold a mapping of settings, got {type(raw).__name__}")
-        return cls.from_dict(raw)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def method_rule(method: str, aggregation: str) -> str:
