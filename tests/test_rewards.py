@@ -397,6 +397,13 @@ def test_em_save_load_roundtrip(tmp_path, fitted_em, two_group_data):
     np.testing.assert_array_equal(loaded.assign_users(test), fitted_em.assign_users(test))
     with pytest.raises(FileNotFoundError):
         EMRewardMixture.load(tmp_path / "nowhere")
+    # saved by another version with a setting this one does not know: loads, and says what it dropped
+    state = json.loads((tmp_path / "em" / "em.json").read_text())
+    state["hyperparameters"]["tie_model"] = "davidson"
+    (tmp_path / "em" / "em.json").write_text(json.dumps(state))
+    with pytest.warns(UserWarning, match=r"ignoring settings this version does not know: \['tie_model'\]"):
+        older = EMRewardMixture.load(tmp_path / "em")
+    np.testing.assert_array_equal(older.assign_users(test), fitted_em.assign_users(test))
 
 
 def test_select_k_heldout_and_bic(two_group_data):

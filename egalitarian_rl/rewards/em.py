@@ -62,10 +62,12 @@ rejected, and a non-finite loss or log-likelihood raises
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -943,6 +945,13 @@ class EMRewardMixture:
         if state.get("format") != _FORMAT or state.get("format_version") != _FORMAT_VERSION:
             raise ValueError(f"{state_path}: not a saved EMRewardMixture (format {state.get('format')!r})")
         params = state["hyperparameters"]
+        # A directory saved by another version may name settings this one lacks (or lack new ones, which
+        # take their defaults): the fitted state does not depend on them, so load it and say what was dropped.
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        unknown = sorted(set(params) - accepted)
+        if unknown:
+            warnings.warn(f"{state_path}: ignoring settings this version does not know: {unknown}", stacklevel=2)
+        params = {key: value for key, value in params.items() if key in accepted}
         model = cls(
             params.pop("n_components"),
             space_from_json(state["observation_space"]),
