@@ -173,6 +173,8 @@ class Pipeline:
             self.methods += [f"oracle_{name}" for name in self.group_names]
         # Stages checked (or redone) in this run: a forced stage is redone once, not at every call.
         self._checked: dict[tuple[str, int, str], str] = {}
+        # Every later stage reads the preferences: load and check each seed's file once per run.
+        self._datasets: dict[int, PreferenceDataset] = {}
 
     def _validate(self) -> None:
         """Fail before any work on what the config gets wrong (the rest is checked when it is built)."""
@@ -267,7 +269,9 @@ class Pipeline:
         """Simulated users compare segments of random behaviour."""
         path = self.seed_dir(seed) / "preferences.npz"
         if self._up_to_date("collect", seed, [path]):
-            return self._check_dataset(PreferenceDataset.load(path), path)
+            if seed not in self._datasets:
+                self._datasets[seed] = self._check_dataset(PreferenceDataset.load(path), path)
+            return self._datasets[seed]
         cfg = self.config.collect
         self.log(f"[seed {seed}] collecting {cfg.n_users} users x {cfg.comparisons_per_user} comparisons")
         env = gym.make(self.config.env_id, **{**self.config.env_kwargs, **cfg.env_kwargs})
@@ -282,6 +286,7 @@ class Pipeline:
         )
         data.save(path)
         self._record("collect", seed)
+        self._datasets[seed] = data
         return data
 
     def _check_dataset(self, data: PreferenceDataset, path: Path) -> PreferenceDataset:
