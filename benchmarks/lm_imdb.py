@@ -1,93 +1,155 @@
-"""MaxMin-RLHF vs single-reward RLHF on IMDB prompts with the embedded SmolLM2-135M-Instruct.
+"""MaxMin-RLHF vs single-reward RLHF on IMDB prompts with the embedded SmolLM2-135M-Instruct, over seeds.
 
-Runs the shipped ``imdb`` config (:mod:`egalitarian_rl.experiments.lm_pipeline`):
-96 training prompts x 3 base-model completions (32 new tokens, temperature 0.7,
-chat template), 60 simulated users per population (80/20 and 90/10
-positive/concise, Bradley-Terry beta 5, 40 comparisons each), the single BT
-reward and a K=2 EM mixture (linear heads on frozen MiniLM embeddings plus the
-log word count), then 11 PPO iterations (batch 16, LoRA r16, lr 2e-4, KL coef
+Runs the shipped ``imdb`` config (:mod:`egalitarian_rl.experiments.lm_pipeline`) once per seed:
+96 training prompts x 3 base-model completions (32 new tokens, temperature 0.7, chat template),
+60 simulated users per population (80/20 and 90/10 positive/concise, Bradley-Terry beta 5,
+40 comparisons each), the single BT reward and a K=2 EM mixture (linear heads on frozen MiniLM
+embeddings plus the log word count), then 11 PPO iterations (batch 16, LoRA r16, lr 2e-4, KL coef
 0.1) for each of ``rlhf``, ``maxmin`` (worst_group, the paper's algorithm) and
-``maxmin_per_sample_min`` (the released code's rule) from the same start,
-judged on 32 held-out prompts by the groups' TRUE scores. Seed 0. Resumes
-from ``runs/imdb`` (every stage, method and PPO iteration is saved); the JSON
-is written after ``maxmin`` and again after ``maxmin_per_sample_min``.
+``maxmin_per_sample_min`` (the released code's rule) from the same start, judged on all 48
+held-out prompts by the groups' TRUE scores.
+
+Fixed before the run that produced the committed JSON: ``maxmin`` is ``worst_group`` and the seeds
+are 1, 2 and 3 (seed 0 was used while building the experiment and is not among them). The win-rates
+in the JSON are the mean over seeds of each seed's win-rate over its 48 prompts (MaxMin seed s
+against RLHF seed s); every seed's own numbers are kept under ``seeds``.
+
+Each seed runs in its own process (``--jobs``, one torch thread each) under
+``runs/imdb_seed_<s>``; every stage, method and PPO iteration is saved, so a killed run resumes.
+The JSON is written each time a seed finishes. ~85 min with ``--jobs 2`` on this 2-core machine.
+
+    nohup .venv/bin/python -m benchmarks.lm_imdb --seeds 1 2 3 --jobs 2 > runs/lm_imdb.log 2>&1 &
 
 Writes ``benchmarks/results/lm_imdb.json`` and a line in ``benchmarks/RESULTS.md``.
-
-    nohup .venv/bin/python -m benchmarks.lm_imdb > runs/lm_imdb.log 2>&1 &
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from importlib import resources
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from benchmarks.common import write_result
 from egalitarian_rl.experiments.lm_pipeline import LMExperimentConfig, LMPipeline
 
 NAME = "lm_imdb"
 MAJORITY, MINORITY = "positive", "concise"
+SEEDS = (1, 2, 3)
+EVAL_PROMPTS = 48
+
+
+def seed_config(seed: int) -> LMExperimentConfig:
+    """The shipped ``imdb`` config for one seed, judged on all its held-out prompts."""
+    config = LMExperimentConfig.from_yaml(Path(str(resources.files("egalitarian_rl.experiments") / "configs" / "imdb.yaml")))
+    config.seed = seed
+    config.out_dir = f"runs/imdb_seed_{seed}"
+    config.evaluate.max_prompts = EVAL_PROMPTS
+    return config
+
+
+def run_seed(seed: int) -> dict[str, Any]:
+    """Every stage of one seed (resuming); returns its metrics."""
+    config = seed_config(seed)
+    _, metrics = LMPipeline(config, log=lambda line: print(f"[seed {seed}] {line}", flush=True)).run()
+    return metrics
 
 
 def main() -> None:
-    config = LMExperimentConfig.from_yaml(Path(str(resources.files("egalitarian_rl.experiments") / "configs" / "imdb.yaml")))
-    methods = list(config.train.methods)
-    # rlhf and maxmin first, then one more arm at a time: each is trained, judged and written
-    # before the next starts (stages are saved per method, so nothing is redone).
-    for count in range(2, len(methods) + 1):
-        config.train.methods = methods[:count]
-        write(config, *LMPipeline(config, log=lambda line: print(line, flush=True)).run())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    parser.add_argument("--jobs", type=int, default=1, help="seeds trained at once, one process and one torch thread each")
+    args = parser.parse_args()
+    finished: dict[int, dict[str, Any]] = {}
+    # spawn: each worker starts its own torch (a forked one would share the parent's thread pool state).
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(run_seed, seed): seed for seed in args.seeds}
+        for future in as_completed(futures):
+            finished[futures[future]] = future.result()
+            write(seed_config(futures[future]), {s: finished[s] for s in sorted(finished)}, args.seeds)
 
 
-def write(config: LMExperimentConfig, report: Path, metrics: dict) -> None:
-    """``results/lm_imdb.json`` and the RESULTS.md line from one run's metrics."""
-    methods = {
-        method: {"groups": row["groups"], "kl": row["kl"], "mean_length_tokens": row["mean_length_tokens"], "distinct_2": row["distinct_2"]}
-        for method, row in metrics["methods"].items()
-    }
+def mean_over_seeds(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {key: float(np.mean([row[key] for row in rows])) for key in rows[0]}
+
+
+def aggregate(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Each method's scores, win-rates and KL averaged over seeds (win-rate s.e. from the seeds' own)."""
+    runs = list(per_seed.values())
+    methods = {}
+    for method in runs[0]["methods"]:
+        rows = [run["methods"][method] for run in runs]
+        groups = {}
+        for group in rows[0]["groups"]:
+            cells = [row["groups"][group] for row in rows]
+            groups[group] = {
+                "mean_score": float(np.mean([c["mean_score"] for c in cells])),
+                "win_rate_vs_rlhf": float(np.mean([c["win_rate_vs_rlhf"] for c in cells])),
+                # the seeds' prompt sets are independent, so their standard errors add in quadrature
+                "win_rate_se": float(np.sqrt(sum(c["win_rate_se"] ** 2 for c in cells)) / len(cells)),
+                "seed_win_rates": [c["win_rate_vs_rlhf"] for c in cells],
+            }
+        methods[method] = {
+            "groups": groups,
+            **{key: float(np.mean([row[key] for row in rows])) for key in ("kl", "mean_length_tokens", "ended_fraction", "distinct_2")},
+        }
+    accuracy = {fit: mean_over_seeds([run["heldout_accuracy"][fit] for run in runs]) for fit in runs[0]["heldout_accuracy"]}
+    return {"methods": methods, "em_ari": float(np.mean([run["em_ari"] for run in runs])), "heldout_accuracy": accuracy}
+
+
+def write(config: LMExperimentConfig, per_seed: dict[int, dict[str, Any]], planned: list[int]) -> None:
+    """``results/lm_imdb.json`` and the RESULTS.md line from the seeds finished so far."""
+    merged = aggregate(per_seed)
+    methods, acc = merged["methods"], merged["heldout_accuracy"]
     maxmin = methods["maxmin"]["groups"]
-    n_judged = config.evaluate.max_prompts or config.prompts.n_eval
-    acc = metrics["heldout_accuracy"]
+    done = sorted(per_seed)
     passes = {
         "minority_win_rate>=0.60": maxmin[MINORITY]["win_rate_vs_rlhf"] >= 0.60,
         "majority_win_rate>=0.45": maxmin[MAJORITY]["win_rate_vs_rlhf"] >= 0.45,
-        "em_ari>=0.9": metrics["em_ari"] >= 0.9,
+        "em_ari>=0.9": merged["em_ari"] >= 0.9,
         "single_minority_accuracy<mixture": acc["single"][MINORITY] < acc["mixture"][MINORITY],
+        "all_planned_seeds": done == sorted(planned),
     }
     result = {
-        "config": config.to_dict(),
-        "methods": methods,
-        "em_ari": metrics["em_ari"],
-        "heldout_accuracy": acc,
-        "reward_fit": metrics["reward_fit"],
-        "warnings": metrics["warnings"],
-        "report": str(report),
+        "config": config.to_dict() | {"seed": done, "out_dir": "runs/imdb_seed_<s>"},
+        **merged,
+        "seeds": {
+            str(seed): {
+                "em_ari": run["em_ari"],
+                "heldout_accuracy": run["heldout_accuracy"],
+                "reward_fit": run["reward_fit"],
+                "warnings": run["warnings"],
+                "methods": {m: {"groups": row["groups"], "kl": row["kl"]} for m, row in run["methods"].items()},
+            }
+            for seed, run in per_seed.items()
+        },
         "paper": "GPT-2 on IMDB (Chakraborty et al. 2024): MaxMin +16% average win-rate, +33% for the minority",
         "note": (
-            "maxmin is the paper's worst_group rule and maxmin_per_sample_min the released code's; both arms were "
-            "trained and judged (per_sample_min first, under the name maxmin) before maxmin was fixed to name the "
-            "paper's algorithm. One seed; win-rates over 32 prompts carry a standard error of about 0.08."
+            "maxmin (worst_group) and the seeds 1-3 were fixed before this run; seed 0, used while building the "
+            f"experiment, is not included. Win-rates: mean over seeds of each seed's win-rate over {EVAL_PROMPTS} held-out "
+            "prompts against the same seed's RLHF; reports are in runs/imdb_seed_<s>/report.md."
         ),
         "passes": passes,
         "passed": all(passes.values()),
     }
-    others = [m for m in methods if m not in ("base", "rlhf", "maxmin")]
+    seed_rates = ", ".join(f"{r:.2f}" for r in maxmin[MINORITY]["seed_win_rates"])
+    psm = methods.get("maxmin_per_sample_min", {}).get("groups")
     summary = (
-        f"SmolLM2-135M, seed {config.seed}, {config.train.iterations} PPO it/method, 80/20 positive/concise, {n_judged} held-out prompts: "
-        f"maxmin ({config.train.aggregation}) win-rate vs RLHF {MINORITY} {maxmin[MINORITY]['win_rate_vs_rlhf']:.2f} / "
-        f"{MAJORITY} {maxmin[MAJORITY]['win_rate_vs_rlhf']:.2f} (s.e. {maxmin[MINORITY]['win_rate_se']:.2f})"
-        + "".join(
-            f"; {m.removeprefix('maxmin_')} {methods[m]['groups'][MINORITY]['win_rate_vs_rlhf']:.2f} / "
-            f"{methods[m]['groups'][MAJORITY]['win_rate_vs_rlhf']:.2f}"
-            for m in others
-        )
-        + f"; KL rlhf {methods['rlhf']['kl']:.1f}, maxmin {methods['maxmin']['kl']:.1f}; EM ARI {metrics['em_ari']:.2f}; "
+        f"SmolLM2-135M, seeds {done}, {config.train.iterations} PPO it/method, 80/20 positive/concise, {EVAL_PROMPTS} held-out "
+        f"prompts/seed: maxmin ({config.train.aggregation}) win-rate vs RLHF {MINORITY} {maxmin[MINORITY]['win_rate_vs_rlhf']:.2f} "
+        f"(s.e. {maxmin[MINORITY]['win_rate_se']:.2f}; seeds {seed_rates}) / {MAJORITY} {maxmin[MAJORITY]['win_rate_vs_rlhf']:.2f}"
+        + (f"; per_sample_min {psm[MINORITY]['win_rate_vs_rlhf']:.2f} / {psm[MAJORITY]['win_rate_vs_rlhf']:.2f}" if psm else "")
+        + f"; KL rlhf {methods['rlhf']['kl']:.1f}, maxmin {methods['maxmin']['kl']:.1f}; EM ARI {merged['em_ari']:.2f}; "
         f"held-out acc {MINORITY} single {acc['single'][MINORITY]:.2f} vs mixture {acc['mixture'][MINORITY]:.2f} "
-        f"(paper: minority +33%)"
+        f"(paper: minority +33%). `python -m benchmarks.lm_imdb --seeds 1 2 3 --jobs 2`"
     )
     write_result(NAME, result, summary, "minority win-rate >= 0.60, majority >= 0.45, EM ARI >= 0.9, single < mixture on minority")
-    print(json.dumps({"methods": methods, "em_ari": metrics["em_ari"], "heldout_accuracy": acc, "passes": passes}, indent=2))
+    print(json.dumps({"seeds": done, "methods": methods, "em_ari": merged["em_ari"], "passes": passes}, indent=2), flush=True)
 
 
 if __name__ == "__main__":
