@@ -1,4 +1,4 @@
-"""The ``egalitarian-rl`` command: ``demo``, ``run CONFIG.yaml`` and the pipeline's stages."""
+"""The ``egalitarian-rl`` command: ``demo``, ``run CONFIG.yaml``, the pipeline's stages and ``frontier``."""
 
 from __future__ import annotations
 
@@ -84,6 +84,21 @@ def _label(args: argparse.Namespace) -> int:
     return label_main(args.config, host=args.host, port=args.port, export=args.export)
 
 
+def _frontier(args: argparse.Namespace) -> int:
+    from egalitarian_rl.experiments import Pipeline
+    from egalitarian_rl.experiments.config import ConfigError
+    from egalitarian_rl.experiments.frontier import FrontierPipeline, weight_grid
+
+    weight_grid(args.points)  # refuse a bad --points before any work
+    pipeline = _load(args)
+    if not isinstance(pipeline, Pipeline):
+        raise ConfigError(f"{args.config}: the frontier needs an env experiment (env_id and two groups), not a language experiment")
+    frontier = FrontierPipeline(pipeline.config, progress_bar=pipeline.progress_bar)
+    path = frontier.frontier(args.points, force=args.redo)
+    print(f"frontier: {path} and {path.with_name('frontier.png')}")
+    return 0
+
+
 def _stage(stage: str):
     def handler(args: argparse.Namespace) -> int:
         pipeline = _load(args)
@@ -153,6 +168,24 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(stage, help=text, description=f"{text}. Earlier stages run first if their artefacts are missing.")
         common(sub)
         sub.set_defaults(handler=_stage(stage))
+    frontier = commands.add_parser(
+        "frontier",
+        help="train one policy per fixed group weighting (true and learned rewards) -> frontier.json, frontier.png",
+        description="The fairness frontier of a two-group config: one policy per weight vector (w, 1 - w) on a grid, "
+        "trained on the groups' true rewards and on the learned EM rewards, scored by every group's true return, with "
+        "the run's methods (metrics.json, if any) marked on it. Reuses the run's preferences and fitted rewards "
+        "(collecting and fitting first if missing) and every saved up-to-date point; adds a section to report.md.",
+    )
+    common(frontier, with_config=False)
+    frontier.add_argument("config", help=f"YAML config file, or a shipped one: {', '.join(SHIPPED_CONFIGS)}")
+    frontier.add_argument("--points", type=int, default=9, help="weights on the grid, from all on group 1 to all on group 2 (default 9)")
+    frontier.add_argument(
+        "--force",
+        dest="redo",
+        action="store_true",
+        help="retrain every frontier point even if saved (the preferences and rewards are reused)",
+    )
+    frontier.set_defaults(handler=_frontier)
     label = commands.add_parser("label", help="serve a labelling web page for one campaign: people compare pairs, answers go to SQLite")
     label.add_argument("config", help="the campaign's YAML file (README: 'Labelling with people')")
     label.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")

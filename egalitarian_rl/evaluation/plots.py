@@ -8,6 +8,7 @@ every plot (:func:`group_colors`); files are written atomically.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -215,4 +216,195 @@ def plot_learning_curves(
     return _save(fig, path)
 
 
-__all__ = ["group_colors", "method_colors", "plot_group_returns", "plot_learning_curves", "plot_win_rates"]
+# --------------------------------------------------------------------------- fairness frontier
+def frontier_envelope(returns: Any) -> np.ndarray:
+    """The upper-right convex envelope of 2-D points: the achievable (group 1, group 2) frontier.
+
+    A point is on it if no other point is at least as good for both groups and no
+    convex combination of two others beats it: playing policy ``i`` with probability
+    ``p`` and policy ``j`` otherwise (chosen once per episode) has expected returns
+    ``p * returns[i] + (1 - p) * returns[j]``, so everything under the convex hull's
+    upper-right boundary is achievable.
+
+    :param returns: ``(n, 2)`` mean returns of ``n`` policies (group 1, group 2).
+    :return: indices of the envelope's vertices, by increasing group-1 return
+        (so decreasing group-2 return).
+    """
+    points = np.asarray(returns, dtype=np.float64)
+    if points.ndim != 2 or points.shape[1] != 2 or points.shape[0] == 0:
+        raise ValueError(f"returns must have shape (n, 2) with n >= 1, got {points.shape}")
+    # Pareto-efficient points first: by group 1 descending, keep a point only if it beats every
+    # point to its right for group 2 (ties in group 1 keep the better group-2 point only).
+    order = sorted(range(len(points)), key=lambda i: (-points[i, 0], -points[i, 1]))
+    efficient: list[int] = []
+    best_second = -np.inf
+    for index in order:
+        if points[index, 1] > best_second:
+            efficient.append(index)
+            best_second = points[index, 1]
+    efficient.reverse()
+    # Then the concave chain through them (monotone chain): drop a vertex that lies on or
+    # under the segment joining its neighbours, since a mixture of them does as well.
+    hull: list[int] = []
+    for index in efficient:
+        while len(hull) >= 2:
+            (ox, oy), (ax, ay), (bx, by) = points[hull[-2]], points[hull[-1]], points[index]
+            if (ax - ox) * (by - oy) - (ay - oy) * (bx - ox) < 0:  # a right turn: hull[-1] bulges out
+                break
+            hull.pop()
+        hull.append(index)
+    return np.array(hull, dtype=np.int64)
+
+
+def maxmin_on_envelope(returns: Any, envelope: Any | None = None) -> dict[str, Any]:
+    """The point of the envelope (mixtures included) whose lower group return is highest.
+
+    ``min(x, y)`` is concave along each envelope segment, so its maximum is at a
+    vertex or where a segment crosses the diagonal ``x = y``.
+
+    :param returns: ``(n, 2)`` mean returns, as for :func:`frontier_envelope`.
+    :param envelope: its vertices (computed when ``None``).
+    :return: ``{"returns": (2,) list, "min_return", "mix": [i, j], "weight_j"}``: play policy
+        ``j`` with probability ``weight_j`` and ``i`` otherwise (``i == j`` at a vertex).
+    """
+    points = np.asarray(returns, dtype=np.float64)
+    chain = frontier_envelope(points) if envelope is None else np.asarray(envelope, dtype=np.int64)
+    best = {"returns": points[chain[0]].tolist(), "min_return": float(points[chain[0]].min()), "mix": [int(chain[0])] * 2, "weight_j": 0.0}
+    for i, j in itertools.pairwise(chain):
+        a, b = points[i], points[j]
+        candidates = [0.0, 1.0]
+        slope = (b[0] - a[0]) - (b[1] - a[1])
+        if slope != 0.0:
+            t = (a[1] - a[0]) / slope  # where x(t) = y(t) on this segment
+            if 0.0 < t < 1.0:
+                candidates.append(float(t))
+        for t in candidates:
+            point = (1.0 - t) * a + t * b
+            if point.min() > best["min_return"] + 1e-12:
+                best = {"returns": point.tolist(), "min_return": float(point.min()), "mix": [int(i), int(j)], "weight_j": t}
+    return best
+
+
+def plot_frontier(
+    frontier: Mapping[str, Any],
+    path: str | os.PathLike[str],
+    metrics: Mapping[str, Any] | None = None,
+    title: str | None = None,
+) -> Path:
+    """The (group 1, group 2) true-return frontier of fixed-weight policies, with the methods on it.
+
+    Draws every frontier point (one marker per reward source, labelled with group 1's
+    weight), each source's sweep as a thin line, the upper-right convex envelope of all
+    points (achievable by playing a random one of two policies per episode), the best
+    trained point by its lower group return (the max-min point, a star), the diagonal
+    ``x = y`` and, from ``metrics``, where each evaluated method landed.
+
+    :param frontier: ``frontier.json``'s content: ``groups`` (names, the first two are
+        plotted) and ``points``, each ``{source, weights: {group: w}, groups: {group:
+        {mean_return, std_return}}}``.
+    :param path: the PNG to write.
+    :param metrics: output of :func:`~egalitarian_rl.evaluation.build_metrics` for the same
+        groups; every method in it is marked. ``None``: no methods.
+    :return: ``path``.
+    """
+    groups = list(frontier["groups"])[:2]
+    points = list(frontier["points"])
+    if len(groups) < 2 or not points:
+        raise ValueError(f"a frontier needs two groups and at least one point, got groups {groups} and {len(points)} points")
+    first, second = groups
+    xy = np.array([[p["groups"][g]["mean_return"] for g in groups] for p in points], dtype=np.float64)
+    err = np.array([[p["groups"][g]["std_return"] for g in groups] for p in points], dtype=np.float64)
+    fig = Figure(figsize=(7.5, 7.5), layout="constrained")
+    ax = fig.subplots()
+    styles = {"true": ("o", "tab:blue", "true rewards"), "learned": ("s", "tab:orange", "learned EM rewards")}
+    for source in dict.fromkeys(p["source"] for p in points):
+        marker, color, label = styles.get(source, ("^", "tab:gray", source))
+        rows = [i for i, p in enumerate(points) if p["source"] == source]
+        rows.sort(key=lambda i: points[i]["weights"][first])
+        ax.errorbar(
+            xy[rows, 0],
+            xy[rows, 1],
+            xerr=err[rows, 0],
+            yerr=err[rows, 1],
+            fmt=marker + "-",
+            color=color,
+            alpha=0.75,
+            elinewidth=0.6,
+            capsize=2,
+            linewidth=0.8,
+            markersize=6,
+            label=f"fixed weights, {label}",
+        )
+        for i in rows:
+            ax.annotate(f"{points[i]['weights'][first]:.2f}", xy[i], textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+    envelope = frontier_envelope(xy)
+    ax.plot(xy[envelope, 0], xy[envelope, 1], color="black", linewidth=2, alpha=0.6, zorder=1, label="achievable envelope (convex hull)")
+    best = int(np.argmax(xy.min(axis=1)))
+    ax.plot(
+        *xy[best],
+        marker="*",
+        markersize=20,
+        color="gold",
+        markeredgecolor="black",
+        linestyle="none",
+        zorder=4,
+        label=f"max-min point ({points[best]['source']}, w={points[best]['weights'][first]:.2f})",
+    )
+    mixture = maxmin_on_envelope(xy, envelope)
+    if mixture["min_return"] > xy[best].min() + 1e-9 * max(1.0, abs(xy[best].min())):
+        # Only drawn when a mixture of two trained policies beats every single one for the worse-off group.
+        ax.plot(
+            *mixture["returns"],
+            marker="*",
+            markersize=16,
+            markerfacecolor="none",
+            markeredgecolor="black",
+            linestyle="none",
+            zorder=4,
+            label="max-min of mixtures (on the envelope)",
+        )
+    if metrics is not None:
+        methods = list(metrics["methods"])
+        colors = method_colors(methods)
+        span = max(float(np.ptp(xy)), 1e-9)
+        placed: list[tuple[float, float]] = []
+        for method in methods:
+            stats = metrics["methods"][method]["groups"]
+            if first not in stats or second not in stats:
+                continue
+            where = (stats[first]["mean_return"], stats[second]["mean_return"])
+            ax.plot(*where, marker="D", markersize=9, color=colors[method], markeredgecolor="black", linestyle="none", zorder=5)
+            # Methods that land on the same spot (mean and an oracle, often) get their labels stacked, not overprinted.
+            crowd = sum(abs(where[0] - x) < 0.04 * span and abs(where[1] - y) < 0.04 * span for x, y in placed)
+            placed.append(where)
+            ax.annotate(
+                method, where, textcoords="offset points", xytext=(6, -11 - 11 * crowd), fontsize=9, fontweight="bold", color=colors[method]
+            )
+    low, high = min(ax.get_xlim()[0], ax.get_ylim()[0]), max(ax.get_xlim()[1], ax.get_ylim()[1])
+    ax.plot([low, high], [low, high], color="grey", linestyle=":", linewidth=1, label="equal returns")
+    ax.set_xlim(low, high)
+    ax.set_ylim(low, high)
+    ax.set_xlabel(f"{first}: mean true episode return")
+    ax.set_ylabel(f"{second}: mean true episode return")
+    fig.suptitle(
+        title
+        or f"Fairness frontier: one policy per fixed weighting (labels: weight on {first}; bars: std over episodes)\n"
+        "Black: the upper-right envelope, achievable by playing one of two policies at random per episode",
+        fontsize=10,
+    )
+    # The frontier lies up and to the right by construction: the lower left is the free corner.
+    ax.legend(fontsize="small", loc="lower left", framealpha=0.9)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+__all__ = [
+    "frontier_envelope",
+    "group_colors",
+    "maxmin_on_envelope",
+    "method_colors",
+    "plot_frontier",
+    "plot_group_returns",
+    "plot_learning_curves",
+    "plot_win_rates",
+]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from egalitarian_rl.evaluation.metrics import check_metrics, shifted_ratio
-from egalitarian_rl.evaluation.plots import Curves, plot_group_returns, plot_learning_curves, plot_win_rates
+from egalitarian_rl.evaluation.plots import Curves, plot_frontier, plot_group_returns, plot_learning_curves, plot_win_rates
 from egalitarian_rl.io import save_json_atomic, to_jsonable, write_text_atomic
 
 METRICS_FILE = "metrics.json"
@@ -18,6 +18,9 @@ REPORT_FILE = "report.md"
 GROUP_RETURNS_PLOT = "group_returns.png"
 WIN_RATES_PLOT = "win_rates.png"
 LEARNING_CURVES_PLOT = "learning_curves.png"
+#: Written by ``egalitarian-rl frontier`` (:mod:`egalitarian_rl.experiments.frontier`); the report shows it when present.
+FRONTIER_FILE = "frontier.json"
+FRONTIER_PLOT = "frontier.png"
 
 #: Share of its baseline return the majority must keep for the verdict to say "kept" (issue 4: 75%).
 MAJORITY_KEEP = 0.75
@@ -198,6 +201,88 @@ def _what_was_run(metrics: Mapping[str, Any], config: Any) -> str:
     return text
 
 
+def method_positions(frontier: Mapping[str, Any], metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Where each method of ``metrics`` lands relative to a fairness frontier.
+
+    :param frontier: ``frontier.json``'s content (``groups``, ``maxmin_point``, ``maxmin_mixture``).
+    :param metrics: output of :func:`~egalitarian_rl.evaluation.build_metrics` for the same groups.
+    :return: method -> ``{"returns": {group: mean}, "min_return", "gap_to_maxmin_point",
+        "gap_to_maxmin_mixture", "n_seeds"}``; the gaps are the frontier's best lower group
+        return minus the method's (return units; > 0: the method's worst-off group is worse off).
+    """
+    groups = list(frontier["groups"])
+    positions = {}
+    for method, entry in metrics["methods"].items():
+        returns = {g: float(entry["groups"][g]["mean_return"]) for g in groups}
+        lowest = min(returns.values())
+        positions[method] = {
+            "returns": returns,
+            "min_return": lowest,
+            "gap_to_maxmin_point": float(frontier["maxmin_point"]["min_return"]) - lowest,
+            "gap_to_maxmin_mixture": float(frontier["maxmin_mixture"]["min_return"]) - lowest,
+            "n_seeds": entry.get("n_seeds"),
+        }
+    return positions
+
+
+def frontier_section(frontier: Mapping[str, Any], metrics: Mapping[str, Any] | None) -> str:
+    """report.md's "Fairness frontier" section: the plot, every point and where each method of ``metrics`` lands."""
+    groups = list(frontier["groups"])
+    first, second = groups[:2]
+    seeds = frontier.get("seeds", [])
+    lines = [
+        "| source | weights | " + " | ".join(f"{g}: mean ± std" for g in groups) + " | worst group |",
+        "|---|---|" + "---:|" * (len(groups) + 1),
+    ]
+    for index, point in enumerate(frontier["points"]):
+        weights = " / ".join(f"{point['weights'][g]:.3f}" for g in groups)
+        cells = [f"{_fmt(point['groups'][g]['mean_return'])} ± {_fmt(point['groups'][g]['std_return'])}" for g in groups]
+        mark = " **(max-min point)**" if index == frontier["maxmin_point"]["index"] else ""
+        on_envelope = " (on the envelope)" if index in frontier.get("envelope", []) else ""
+        lines.append(f"| {point['source']}{on_envelope} | {weights} | " + " | ".join(cells) + f" | {_fmt(point['min_return'])}{mark} |")
+    best, mixture = frontier["maxmin_point"], frontier["maxmin_mixture"]
+    text = (
+        "## Fairness frontier\n\n"
+        f"One policy per fixed weighting `(w, 1 - w)` of ({first}, {second}), trained with the same PPO budget "
+        f"({frontier.get('total_timesteps', '?')} steps) on the groups' *true* rewards and on the *learned* EM rewards, "
+        f"scored like the methods by every group's true return (seeds {seeds}, episodes pooled). The black line is the "
+        "upper-right envelope of all points: playing one of two policies at random per episode achieves any mixture of "
+        "their returns, so the convex hull is achievable. The max-min point is the trained point with the highest "
+        f"worst-group return: {best['source']} rewards at weights "
+        + " / ".join(f"{best['weights'][g]:.3f}" for g in groups)
+        + f", worst group {_fmt(best['min_return'])}; the best mixture on the envelope reaches {_fmt(mixture['min_return'])}. "
+        f"Full numbers: [`{FRONTIER_FILE}`]({FRONTIER_FILE}).\n\n"
+        f"![Fairness frontier: true returns of fixed-weight policies, with the methods]({FRONTIER_PLOT})\n\n" + "\n".join(lines)
+    )
+    if frontier.get("notes"):
+        text += "\n\nNotes: " + "; ".join(frontier["notes"]) + "."
+    if metrics is not None:
+        rows = ["| method | " + " | ".join(groups) + " | worst group | below the max-min point by | below the best mixture by |"]
+        rows.append("|---|" + "---:|" * (len(groups) + 3))
+        for method, where in method_positions(frontier, metrics).items():
+            cells = [_fmt(where["returns"][g]) for g in groups]
+            gaps = f"{_fmt(where['gap_to_maxmin_point'])} | {_fmt(where['gap_to_maxmin_mixture'])}"
+            rows.append(f"| `{method}` | " + " | ".join(cells) + f" | {_fmt(where['min_return'])} | {gaps} |")
+        text += "\n\nWhere each method lands (mean true returns from [`metrics.json`](metrics.json)):\n\n" + "\n".join(rows)
+    return text
+
+
+def _frontier_for_report(out: Path, metrics: Mapping[str, Any]) -> str | None:
+    """Redraw ``frontier.png`` with the current methods and return the report section, if ``frontier.json`` exists."""
+    path = out / FRONTIER_FILE
+    if not path.exists():
+        return None
+    try:
+        frontier = json.loads(path.read_text())
+        if list(frontier["groups"]) != list(metrics["groups"]):
+            stale = f"is for groups {frontier['groups']}, not {list(metrics['groups'])}"
+            return f"## Fairness frontier\n\n`{FRONTIER_FILE}` {stale}: rerun `egalitarian-rl frontier`."
+        plot_frontier(frontier, out / FRONTIER_PLOT, metrics)
+        return frontier_section(frontier, metrics)
+    except (ValueError, KeyError, TypeError) as err:  # a hand-edited or older file must not break the whole report
+        return f"## Fairness frontier\n\n`{FRONTIER_FILE}` could not be read ({err}): rerun `egalitarian-rl frontier`."
+
+
 def write_report(
     metrics: Mapping[str, Any],
     out_dir: str | os.PathLike[str],
@@ -213,7 +298,9 @@ def write_report(
     Files: ``metrics.json`` (``metrics`` as strict JSON), ``group_returns.png``,
     ``win_rates.png``, ``learning_curves.png`` (only with ``curves``) and
     ``report.md``: what was run, the per-group table, a plain-language verdict
-    (:func:`verdict`) and the plots embedded by relative links. ``report.md`` is
+    (:func:`verdict`) and the plots embedded by relative links; when ``out_dir`` holds a
+    ``frontier.json`` (``egalitarian-rl frontier``), ``frontier.png`` is redrawn with these
+    methods and a "Fairness frontier" section is added. ``report.md`` is
     written last, so its presence means the report is complete.
 
     :param metrics: output of :func:`~egalitarian_rl.evaluation.build_metrics`.
@@ -248,15 +335,22 @@ def write_report(
         "## Verdict\n\n" + verdict(metrics, method=method, group_shares=group_shares),
         "## Plots\n\n" + "\n\n".join(f"![{caption}]({name})" for name, caption in plots),
     ]
+    frontier = _frontier_for_report(out, metrics)
+    if frontier is not None:
+        sections.append(frontier)
     return write_text_atomic("\n\n".join(sections) + "\n", out / REPORT_FILE)
 
 
 __all__ = [
+    "FRONTIER_FILE",
+    "FRONTIER_PLOT",
     "GROUP_RETURNS_PLOT",
     "LEARNING_CURVES_PLOT",
     "METRICS_FILE",
     "REPORT_FILE",
     "WIN_RATES_PLOT",
+    "frontier_section",
+    "method_positions",
     "verdict",
     "write_report",
 ]
