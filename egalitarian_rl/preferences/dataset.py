@@ -7,6 +7,12 @@ comparison is (``segment_ids``) and a ``fold`` per comparison: comparisons of
 different folds never share a segment (:func:`~egalitarian_rl.preferences.collect_preferences`
 draws the pairs of each fold from its own part of the pool). Splits then hold
 out whole folds (see :meth:`PreferenceDataset.split_by_comparison`).
+
+Large data (issue 10: a million comparisons): :class:`PooledPreferenceDataset` stores every
+distinct segment once, in a pool, and the comparisons as pairs of pool rows (``segment_ids``).
+A million comparisons of 25-step HalfCheetah segments drawn from 200,000 segments then take
+0.8 GB instead of 8 GB; EM (:class:`~egalitarian_rl.rewards.EMRewardMixture`) encodes and
+scores each pool segment once instead of once per comparison it appears in.
 """
 
 from __future__ import annotations
@@ -411,3 +417,127 @@ def _components(segment_ids: np.ndarray) -> np.ndarray:
 def _check_fraction(fraction: float) -> None:
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {fraction}")
+
+
+class PooledPreferenceDataset(PreferenceDataset):
+    """Comparisons whose segments are rows of one shared pool, each distinct segment stored once.
+
+    Behaves as a :class:`PreferenceDataset` everywhere: ``segments_a`` / ``segments_b`` are
+    gathered from the pool *on every access* (a full copy: avoid them on large data; EM and
+    :func:`~egalitarian_rl.rewards.nets.spaces_from_dataset` read the pool directly).
+    Selections (:meth:`subset`, :meth:`for_users`, the splits) stay pooled and share the pool;
+    :meth:`save` and :meth:`concatenate` write / return the ordinary per-comparison form.
+
+    :param segment_pool: the distinct segments, leading shape ``(S, L)``.
+    :param segment_ids: ``(N, 2)`` pool row of segment ``a`` and of segment ``b`` of every comparison.
+    :param user_ids: ``(N,)`` which user made comparison ``i``.
+    :param labels: ``(N,)`` probability that ``a`` is preferred: 1 (a), 0 (b) or 0.5 (equal).
+    :param users: ``(U,)`` every known user id.
+    :param user_groups: ``(U,)`` true group index of each user, -1 where unknown.
+    :param group_names: names of the true groups indexed by ``user_groups``.
+    :param metadata: JSON-serialisable facts about the data.
+    :param folds: ``(N,)`` segment-disjoint block of each comparison, or ``None``.
+    """
+
+    def __init__(
+        self,
+        segment_pool: Transitions,
+        segment_ids: np.ndarray,
+        user_ids: np.ndarray,
+        labels: np.ndarray,
+        users: np.ndarray,
+        user_groups: np.ndarray,
+        group_names: Sequence[str] = (),
+        metadata: dict[str, Any] | None = None,
+        folds: np.ndarray | None = None,
+    ) -> None:
+        # Not the dataclass __init__: segments_a / segments_b are views computed from the pool.
+        self.segment_pool = segment_pool
+        self.user_ids = np.asarray(user_ids, dtype=np.int64)
+        self.labels = np.asarray(labels, dtype=np.float32)
+        self.users = np.asarray(users, dtype=np.int64)
+        self.user_groups = np.asarray(user_groups, dtype=np.int64)
+        self.group_names = tuple(group_names)
+        self.metadata = dict(metadata or {})
+        self.segment_ids = np.asarray(segment_ids, dtype=np.int64)
+        self.folds = None if folds is None else np.asarray(folds, dtype=np.int64)
+        self.validate()
+
+    @property  # type: ignore[override]
+    def segments_a(self) -> Transitions:
+        """First segment of each comparison, ``(N, L, ...)``: a copy gathered from the pool."""
+        return self.segment_pool.index(self.segment_ids[:, 0])
+
+    @property  # type: ignore[override]
+    def segments_b(self) -> Transitions:
+        """Second segment of each comparison, ``(N, L, ...)``: a copy gathered from the pool."""
+        return self.segment_pool.index(self.segment_ids[:, 1])
+
+    @property
+    def segment_length(self) -> int:
+        return self.segment_pool.acts.shape[1]
+
+    @property
+    def n_segments(self) -> int:
+        """``S``, the number of segments in the pool (used or not)."""
+        return len(self.segment_pool.acts)
+
+    def validate(self) -> None:
+        """Raise :class:`PreferenceDatasetError` naming the first problem found (checks the pool once)."""
+        n = len(self.labels)
+        if self.segment_ids is None or self.segment_ids.shape != (n, 2):
+            shape = None if self.segment_ids is None else self.segment_ids.shape
+            raise PreferenceDatasetError(f"wrong shape: segment_ids {shape} must be (N, 2) = ({n}, 2) in a pooled dataset")
+        n_pool = len(self.segment_pool.acts)
+        self._check_segments("segment_pool", self.segment_pool, n_pool)
+        if n and (self.segment_ids.min() < 0 or self.segment_ids.max() >= n_pool):
+            raise PreferenceDatasetError(f"segment_ids outside the pool of {n_pool} segments")
+        # The remaining checks do not read segments: run the base ones on a pool-free stand-in.
+        if self.labels.ndim != 1 or self.user_ids.shape != (n,):
+            raise PreferenceDatasetError(f"wrong shape: labels {self.labels.shape} and user_ids {self.user_ids.shape} must both be (N,)")
+        if self.users.ndim != 1 or self.user_groups.shape != self.users.shape:
+            raise PreferenceDatasetError(
+                f"wrong shape: users {self.users.shape} and user_groups {self.user_groups.shape} must both be (U,)"
+            )
+        if len(np.unique(self.users)) != len(self.users):
+            raise PreferenceDatasetError("duplicate user ids in users")
+        if not np.all(np.isfinite(self.labels)):
+            raise PreferenceDatasetError("label is NaN or infinite")
+        bad = ~np.isin(self.labels, _VALID_LABELS)
+        if bad.any():
+            raise PreferenceDatasetError(f"label outside {{0, 0.5, 1}}: {self.labels[bad][:5].tolist()}")
+        unknown = ~np.isin(self.user_ids, self.users)
+        if unknown.any():
+            raise PreferenceDatasetError(f"unknown user id {np.unique(self.user_ids[unknown])[:5].tolist()} not in users")
+        if self.group_names and ((self.user_groups < -1) | (self.user_groups >= len(self.group_names))).any():
+            raise PreferenceDatasetError(f"user group index out of range for {len(self.group_names)} groups")
+        if not self.group_names and (self.user_groups != -1).any():
+            raise PreferenceDatasetError("user_groups given without group_names")
+        if self.folds is not None:
+            if self.folds.shape != (n,):
+                raise PreferenceDatasetError(f"wrong shape: folds {self.folds.shape} must be (N,) = ({n},)")
+            shared = _segments_in_several_folds(self.segment_ids, self.folds)
+            if len(shared):
+                raise PreferenceDatasetError(f"segment {int(shared[0])} appears in more than one fold; folds must be segment-disjoint")
+
+    def subset(self, comparison_idx: np.ndarray, users: np.ndarray | None = None) -> PooledPreferenceDataset:
+        """The comparisons at ``comparison_idx`` (sharing this pool); keeps every user unless ``users`` is given."""
+        comparison_idx = np.asarray(comparison_idx)
+        keep_users = np.isin(self.users, users) if users is not None else np.ones(self.n_users, dtype=bool)
+        return PooledPreferenceDataset(
+            self.segment_pool,
+            self.segment_ids[comparison_idx],
+            self.user_ids[comparison_idx],
+            self.labels[comparison_idx],
+            self.users[keep_users],
+            self.user_groups[keep_users],
+            self.group_names,
+            dict(self.metadata),
+            None if self.folds is None else self.folds[comparison_idx],
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"PooledPreferenceDataset({len(self)} comparisons of {self.n_segments} pooled segments, {self.n_users} users, "
+            f"segment_length={self.segment_length}, groups={list(self.group_names)})"
+        )

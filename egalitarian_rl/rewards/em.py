@@ -52,6 +52,15 @@ the current fit explains worst (lowest mean log-likelihood per comparison,
 ``reseed_fraction`` of all users), so K members stay in use. In soft EM a
 member's share may shrink towards zero; it is kept as it is.
 
+Large data (issue 10): every distinct segment is encoded once (float32; normalisation statistics
+streamed in float64, never a float64 copy of the data) into a segment table that comparisons index
+(a :class:`~egalitarian_rl.preferences.dataset.PooledPreferenceDataset` stores its segments that way
+too), M-steps read mini-batches from it, and E-steps, embeddings and held-out scores stream over it
+in chunks, scoring each distinct segment once. ``max_memory_mb`` bounds the memory EM allocates for
+the data (see :meth:`EMRewardMixture.memory_plan`): the table is cached only if it fits, otherwise
+re-encoded from the raw segments per chunk, and chunks shrink to fit; ``memory_plan_`` records
+what was chosen. Without the flag the table is cached and chunks are 512 segments.
+
 Users and bad input: every user listed in the dataset must have at least one
 comparison (``ValueError`` naming the user otherwise; drop them with
 ``dataset.for_users``), K must lie in ``1..n_users``, an empty dataset is
@@ -80,12 +89,14 @@ from sklearn.cluster import KMeans
 from tqdm.auto import tqdm
 
 from egalitarian_rl.io import write_text_atomic
-from egalitarian_rl.preferences.dataset import PreferenceDataset
+from egalitarian_rl.preferences.dataset import PooledPreferenceDataset, PreferenceDataset
 from egalitarian_rl.rewards.bradley_terry import (
+    DEFAULT_CHUNK_SEGMENTS,
+    ComparisonFeatures,
     RewardTrainingError,
-    comparison_logits,
-    dataset_features,
+    build_comparison_features,
     noisy_log_likelihood,
+    pair_logits,
     train_reward,
 )
 from egalitarian_rl.rewards.metrics import (
@@ -204,6 +215,12 @@ class EMRewardMixture:
         groups even when started on them; out-of-fold evidence removes that pull. Costs twice
         the M-step compute. After EM, member ``k`` is trained on all its users' comparisons in
         the final M-step (``final_epochs``, at least ``m_step_epochs``) and the twins are dropped.
+    :param max_memory_mb: upper bound, in MiB, on the memory EM allocates for the data it works
+        on: the encoded segment table (cached only if it fits), per-comparison and per-segment
+        arrays, one M-step mini-batch and one streamed chunk (estimated before fitting, see
+        :meth:`memory_plan`). Not counted: the dataset the caller holds, the networks, Python and
+        torch themselves. ``None`` (default): cache the table, 512-segment chunks. A budget too
+        small for the per-comparison arrays raises ``ValueError`` at ``fit``.
     :param seed: seeds everything (initialisation, k-means, shuffling).
     :param logger: SB3-style logger; ``em/*`` scalars are recorded and dumped once per EM iteration.
     :param progress_bar: show a tqdm bar over EM iterations.
@@ -240,6 +257,7 @@ class EMRewardMixture:
         mistake_rate: float | str | None = None,
         shared_scale: bool = False,
         cross_fit: bool = False,
+        max_memory_mb: float | None = None,
         seed: int = 0,
         logger: Any = None,
         progress_bar: bool = False,
@@ -254,6 +272,10 @@ class EMRewardMixture:
             raise ValueError(f"mistake_rate must be None, 'learn' or a number in [0, 0.5), got {mistake_rate!r}")
         if n_init < 1 or max_iter < 1:
             raise ValueError(f"n_init and max_iter must be >= 1, got {n_init} and {max_iter}")
+        if max_memory_mb is not None and (
+            isinstance(max_memory_mb, bool) or not isinstance(max_memory_mb, (int, float)) or not max_memory_mb > 0
+        ):
+            raise ValueError(f"max_memory_mb must be a positive number of MiB or None, got {max_memory_mb!r}")
         self.n_components = int(n_components)
         self.observation_space = observation_space
         self.action_space = action_space
@@ -280,6 +302,7 @@ class EMRewardMixture:
         self.mistake_rate = mistake_rate
         self.shared_scale = shared_scale
         self.cross_fit = cross_fit
+        self.max_memory_mb = None if max_memory_mb is None else float(max_memory_mb)
         self.seed = seed
         self.logger = logger
         self.progress_bar = progress_bar
@@ -309,6 +332,8 @@ class EMRewardMixture:
         self.logit_scales_: np.ndarray | None = None
         self.n_iter_: int = 0
         self.converged_: bool = False
+        #: How the last fit held its data (see :meth:`memory_plan`): table cached or streamed, chunk size, estimate.
+        self.memory_plan_: dict[str, Any] | None = None
 
     # ----------------------------------------------------------------- helpers
     def hyperparameters(self) -> dict[str, Any]:
@@ -340,8 +365,14 @@ class EMRewardMixture:
             "mistake_rate": self.mistake_rate,
             "shared_scale": self.shared_scale,
             "cross_fit": self.cross_fit,
+            "max_memory_mb": self.max_memory_mb,
             "seed": self.seed,
         }
+
+    def _scoring_data(self, reward: RewardMixture, dataset: PreferenceDataset) -> _Data:
+        """``dataset`` prepared for scoring with the fitted reward, within ``max_memory_mb`` (no normalisation fit)."""
+        plan = self.memory_plan(dataset, reward.input_dim)
+        return _Data.build(reward, dataset, False, cache=plan["cache_features"], chunk_size=plan["chunk_segments"])
 
     def _require_fitted(self) -> RewardMixture:
         if self.reward is None or self.assignments_ is None:
@@ -366,7 +397,7 @@ class EMRewardMixture:
         if mistake_rates is not None and self._twinned(reward):
             mistake_rates = torch.cat([mistake_rates, mistake_rates])
         history = train_reward(
-            reward, data.features_a, data.features_b, data.labels, weights,
+            reward, data.features, None, data.labels, weights,
             epochs=epochs, lr=self.lr, batch_size=self.batch_size, weight_decay=self.weight_decay,
             validation_mask=data.held_out if validate else None,
             exclude_mask=data.held_out, patience=patience if validate else None, discount=self.discount, generator=generator,
@@ -403,13 +434,11 @@ class EMRewardMixture:
 
         Cross-fitting: each comparison is scored by the twin that did not train on it.
         """
-        features_a = data.features_a if rows is None else data.features_a[rows]
-        features_b = data.features_b if rows is None else data.features_b[rows]
         if not self._twinned(reward):
-            return comparison_logits(reward, features_a, features_b, self.discount, list(range(n_active)))
+            return pair_logits(reward, data.features, rows, self.discount, list(range(n_active)))
         k = self.n_components
         members = list(range(n_active)) + [k + m for m in range(n_active)]
-        raw = comparison_logits(reward, features_a, features_b, self.discount, members)
+        raw = pair_logits(reward, data.features, rows, self.discount, members)
         assert data.half is not None
         second_half = (data.half if rows is None else data.half[rows])[:, None]
         # Member k trained on first halves: it scores the second halves, its twin the first.
@@ -469,6 +498,65 @@ class EMRewardMixture:
         user_ll[:, :n_active] = torch.zeros(data.n_users, n_active, dtype=torch.float64).index_add_(0, data.user_index, ll.double())
         return user_ll
 
+    def memory_plan(self, dataset: PreferenceDataset, input_dim: int | None = None) -> dict[str, Any]:
+        """How EM will hold ``dataset`` within ``max_memory_mb``: cache the encoded segments or not, chunk size.
+
+        Estimated bytes (float32 unless said): per comparison, the pairs, label, user index and
+        masks (30) plus per member its weight, mini-batch slots, logit and float64 log-likelihood
+        (44); per table segment (the pool, or both sides of every comparison), returns, indices
+        and the split embedding's last hidden layer per member; one M-step mini-batch with its
+        activations and gradients; per streamed segment its inputs and activations. The cached
+        table is ``S * L * input_dim * 4`` bytes.
+
+        :param dataset: the comparisons to fit or score.
+        :param input_dim: network input width (from the spaces when ``None``).
+        :return: ``cache_features``, ``chunk_segments``, ``n_segments``, ``n_chunks`` (of a streamed
+            pass over all segments), ``estimated_mb`` (the plan's total) and ``budget_mb``.
+        :raises ValueError: if ``max_memory_mb`` cannot hold even the per-comparison arrays and a
+            minimal chunk (the message says how much would).
+        """
+        if input_dim is None:
+            obs_space, act_space = spaces_from_dataset(dataset)
+            input_dim = self._new_reward(
+                self.observation_space or obs_space, self.action_space or act_space, 1
+            ).input_dim  # fmt: skip
+        n = len(dataset)
+        n_segments = dataset.n_segments if isinstance(dataset, PooledPreferenceDataset) else 2 * n
+        length = dataset.segment_length
+        k = (2 if self.cross_fit else 1) * self.n_components
+        widths = sum(self.hidden_sizes) + 1
+        h_last = self.hidden_sizes[-1] if self.hidden_sizes else input_dim
+        fixed = n * (30 + 44 * k) + n_segments * (24 + 4 * k + 4 * k * h_last)
+        # A mini-batch: inputs, pre- and post-activation per layer, and their gradients.
+        step = self.batch_size * k * 2 * length * (input_dim + 2 * widths) * 4 * 2
+        per_chunk_segment = length * (input_dim + 2 * k * widths) * 4 * 2
+        cache = n_segments * length * input_dim * 4
+        mib = 2.0**20
+        min_chunk = 16
+        if self.max_memory_mb is None:
+            cached, chunk = True, DEFAULT_CHUNK_SEGMENTS
+        else:
+            available = self.max_memory_mb * mib - fixed - step
+            if available < min_chunk * per_chunk_segment:
+                need = (fixed + step + min_chunk * per_chunk_segment) / mib
+                raise ValueError(
+                    f"max_memory_mb={self.max_memory_mb:g} is too small for {n:,} comparisons of {n_segments:,} segments: "
+                    f"EM needs at least {need:,.0f} MiB without caching the encoded segments "
+                    f"({(need + cache / mib):,.0f} MiB with). Raise it, or fit fewer comparisons."
+                )
+            cached = cache + DEFAULT_CHUNK_SEGMENTS * per_chunk_segment <= available
+            room = available - (cache if cached else 0)
+            chunk = int(max(min_chunk, min(DEFAULT_CHUNK_SEGMENTS, room // per_chunk_segment)))
+        estimated = fixed + step + chunk * per_chunk_segment + (cache if cached else 0)
+        return {
+            "cache_features": cached,
+            "chunk_segments": chunk,
+            "n_segments": n_segments,
+            "n_chunks": math.ceil(n_segments / chunk),
+            "estimated_mb": round(estimated / mib, 1),
+            "budget_mb": self.max_memory_mb,
+        }
+
     # -------------------------------------------------------------------- fit
     def fit(self, dataset: PreferenceDataset) -> EMRewardMixture:
         """Fit K rewards and the users' groups to ``dataset``.
@@ -490,7 +578,11 @@ class EMRewardMixture:
         generator = torch.Generator().manual_seed(self.seed)
         reward = self._new_reward(observation_space, action_space, 2 * self.n_components if self.cross_fit else self.n_components)
         reward.reset_parameters(generator=generator)
-        data = _Data.build(reward, dataset, self.normalize_inputs, self.validation_fraction, self.seed, halves=self.cross_fit)
+        self.memory_plan_ = self.memory_plan(dataset, reward.input_dim)
+        data = _Data.build(
+            reward, dataset, self.normalize_inputs, self.validation_fraction, self.seed, halves=self.cross_fit,
+            cache=self.memory_plan_["cache_features"], chunk_size=self.memory_plan_["chunk_segments"],
+        )  # fmt: skip
         # "learn" starts from a moderate 10% flip rate and re-estimates it after every M-step.
         initial_m = {None: 0.0, "learn": 0.1}.get(self.mistake_rate, self.mistake_rate)  # type: ignore[call-overload]
         self.mistake_rates_ = np.full(self.n_components, float(initial_m))
@@ -546,35 +638,43 @@ class EMRewardMixture:
         return self
 
     # --------------------------------------------------------- initialisation
-    def _gradient_embedding(self, reward: RewardMixture, data: _Data, labels: np.ndarray, chunk_size: int = 256) -> np.ndarray:
+    def _gradient_embedding(self, reward: RewardMixture, data: _Data, labels: np.ndarray) -> np.ndarray:
         """``(U, h_last)``: each user's mean BT log-likelihood gradient w.r.t. the last layer of *their* member.
 
         ``g_u = mean_i (y_i - sigmoid(R(a_i) - R(b_i))) * (H(a_i) - H(b_i))`` with ``H`` the
         segment's (discounted) sum of the member's last hidden layer: the direction in which
-        user ``u`` pulls the reward that currently represents them.
+        user ``u`` pulls the reward that currently represents them. ``H`` is computed once per
+        distinct segment (streamed in chunks), the per-user sums over chunks of comparisons.
 
         :param labels: ``(U,)`` member of every user; members ``0..max(labels)`` are evaluated.
         """
         used = list(range(int(labels.max()) + 1))
         member_of = torch.as_tensor(labels, dtype=torch.long)[data.user_index]  # (N,)
         w_last = reward.weights[-1][used, :, 0]  # (M, h_last); the last bias cancels in R(a) - R(b)
-        length = data.features_a.shape[1]
-        step_weights = self.discount ** torch.arange(length, dtype=torch.float32)
-        grads = []
+        table = data.features
+        step_weights = self.discount ** torch.arange(table.length, dtype=torch.float32)
+        needed, inverse = torch.unique(table.pairs.reshape(-1), return_inverse=True)
+        inverse = inverse.view(-1, 2)
+        summed_per_user = None
         with torch.no_grad():
-            for start in range(0, len(data.labels), chunk_size):
-                end = start + chunk_size
-                segments = torch.cat([data.features_a[start:end], data.features_b[start:end]])  # (2n, L, D)
-                n = segments.shape[0] // 2
-                hidden = reward.hidden(segments.reshape(-1, segments.shape[-1]), used).reshape(len(used), 2 * n, length, -1)
-                summed = torch.einsum("mnlh,l->mnh", hidden, step_weights)  # H per member and segment
-                members = member_of[start:end]
-                own = (summed[:, :n] - summed[:, n:])[members, torch.arange(n)]  # (n, h): each comparison's own member
-                residual = data.labels[start:end] - torch.sigmoid((own * w_last[members]).sum(-1))
-                grads.append(residual[:, None] * own)
-        per_comparison = torch.cat(grads).double()
-        summed_per_user = torch.zeros(data.n_users, per_comparison.shape[1], dtype=torch.float64)
-        summed_per_user.index_add_(0, data.user_index, per_comparison)
+            hidden_sums = None
+            for start in range(0, len(needed), table.chunk_size):
+                segments = table.segments(needed[start : start + table.chunk_size])  # (c, L, D)
+                c = len(segments)
+                hidden = reward.hidden(segments.reshape(-1, segments.shape[-1]), used).reshape(len(used), c, table.length, -1)
+                summed = torch.einsum("mclh,l->cmh", hidden, step_weights)  # H per segment and member
+                if hidden_sums is None:
+                    hidden_sums = torch.empty(len(needed), len(used), summed.shape[-1])
+                hidden_sums[start : start + c] = summed
+            assert hidden_sums is not None
+            summed_per_user = torch.zeros(data.n_users, hidden_sums.shape[-1], dtype=torch.float64)
+            step = table.chunk_size * 8  # comparisons per chunk: (step, h) temporaries
+            for start in range(0, len(data.labels), step):
+                rows = slice(start, start + step)
+                members = member_of[rows]
+                own = hidden_sums[inverse[rows, 0], members] - hidden_sums[inverse[rows, 1], members]  # (n, h)
+                residual = data.labels[rows] - torch.sigmoid((own * w_last[members]).sum(-1))
+                summed_per_user.index_add_(0, data.user_index[rows], (residual[:, None] * own).double())
         return (summed_per_user / data.counts[:, None]).numpy()
 
     def _kmeans_start(self, embedding: np.ndarray, seed: int) -> np.ndarray:
@@ -797,7 +897,7 @@ class EMRewardMixture:
         """
         reward = self._require_fitted()
         _check_users_have_comparisons(dataset, "EMRewardMixture")
-        return self._user_ll(reward, _Data.build(reward, dataset, fit_normalization=False)).numpy()
+        return self._user_ll(reward, self._scoring_data(reward, dataset)).numpy()
 
     def predict_proba(self, dataset: PreferenceDataset, prior: bool = True) -> np.ndarray:
         """``(U, K)`` posterior group probabilities of ``dataset.users`` given their comparisons.
@@ -894,7 +994,7 @@ class EMRewardMixture:
         reward = self._require_fitted()
         sub = dataset.for_users(np.unique(dataset.user_ids))  # only users with held-out comparisons
         rows = self._fitted_rows(sub.users)
-        ll = self._user_ll(reward, _Data.build(reward, sub, fit_normalization=False)).numpy()
+        ll = self._user_ll(reward, self._scoring_data(reward, sub)).numpy()
         assert self.responsibilities_ is not None
         with np.errstate(divide="ignore"):  # log 0 = -inf: hard EM keeps only the user's own member
             log_r = np.log(self.responsibilities_[rows])
@@ -982,10 +1082,9 @@ class EMRewardMixture:
 
 @dataclass
 class _Data:
-    """A dataset prepared once for EM: network inputs, labels, user index."""
+    """A dataset prepared once for EM: the segment table and pairs, labels, user index."""
 
-    features_a: torch.Tensor  # (N, L, D)
-    features_b: torch.Tensor  # (N, L, D)
+    features: ComparisonFeatures  # segment table (S, L, D) and pairs (N, 2)
     labels: torch.Tensor  # (N,)
     user_index: torch.Tensor  # (N,) position of each comparison's user in dataset.users
     counts: torch.Tensor  # (U,) comparisons per user
@@ -997,21 +1096,32 @@ class _Data:
     def build(
         cls, reward: RewardMixture, dataset: PreferenceDataset, fit_normalization: bool,
         validation_fraction: float = 0.0, seed: int = 0, halves: bool = False,
+        cache: bool = True, chunk_size: int = DEFAULT_CHUNK_SEGMENTS,
     ) -> _Data:  # fmt: skip
-        features_a, features_b = dataset_features(reward, dataset, fit_normalization=fit_normalization)
-        user_index = torch.as_tensor(dataset.user_index(), dtype=torch.long)
-        counts = torch.as_tensor(dataset.comparisons_per_user(), dtype=torch.float64)
+        """Encode ``dataset`` for ``reward``.
+
+        :param fit_normalization: fit the reward's input standardisation on these segments first.
+        :param validation_fraction: share of comparisons drawn (seeded) as ``held_out``.
+        :param seed: seed of the held-out draw and of the cross-fitting halves.
+        :param halves: draw the cross-fitting halves.
+        :param cache: keep the encoded segment table in memory (else re-encode per chunk).
+        :param chunk_size: segments per streamed chunk.
+        """
+        features = build_comparison_features(reward, dataset, fit_normalization, cache=cache, chunk_size=chunk_size)
+        user_index_np = dataset.user_index()
+        user_index = torch.as_tensor(user_index_np, dtype=torch.long)
+        counts = torch.as_tensor(np.bincount(user_index_np, minlength=dataset.n_users), dtype=torch.float64)
         labels = torch.as_tensor(dataset.labels, dtype=torch.float32)
         rng = np.random.default_rng(seed)
         held_out = torch.as_tensor(rng.random(len(dataset)) < validation_fraction)
         half = None
         if halves:
             # Each user's comparisons in random order, alternately to the two halves (balanced per user).
-            order = np.lexsort((rng.random(len(dataset)), dataset.user_index()))
+            order = np.lexsort((rng.random(len(dataset)), user_index_np))
             rank = np.empty(len(dataset), dtype=np.int64)
-            rank[order] = np.arange(len(dataset)) - np.searchsorted(dataset.user_index()[order], dataset.user_index()[order])
+            rank[order] = np.arange(len(dataset)) - np.searchsorted(user_index_np[order], user_index_np[order])
             half = torch.as_tensor(rank % 2 == 1)
-        return cls(features_a, features_b, labels, user_index, counts, dataset.n_users, held_out, half)
+        return cls(features, labels, user_index, counts, dataset.n_users, held_out, half)
 
 
 # ----------------------------------------------------------------------------- choosing K

@@ -112,12 +112,16 @@ def spaces_from_dataset(dataset: Any) -> tuple[gym.Space, gym.Space]:
 
     :param dataset: the comparisons; segments have leading shape ``(N, L)``.
     """
-    obs_shape = tuple(dataset.segments_a.obs.shape[2:])
+    # A pooled dataset (PooledPreferenceDataset) would copy every comparison's segments out of
+    # its pool to answer ``segments_a``: read the pool's shapes instead.
+    segments = getattr(dataset, "segment_pool", None)
+    segments = dataset.segments_a if segments is None else segments
+    obs_shape = tuple(segments.obs.shape[2:])
     observation_space = gym.spaces.Box(-np.inf, np.inf, shape=obs_shape, dtype=np.float32)
     n_actions = (dataset.metadata or {}).get("n_actions")
     if n_actions is not None:
         return observation_space, gym.spaces.Discrete(int(n_actions))
-    act_shape = tuple(dataset.segments_a.acts.shape[2:])
+    act_shape = tuple(segments.acts.shape[2:])
     return observation_space, gym.spaces.Box(-np.inf, np.inf, shape=act_shape, dtype=np.float32)
 
 
@@ -252,7 +256,17 @@ class RewardMixture(nn.Module):
         :param features: raw encoded inputs ``(..., input_dim)`` from :meth:`raw_features`.
         """
         flat = features.reshape(-1, self.input_dim).to(torch.float64)
-        mean, std = flat.mean(0), flat.std(0, unbiased=False)
+        self.set_input_normalization(flat.mean(0), flat.std(0, unbiased=False))
+
+    def set_input_normalization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Standardise continuous input columns with a given ``mean`` and ``std``, each ``(input_dim,)``.
+
+        For statistics accumulated elsewhere (e.g. streamed over chunks of a large dataset);
+        one-hot columns keep shift 0 and scale 1, constant columns (std <= 1e-8) scale 1.
+        """
+        mean, std = torch.as_tensor(mean, dtype=torch.float64), torch.as_tensor(std, dtype=torch.float64)
+        if mean.shape != (self.input_dim,) or std.shape != (self.input_dim,):
+            raise ValueError(f"mean and std must be ({self.input_dim},), got {tuple(mean.shape)} and {tuple(std.shape)}")
         keep = self.continuous_inputs
         with torch.no_grad():
             self.input_shift.copy_(torch.where(keep, mean, torch.zeros_like(mean)).float())
@@ -291,10 +305,15 @@ class RewardMixture(nn.Module):
         return self.features(segments.obs, segments.acts, segments.next_obs)
 
     # ---------------------------------------------------------------- forward
-    def _member_params(self, members: Sequence[int] | torch.Tensor | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Weights and biases of the selected members (all when ``None``); indexing keeps gradients."""
+    def _member_params(self, members: Sequence[int] | torch.Tensor | slice | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Weights and biases of the selected members (all when ``None``); indexing keeps gradients.
+
+        A ``slice`` selects a contiguous range of members as views (no copy of the parameters).
+        """
         if members is None:
             return list(self.weights), list(self.biases)
+        if isinstance(members, slice):
+            return [w[members] for w in self.weights], [b[members] for b in self.biases]
         index = torch.as_tensor(members, dtype=torch.long, device=self.device)
         return [w[index] for w in self.weights], [b[index] for b in self.biases]
 
@@ -321,14 +340,15 @@ class RewardMixture(nn.Module):
             h = torch.baddbmm(biases[index].unsqueeze(1), h, weights[index])
         return h
 
-    def forward_grouped(self, features: torch.Tensor, members: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+    def forward_grouped(self, features: torch.Tensor, members: Sequence[int] | torch.Tensor | slice | None = None) -> torch.Tensor:
         """Each member on its *own* inputs: features ``(M, B, input_dim)`` -> rewards ``(M, B)``.
 
         Used for training members on different comparisons (hard EM): every
         member computes only on its own rows, still in one batched call.
 
         :param features: prepared inputs, row ``m`` for member ``members[m]``.
-        :param members: ``(M,)`` member indices; ``None`` means all ``K`` in order (``M = K``).
+        :param members: ``(M,)`` member indices, or a ``slice`` of members (views, cheapest);
+            ``None`` means all ``K`` in order (``M = K``).
         """
         weights, biases = self._member_params(members)
         h = features
