@@ -19,7 +19,7 @@ TINY = {
     "collect": {"n_users": 20, "comparisons_per_user": 10, "segment_length": 10, "env_kwargs": {"random_start": True}},
     "reward": {"n_members": 2, "hidden_sizes": [32], "epochs": 5, "em": {"max_iter": 5, "m_step_epochs": 3, "final_epochs": 5}},
     "train": {
-        "total_timesteps": 3072,
+        "total_timesteps": 2048,
         "n_envs": 4,
         "ppo": {"n_steps": 128, "batch_size": 128, "n_epochs": 10, "ent_coef": 0.01, "learning_rate": 0.001, "gamma": 0.97},
     },

@@ -99,6 +99,10 @@ class FrontierPipeline(Pipeline):
                 f"groups: the frontier sweeps weights (w, 1 - w) over exactly 2 groups; {config.name!r} has "
                 f"{len(self.group_names)}: {self.group_names}"
             )
+        if getattr(config.train, "normalize_obs", False):
+            # A point's policy would need its observation statistics saved and applied at evaluation, as the
+            # pipeline's own policies have; not done here yet, so refuse rather than evaluate on the wrong inputs.
+            raise ConfigError("train.normalize_obs: the frontier does not support observation normalisation yet; set it to false")
         # Set only while a learned point trains: the pipeline's "maxmin" training then uses these fixed weights.
         self._fixed_rule: Mean | None = None
 
