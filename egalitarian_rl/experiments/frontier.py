@@ -287,9 +287,9 @@ class FrontierPipeline(Pipeline):
                     returns.setdefault((source, index), []).append(point["returns"])
                     if "member_weights" in point:
                         member_weights.setdefault((source, index), {})[f"seed_{seed}"] = point["member_weights"]
-        frontier = self._summarise(grid, seeds, returns, member_weights, notes)
-        path = save_json_atomic(to_jsonable(frontier), self.out_dir / FRONTIER_FILE)
         metrics = self._metrics()
+        frontier = self._summarise(grid, seeds, returns, member_weights, notes, metrics)
+        path = save_json_atomic(to_jsonable(frontier), self.out_dir / FRONTIER_FILE)
         plot_frontier(frontier, self.out_dir / FRONTIER_PLOT, metrics)
         self._update_report(frontier, metrics)
         return path
@@ -312,6 +312,7 @@ class FrontierPipeline(Pipeline):
         returns: dict[tuple[str, int], list[np.ndarray]],
         member_weights: dict[tuple[str, int], dict[str, Any]],
         notes: list[str],
+        metrics: dict[str, Any] | None,
     ) -> dict[str, Any]:
         """``frontier.json``'s content: points pooled over seeds (as ``metrics.json`` pools), envelope, max-min point, methods."""
         points = []
@@ -367,7 +368,6 @@ class FrontierPipeline(Pipeline):
             },
             "notes": notes,
         }
-        metrics = self._metrics()
         if metrics is not None:
             frontier["methods"] = method_positions(frontier, metrics)
         return frontier
