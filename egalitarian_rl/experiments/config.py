@@ -165,6 +165,9 @@ class TrainConfig:
     :param group_critics: MaxMinPPO with one value head per group (linear rules only).
     :param ppo: keyword arguments of SB3 PPO shared by all methods (checked against PPO's signature).
     :param torch_threads: torch CPU threads (1 is fastest for small MLPs on 2 cores).
+    :param normalize_obs: the policy sees observations normalised by running statistics (SB3's
+        ``VecNormalize(norm_obs=True, norm_reward=False)``), saved beside each policy and frozen at
+        evaluation; the reward models keep reading raw observations (they were fitted on them).
     """
 
     total_timesteps: int = 30_000
@@ -175,6 +178,7 @@ class TrainConfig:
     group_critics: bool = False
     ppo: dict[str, Any] = field(default_factory=dict)
     torch_threads: int = 1
+    normalize_obs: bool = False
 
     def __post_init__(self) -> None:
         for key in ("total_timesteps", "n_envs", "torch_threads"):
@@ -321,6 +325,7 @@ class ExperimentConfig(YamlConfig):
         if "online" in self.methods:
             _require(self.online is not None, "online", "method 'online' needs an online: section (rounds, queries_per_user, ...)")
             _require(self.reward.n_members is not None, "reward.n_members", "method 'online' refits a fixed K every round; give one")
+            _require(not self.train.normalize_obs, "train.normalize_obs", "the online method does not normalise observations yet")
         else:
             _require(self.online is None, "online", "the section is set but 'online' is not in methods")
         if self.reward.n_members is not None:

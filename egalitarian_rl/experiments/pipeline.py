@@ -31,6 +31,7 @@ import hashlib
 import importlib
 import json
 import uuid
+import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
@@ -42,7 +43,8 @@ import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import configure as configure_logger
-from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
+from stable_baselines3.common.running_mean_std import RunningMeanStd
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecNormalize, unwrap_vec_normalize
 
 from egalitarian_rl import envs
 from egalitarian_rl.algorithms.aggregation import GroupRewardNormalizer, Mean, make_aggregation
@@ -73,6 +75,8 @@ STAGES = ("collect", "fit", "train", "evaluate")
 MIXTURE_METHODS = ("maxmin", "mean", "uniform_mean")
 #: Per-round records of the online method (:class:`~egalitarian_rl.labelling.online.RoundRecord`), per seed.
 ONLINE_ROUNDS_FILE = "online_rounds.json"
+#: Suffix of a policy's observation statistics (``train.normalize_obs``): ``policies/<method>.obs_norm.npz``.
+OBS_NORM_SUFFIX = ".obs_norm.npz"
 
 
 def import_attribute(spec: str, key: str) -> Any:
@@ -142,6 +146,98 @@ class RandomPolicy:
         return self.action_space.sample(), None
 
 
+class ObservationStatisticsError(ValueError):
+    """A policy's saved observation statistics cannot be read or do not fit its env."""
+
+
+class ObservationNormalization:
+    """Frozen ``VecNormalize`` observation statistics, saved without pickle.
+
+    SB3 pickles a whole ``VecNormalize`` (env included) to keep its statistics; this
+    keeps only the numbers, in an ``.npz`` read with ``allow_pickle=False``:
+    ``mean`` and ``var`` of shape ``obs_shape`` (float64), ``count``, ``clip_obs`` and ``epsilon``.
+
+    :param obs_rms: the running mean, variance and count of the observations.
+    :param clip_obs: normalised observations are clipped to ``[-clip_obs, clip_obs]``.
+    :param epsilon: added to the variance before the square root.
+    """
+
+    def __init__(self, obs_rms: RunningMeanStd, clip_obs: float = 10.0, epsilon: float = 1e-8) -> None:
+        self.obs_rms = obs_rms
+        self.clip_obs = float(clip_obs)
+        self.epsilon = float(epsilon)
+
+    @classmethod
+    def from_vec_normalize(cls, venv: VecNormalize) -> ObservationNormalization:
+        """A copy of ``venv``'s current observation statistics (later updates of ``venv`` do not change it)."""
+        if not isinstance(venv.obs_rms, RunningMeanStd):
+            raise TypeError("only Box observations (one RunningMeanStd) are supported, not dict observations")
+        rms = RunningMeanStd(shape=venv.obs_rms.mean.shape)
+        rms.mean, rms.var, rms.count = venv.obs_rms.mean.copy(), venv.obs_rms.var.copy(), float(venv.obs_rms.count)
+        return cls(rms, venv.clip_obs, venv.epsilon)
+
+    def normalize(self, obs: np.ndarray) -> np.ndarray:
+        """``obs`` of shape ``obs_shape`` or ``(n, *obs_shape)`` normalised exactly as ``VecNormalize.normalize_obs`` does."""
+        return np.clip((obs - self.obs_rms.mean) / np.sqrt(self.obs_rms.var + self.epsilon), -self.clip_obs, self.clip_obs).astype(
+            np.float32
+        )
+
+    def save(self, path: str | Path) -> None:
+        """Write the statistics to ``path`` (an ``.npz``) atomically."""
+        rms = self.obs_rms
+        arrays = {"mean": rms.mean, "var": rms.var, "count": rms.count, "clip_obs": self.clip_obs, "epsilon": self.epsilon}
+        write_atomic(Path(path), lambda handle: np.savez(handle, **{k: np.asarray(v, dtype=np.float64) for k, v in arrays.items()}))
+
+    @classmethod
+    def load(cls, path: str | Path, obs_shape: tuple[int, ...] | None = None) -> ObservationNormalization:
+        """Read statistics written by :meth:`save`.
+
+        :param obs_shape: the env's observation shape, checked against the saved ``mean``.
+        :raises ObservationStatisticsError: a missing, unreadable or inconsistent file, in one message.
+        """
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                mean, var = f["mean"], f["var"]
+                count, clip_obs, epsilon = (float(f[key]) for key in ("count", "clip_obs", "epsilon"))
+        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as err:
+            raise ObservationStatisticsError(
+                f"{path}: not a readable observation-statistics file ({type(err).__name__}: {err}); retrain with --force train"
+            ) from None
+        problems = []
+        if mean.shape != var.shape:
+            problems.append(f"mean has shape {mean.shape} but var {var.shape}")
+        if obs_shape is not None and mean.shape != tuple(obs_shape):
+            problems.append(f"statistics of shape {mean.shape} for observations of shape {tuple(obs_shape)}")
+        if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(var)) and np.all(var >= 0)):
+            problems.append("non-finite mean or negative/non-finite variance")
+        if not (count > 0 and clip_obs > 0 and epsilon >= 0):
+            problems.append(f"count {count}, clip_obs {clip_obs}, epsilon {epsilon} out of range")
+        if problems:
+            raise ObservationStatisticsError(f"{path}: invalid observation statistics: {'; '.join(problems)}; retrain with --force train")
+        rms = RunningMeanStd(shape=mean.shape)
+        rms.mean, rms.var, rms.count = mean, var, count
+        return cls(rms, clip_obs, epsilon)
+
+
+class ObsNormalizedPolicy:
+    """A trained policy that sees its observations normalised by frozen training statistics.
+
+    The env stays raw (the groups' true rewards and any reward model read raw
+    observations); only what reaches ``model.predict`` is normalised.
+
+    :param model: anything with an SB3-style ``predict``.
+    :param statistics: the statistics the policy was trained with.
+    """
+
+    def __init__(self, model: Any, statistics: ObservationNormalization) -> None:
+        self.model = model
+        self.statistics = statistics
+
+    def predict(self, observation: Any, *, deterministic: bool = False) -> tuple[Any, Any]:
+        return self.model.predict(self.statistics.normalize(np.asarray(observation)), deterministic=deterministic)
+
+
 class Pipeline:
     """Runs one :class:`ExperimentConfig`.
 
@@ -193,6 +289,9 @@ class Pipeline:
     def _stage_inputs(self, stage: str, seed: int, method: str = "") -> dict[str, Any]:
         """The config parts a stage depends on, plus the run id of the stage it reads."""
         config = self.config.to_dict()
+        if not config["train"]["normalize_obs"]:
+            # A setting added later: off, it leaves the stage keys of earlier runs unchanged.
+            del config["train"]["normalize_obs"]
         users = {key: config[key] for key in ("env_id", "groups", "groups_from", "info_keys")}
         if stage == "collect":
             return {**users, "env_kwargs": config["env_kwargs"], "collect": config["collect"], "seed": seed}
@@ -410,11 +509,17 @@ class Pipeline:
     def online_rounds_path(self, seed: int) -> Path:
         return self.seed_dir(seed) / ONLINE_ROUNDS_FILE
 
+    def obs_norm_path(self, seed: int, method: str) -> Path:
+        """Where a policy's observation statistics go (``train.normalize_obs``)."""
+        return self.seed_dir(seed) / "policies" / f"{method}{OBS_NORM_SUFFIX}"
+
     def train(self, seed: int, method: str) -> Path:
         """Train one method's policy; the same PPO settings for all."""
         path = self.seed_dir(seed) / "policies" / f"{method}.zip"
         curve_path = path.with_suffix(".curve.npz")
         artefacts = [path, curve_path, *([self.online_rounds_path(seed)] if method == "online" else [])]
+        if self.config.train.normalize_obs:
+            artefacts.append(self.obs_norm_path(seed, method))
         if self._up_to_date("train", seed, artefacts, method):
             return path
         self._threads()
@@ -422,8 +527,32 @@ class Pipeline:
         # Temporary file + rename: a crash never leaves a half-written policy that looks finished.
         write_atomic(path, model.save)
         write_atomic(curve_path, lambda handle: np.savez(handle, steps=curve_steps, returns=curve_returns))
+        normalize = unwrap_vec_normalize(model.get_env())
+        if normalize is not None:
+            ObservationNormalization.from_vec_normalize(normalize).save(self.obs_norm_path(seed, method))
         self._record("train", seed, method)
         return path
+
+    def _normalize_obs(self, venv: VecEnv) -> VecEnv:
+        """``venv`` inside ``VecNormalize`` (observations only) if ``train.normalize_obs``, else ``venv``.
+
+        Rewards are already put on one scale by each method's :class:`GroupRewardNormalizer`.
+        Every reward relabelling (:class:`GroupRewardVecEnv`) sits beneath it, so the reward
+        models and true rewards read raw observations and only the policy sees normalised ones.
+        """
+        if not self.config.train.normalize_obs:
+            return venv
+        return VecNormalize(venv, norm_obs=True, norm_reward=False, gamma=self.config.train.ppo.get("gamma", 0.99))
+
+    def load_policy(self, seed: int, method: str) -> Any:
+        """A trained policy ready for ``predict`` on raw observations (with its frozen statistics if ``train.normalize_obs``)."""
+        policy_path = self.train(seed, method)
+        algorithm = MaxMinPPO if method in (*MIXTURE_METHODS, "online") else PPO
+        model = algorithm.load(policy_path, device="cpu")
+        if not self.config.train.normalize_obs:
+            return model
+        statistics = ObservationNormalization.load(self.obs_norm_path(seed, method), model.observation_space.shape)
+        return ObsNormalizedPolicy(model, statistics)
 
     def _train_offline(self, seed: int, method: str) -> tuple[Any, tuple[np.ndarray, np.ndarray]]:
         """One method's policy on collect's comparisons; returns it and its learning curve (see :class:`GroupReturnCallback`)."""
@@ -439,13 +568,13 @@ class Pipeline:
             index = self.group_names.index(method.removeprefix("oracle_"))
             normalizer = GroupRewardNormalizer.from_data(self.population.group_rewards(steps)[:, [index]])
             env = GroupRewardVecEnv(venv, true_rewards([index]), make_aggregation("mean"), 1, normalizer, [self.group_names[index]])
-            model = PPO("MlpPolicy", env, **ppo_kwargs)
+            model = PPO("MlpPolicy", self._normalize_obs(env), **ppo_kwargs)
         elif method == "rlhf":
             bt, _ = self.fit(seed)
             check_reward_spaces(bt, venv.observation_space, venv.action_space)
             normalizer = GroupRewardNormalizer.from_data(bt.predict_rewards(steps.obs, steps.acts, steps.next_obs))
             env = GroupRewardVecEnv(venv, learned_rewards(bt), make_aggregation("mean"), 1, normalizer, ["rlhf"])
-            model = PPO("MlpPolicy", env, **ppo_kwargs)
+            model = PPO("MlpPolicy", self._normalize_obs(env), **ppo_kwargs)
         else:
             _, em = self.fit(seed)
             rule: Any = {
@@ -456,7 +585,7 @@ class Pipeline:
             normalizer = GroupRewardNormalizer.from_data(em.reward.predict_rewards(steps.obs, steps.acts, steps.next_obs))
             model = MaxMinPPO(
                 "MlpPolicy",
-                venv,
+                self._normalize_obs(venv),  # MaxMinPPO puts its relabelling beneath a VecNormalize
                 reward_mixture=em,
                 aggregation=rule,
                 normalizer=normalizer,
@@ -515,12 +644,7 @@ class Pipeline:
             return np.load(path, allow_pickle=False)
         self._threads()
         env = MultiUserPreferenceWrapper(gym.make(self.config.env_id, **self.config.env_kwargs), self.population)
-        if method == "random":
-            model: Any = RandomPolicy(env.action_space, seed)
-        else:
-            policy_path = self.train(seed, method)
-            algorithm = MaxMinPPO if method in (*MIXTURE_METHODS, "online") else PPO
-            model = algorithm.load(policy_path, device="cpu")
+        model = RandomPolicy(env.action_space, seed) if method == "random" else self.load_policy(seed, method)
         cfg = self.config.evaluate
         returns = evaluate_group_returns(model, env, cfg.n_episodes, seed=100_000 + seed, deterministic=cfg.deterministic)
         write_atomic(path, lambda handle: np.save(handle, returns, allow_pickle=False))
