@@ -493,7 +493,8 @@ def train_reward(
 
     # Adam plus decoupled weight decay (as AdamW) applied by hand: AdamW would also shrink the
     # members that are not being trained, since all members live in the same tensors.
-    optimizer = torch.optim.Adam(reward.parameters(), lr=lr)
+    # fused: one kernel for all parameters per step (measured 16 vs 19 ms per 6,400-row step on this CPU).
+    optimizer = torch.optim.Adam(reward.parameters(), lr=lr, fused=True)
     decay = torch.ones(k)
     decay[active] = 1.0 - lr * weight_decay
     bar = tqdm(range(epochs), desc=log_prefix, unit="epoch", disable=not progress_bar, leave=False)
@@ -515,7 +516,7 @@ def train_reward(
                 w = train_w[idx, member]
                 # Each member computes on its own rows only (no padding to the largest member's
                 # batch: with 60/30/10 groups that padding was 44% of the M-step's compute).
-                segs = torch.cat([table.segments(pairs[idx, 0]), table.segments(pairs[idx, 1])])  # (2b, L, D)
+                segs = table.segments(pairs[idx].t().reshape(-1))  # (2b, L, D): all a's, then all b's, one gather
                 returns = _grouped_returns(reward, segs.unsqueeze(0), slice(member, member + 1), discount)[0]
                 logits = returns[:n_rows] - returns[n_rows:]
                 member_m = None if mistake_rates is None else mistake_rates[member]
