@@ -9,6 +9,7 @@ import yaml
 from egalitarian_rl.cli import main
 from egalitarian_rl.evaluation import build_metrics, write_report
 from egalitarian_rl.evaluation.plots import frontier_envelope, maxmin_on_envelope
+from egalitarian_rl.evaluation.report import method_positions
 from egalitarian_rl.experiments.frontier import weight_grid
 
 # A small FairGrid run: enough PPO steps for a policy to settle on one goal 3 steps away.
@@ -121,3 +122,15 @@ def test_weight_grid_envelope_and_maxmin_geometry():
     best = maxmin_on_envelope(points)
     # Between (0, 30) and (24, 18) the two groups get the same at (20, 20): better than any single point's 18.
     assert best["min_return"] == pytest.approx(20.0) and best["mix"] == [3, 1] and best["weight_j"] == pytest.approx(5 / 6)
+
+
+def test_method_positions_say_how_far_each_method_is_from_the_frontier():
+    point = {"source": "true", "weights": {"a": 1.0, "b": 0.0}, "min_return": 0.0}
+    points = [{**point, "groups": {"a": {"mean_return": x}, "b": {"mean_return": y}}} for x, y in ((30.0, 0.0), (0.0, 30.0))]
+    frontier = {"groups": ["a", "b"], "points": points, "maxmin_point": {"min_return": 0.0}, "maxmin_mixture": {"min_return": 15.0}}
+    returns = {"rlhf": np.tile([10.0, 10.0], (3, 1)), "maxmin": np.tile([22.0, 16.0], (3, 1))}
+    positions = method_positions(frontier, build_metrics(returns, ["a", "b"], baseline="rlhf"))
+    # Mixing the two ends gives (15, 15): 5 more for both than rlhf; maxmin is beyond the chord (best mix (18, 12)).
+    assert positions["rlhf"]["envelope_margin"] == pytest.approx(5.0)
+    assert positions["maxmin"]["envelope_margin"] == pytest.approx(-4.0)
+    assert positions["maxmin"]["gap_to_maxmin_mixture"] == pytest.approx(-1.0)

@@ -9,8 +9,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from egalitarian_rl.evaluation.metrics import check_metrics, shifted_ratio
-from egalitarian_rl.evaluation.plots import Curves, plot_frontier, plot_group_returns, plot_learning_curves, plot_win_rates
+from egalitarian_rl.evaluation.plots import (
+    Curves,
+    frontier_envelope,
+    maxmin_on_envelope,
+    plot_frontier,
+    plot_group_returns,
+    plot_learning_curves,
+    plot_win_rates,
+)
 from egalitarian_rl.io import save_json_atomic, to_jsonable, write_text_atomic
 
 METRICS_FILE = "metrics.json"
@@ -207,19 +217,28 @@ def method_positions(frontier: Mapping[str, Any], metrics: Mapping[str, Any]) ->
     :param frontier: ``frontier.json``'s content (``groups``, ``maxmin_point``, ``maxmin_mixture``).
     :param metrics: output of :func:`~egalitarian_rl.evaluation.build_metrics` for the same groups.
     :return: method -> ``{"returns": {group: mean}, "min_return", "gap_to_maxmin_point",
-        "gap_to_maxmin_mixture", "n_seeds"}``; the gaps are the frontier's best lower group
-        return minus the method's (return units; > 0: the method's worst-off group is worse off).
+        "gap_to_maxmin_mixture", "envelope_margin", "n_seeds"}``; the gaps are the frontier's best
+        lower group return minus the method's (return units; > 0: the method's worst-off group is
+        worse off); ``envelope_margin`` is the largest amount a mixture of frontier policies beats
+        the method by for both (plotted) groups at once (< 0: the method is beyond the traced frontier).
     """
     groups = list(frontier["groups"])
+    plotted = groups[:2]
+    xy = np.array([[p["groups"][g]["mean_return"] for g in plotted] for p in frontier["points"]], dtype=np.float64)
+    envelope = frontier_envelope(xy)
     positions = {}
     for method, entry in metrics["methods"].items():
         returns = {g: float(entry["groups"][g]["mean_return"]) for g in groups}
         lowest = min(returns.values())
+        where = np.array([returns[g] for g in plotted])
         positions[method] = {
             "returns": returns,
             "min_return": lowest,
             "gap_to_maxmin_point": float(frontier["maxmin_point"]["min_return"]) - lowest,
             "gap_to_maxmin_mixture": float(frontier["maxmin_mixture"]["min_return"]) - lowest,
+            # The most a mix of frontier policies adds to both plotted groups at once: >= 0 means the envelope
+            # reaches or dominates the method; < 0 means the method lies beyond the traced frontier by that much.
+            "envelope_margin": float(maxmin_on_envelope(xy - where, envelope)["min_return"]),
             "n_seeds": entry.get("n_seeds"),
         }
     return positions
@@ -257,11 +276,13 @@ def frontier_section(frontier: Mapping[str, Any], metrics: Mapping[str, Any] | N
     if frontier.get("notes"):
         text += "\n\nNotes: " + "; ".join(frontier["notes"]) + "."
     if metrics is not None:
-        rows = ["| method | " + " | ".join(groups) + " | worst group | below the max-min point by | below the best mixture by |"]
-        rows.append("|---|" + "---:|" * (len(groups) + 3))
+        header = "worst group | below the max-min point by | below the best mixture by | a mixture beats it for both groups by"
+        rows = ["| method | " + " | ".join(groups) + f" | {header} |", "|---|" + "---:|" * (len(groups) + 4)]
         for method, where in method_positions(frontier, metrics).items():
             cells = [_fmt(where["returns"][g]) for g in groups]
-            gaps = f"{_fmt(where['gap_to_maxmin_point'])} | {_fmt(where['gap_to_maxmin_mixture'])}"
+            margin = where["envelope_margin"]
+            beaten = _fmt(margin) if margin >= 0 else f"{_fmt(margin)} (beyond the frontier)"
+            gaps = f"{_fmt(where['gap_to_maxmin_point'])} | {_fmt(where['gap_to_maxmin_mixture'])} | {beaten}"
             rows.append(f"| `{method}` | " + " | ".join(cells) + f" | {_fmt(where['min_return'])} | {gaps} |")
         text += "\n\nWhere each method lands (mean true returns from [`metrics.json`](metrics.json)):\n\n" + "\n".join(rows)
     return text
