@@ -8,7 +8,7 @@ import yaml
 
 from egalitarian_rl.cli import main
 from egalitarian_rl.evaluation import build_metrics, write_report
-from egalitarian_rl.evaluation.plots import frontier_envelope, maxmin_on_envelope
+from egalitarian_rl.evaluation.plots import frontier_envelope, maxmin_index, maxmin_on_envelope
 from egalitarian_rl.evaluation.report import method_positions
 from egalitarian_rl.experiments.frontier import weight_grid
 
@@ -122,6 +122,8 @@ def test_weight_grid_envelope_and_maxmin_geometry():
     best = maxmin_on_envelope(points)
     # Between (0, 30) and (24, 18) the two groups get the same at (20, 20): better than any single point's 18.
     assert best["min_return"] == pytest.approx(20.0) and best["mix"] == [3, 1] and best["weight_j"] == pytest.approx(5 / 6)
+    assert maxmin_index(points) == 1  # (24, 18): the best worst group of a single policy
+    assert maxmin_index([[26.8, 0.0], [28.0, 0.0], [0.0, 27.6]]) == 1  # a tie at 0 goes to who serves someone best
 
 
 def test_method_positions_say_how_far_each_method_is_from_the_frontier():

@@ -256,6 +256,22 @@ def frontier_envelope(returns: Any) -> np.ndarray:
     return np.array(hull, dtype=np.int64)
 
 
+def maxmin_index(returns: Any) -> int:
+    """The max-min point among policies: highest worst-group return, ties broken leximin.
+
+    Among policies whose worst-off group gets the same, the one whose next-worst group
+    gets most wins (and so on), so a tie at 0 picks a policy that serves someone well.
+
+    :param returns: ``(n, K)`` mean returns of ``n`` policies.
+    :return: the row index.
+    """
+    points = np.asarray(returns, dtype=np.float64)
+    if points.ndim != 2 or points.shape[0] == 0:
+        raise ValueError(f"returns must have shape (n, K) with n >= 1, got {points.shape}")
+    ordered = np.sort(points, axis=1)  # each row from its worst group up
+    return int(np.lexsort(ordered.T[::-1])[-1])
+
+
 def maxmin_on_envelope(returns: Any, envelope: Any | None = None) -> dict[str, Any]:
     """The point of the envelope (mixtures included) whose lower group return is highest.
 
@@ -314,6 +330,7 @@ def plot_frontier(
     first, second = groups
     xy = np.array([[p["groups"][g]["mean_return"] for g in groups] for p in points], dtype=np.float64)
     err = np.array([[p["groups"][g]["std_return"] for g in groups] for p in points], dtype=np.float64)
+    span = max(float(np.ptp(xy)), 1e-9)
     fig = Figure(figsize=(7.5, 7.5), layout="constrained")
     ax = fig.subplots()
     styles = {"true": ("o", "tab:blue", "true rewards"), "learned": ("s", "tab:orange", "learned EM rewards")}
@@ -335,11 +352,24 @@ def plot_frontier(
             markersize=6,
             label=f"fixed weights, {label}",
         )
+        # Policies that land on the same spot (often: every weight past a threshold picks the same goal)
+        # share one label giving their weights' range; each source's labels sit on their own side.
+        clusters: list[list[int]] = []
         for i in rows:
-            ax.annotate(f"{points[i]['weights'][first]:.2f}", xy[i], textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+            if clusters and np.abs(xy[i] - xy[clusters[-1][0]]).max() < 0.08 * span:
+                clusters[-1].append(i)
+            else:
+                clusters.append([i])
+        offset = (4, 4) if source == "true" else (4, 14)
+        for cluster in clusters:
+            low_w, high_w = (points[cluster[k]]["weights"][first] for k in (0, -1))
+            text = f"{low_w:.2f}" if len(cluster) == 1 else f"{low_w:.2f}-{high_w:.2f}"
+            ax.annotate(text, xy[cluster[0]], textcoords="offset points", xytext=offset, fontsize=7, color=color)
     envelope = frontier_envelope(xy)
-    ax.plot(xy[envelope, 0], xy[envelope, 1], color="black", linewidth=2, alpha=0.6, zorder=1, label="achievable envelope (convex hull)")
-    best = int(np.argmax(xy.min(axis=1)))
+    ax.plot(
+        xy[envelope, 0], xy[envelope, 1], color="black", linewidth=2, alpha=0.6, zorder=1, label="envelope of these policies (convex hull)"
+    )
+    best = maxmin_index(xy)
     ax.plot(
         *xy[best],
         marker="*",
@@ -366,7 +396,6 @@ def plot_frontier(
     if metrics is not None:
         methods = list(metrics["methods"])
         colors = method_colors(methods)
-        span = max(float(np.ptp(xy)), 1e-9)
         placed: list[tuple[float, float]] = []
         for method in methods:
             stats = metrics["methods"][method]["groups"]
@@ -401,6 +430,7 @@ def plot_frontier(
 __all__ = [
     "frontier_envelope",
     "group_colors",
+    "maxmin_index",
     "maxmin_on_envelope",
     "method_colors",
     "plot_frontier",

@@ -47,7 +47,7 @@ from egalitarian_rl.algorithms.aggregation import GroupRewardNormalizer, Mean
 from egalitarian_rl.algorithms.maxmin_ppo import MaxMinPPO
 from egalitarian_rl.evaluation import evaluate_group_returns
 from egalitarian_rl.evaluation.callbacks import GroupReturnCallback
-from egalitarian_rl.evaluation.plots import frontier_envelope, maxmin_on_envelope, plot_frontier
+from egalitarian_rl.evaluation.plots import frontier_envelope, maxmin_index, maxmin_on_envelope, plot_frontier
 from egalitarian_rl.evaluation.report import FRONTIER_FILE, FRONTIER_PLOT, METRICS_FILE, REPORT_FILE, frontier_section, method_positions
 from egalitarian_rl.experiments.config import ConfigError, ExperimentConfig
 from egalitarian_rl.experiments.pipeline import Pipeline, _fingerprint
@@ -337,7 +337,7 @@ class FrontierPipeline(Pipeline):
             points.append(point)
         means = np.array([[p["groups"][g]["mean_return"] for g in self.group_names] for p in points])
         envelope = frontier_envelope(means)
-        best = int(np.argmax(means.min(axis=1)))
+        best = maxmin_index(means)
         mixture = maxmin_on_envelope(means, envelope)
         frontier: dict[str, Any] = {
             "name": self.config.name,
