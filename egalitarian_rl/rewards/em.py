@@ -511,7 +511,8 @@ class EMRewardMixture:
         :param dataset: the comparisons to fit or score.
         :param input_dim: network input width (from the spaces when ``None``).
         :return: ``cache_features``, ``chunk_segments``, ``n_segments``, ``n_chunks`` (of a streamed
-            pass over all segments), ``estimated_mb`` (the plan's total) and ``budget_mb``.
+            pass over all segments), ``estimated_mb`` (the plan's total), ``budget_mb``, ``cache_mb``
+            (what caching the table costs) and ``chunk_mb_per_segment``.
         :raises ValueError: if ``max_memory_mb`` cannot hold even the per-comparison arrays and a
             minimal chunk (the message says how much would).
         """
@@ -553,8 +554,10 @@ class EMRewardMixture:
             "chunk_segments": chunk,
             "n_segments": n_segments,
             "n_chunks": math.ceil(n_segments / chunk),
-            "estimated_mb": round(estimated / mib, 1),
+            "estimated_mb": round(estimated / mib, 3),
             "budget_mb": self.max_memory_mb,
+            "cache_mb": round(cache / mib, 3),
+            "chunk_mb_per_segment": per_chunk_segment / mib,
         }
 
     # -------------------------------------------------------------------- fit
