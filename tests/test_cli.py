@@ -80,6 +80,20 @@ def test_a_changed_setting_redoes_its_stage_and_the_later_ones(tmp_path, capsys)
     assert (seed_dir / "rewards" / "fit_metrics.json").stat().st_mtime_ns != fit_stamp  # later stages follow
 
 
+def test_a_changed_rule_retrains_maxmin_only(tmp_path):
+    tiny = {"total_timesteps": 128, "n_envs": 1, "ppo": {"n_steps": 64, "batch_size": 64, "n_epochs": 1}}
+    common = {"methods": ["rlhf", "maxmin", "mean"], "reward": {"n_members": 2, "epochs": 2}}
+    assert main(["train", _write(tmp_path, train=tiny, **common), "--no-progress"]) == 0
+    policies = tmp_path / "run" / "seed_0" / "policies"
+    stamps = {method: (policies / f"{method}.zip").stat().st_mtime_ns for method in ("rlhf", "maxmin", "mean")}
+    changed = {**tiny, "aggregation": "worst_group", "aggregation_kwargs": {"average": True}}
+    assert main(["train", _write(tmp_path, train=changed, **common), "--no-progress"]) == 0
+    # rlhf and mean never read the rule: reused; maxmin is trained again under the new one
+    assert (policies / "rlhf.zip").stat().st_mtime_ns == stamps["rlhf"]
+    assert (policies / "mean.zip").stat().st_mtime_ns == stamps["mean"]
+    assert (policies / "maxmin.zip").stat().st_mtime_ns != stamps["maxmin"]
+
+
 @pytest.mark.parametrize(
     ("changes", "expected"),
     [

@@ -307,7 +307,13 @@ class Pipeline:
             return {**users, **online, "env_kwargs": config["env_kwargs"], "method": method, "seed": seed}
         if stage == "train":
             upstream = "collect" if method.startswith("oracle_") else "fit"  # oracles use true rewards
-            train = {**config["train"], "aggregation_kwargs": config["train"]["aggregation_kwargs"]}
+            train = dict(config["train"])
+            if method != "maxmin":
+                # Only MaxMin reads the rule; rlhf, mean and the oracles stay valid when it changes.
+                for key in ("aggregation", "aggregation_kwargs"):
+                    del train[key]
+            if method == "rlhf" or method.startswith("oracle_"):
+                del train["group_critics"]  # one scalar reward: no group critics to build
             return {
                 "train": train,
                 "env_kwargs": config["env_kwargs"],
