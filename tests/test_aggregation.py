@@ -50,6 +50,28 @@ def test_worst_group_picks_argmin_and_lowest_index_on_ties(group_rewards: np.nda
     np.testing.assert_array_equal(rule.weights(np.array([0.0, -1.0, -1.0])), [0.0, 1.0, 0.0])
 
 
+def test_averaged_worst_group_trains_on_the_frequency_of_past_selections(group_rewards: np.ndarray) -> None:
+    rule = make_aggregation("worst_group", average=True)
+    history = [np.array([0.3, -2.0, 1.0]), np.array([0.3, 2.0, 1.0]), np.array([-1.0, 2.0, 1.0]), np.array([5.0, -2.0, 1.0])]
+    picked = []
+    for returns in history:
+        result = rule.aggregate(group_rewards, returns)
+        picked.append(int(np.argmin(returns)))
+        # The group chosen by return, as in the paper, even when the weights' argmax is another one.
+        assert result.selected_group == picked[-1]
+        np.testing.assert_allclose(result.weights, np.bincount(picked, minlength=K) / len(picked))
+        np.testing.assert_allclose(result.rewards, group_rewards @ result.weights)
+    assert result.selected_group == 1 and int(np.argmax(result.weights)) in (0, 1)
+    # The counts survive a save and a rebuild from the config.
+    again = make_aggregation(rule.name, **rule.config())
+    again.load_state_dict(rule.state_dict())
+    np.testing.assert_allclose(again.weights(np.array([0.0, 1.0, 2.0])), rule.weights(np.array([0.0, 1.0, 2.0])))
+    with pytest.raises(ValueError, match="average must be true or false"):
+        WorstGroup(average="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="non-negative counts"):
+        WorstGroup(average=True).load_state_dict({"selections": np.array([1.0, -1.0])})
+
+
 def test_per_sample_min_is_elementwise_min_and_not_linear(group_rewards: np.ndarray) -> None:
     rule = PerSampleMin()
     assert not rule.is_linear

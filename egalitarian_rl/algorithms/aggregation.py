@@ -10,6 +10,7 @@ under the current policy*:
 name               rollout reward                              linear?
 =================  ==========================================  =========
 ``worst_group``    ``r_g`` with ``g = argmin_k return_k``      yes
+                   (or the average of past argmins)
 ``per_sample_min`` ``min_k r_k`` separately at every step      no
 ``softmin``        ``r @ softmax(-returns / tau)``             yes
 ``egd``            ``r @ w``, ``w`` updated by exponentiated   yes
@@ -446,19 +447,71 @@ class WorstGroup(Aggregation):
     """MaxMin-RLHF's rule: train this rollout on the group with the lowest expected return.
 
     Weight 1 on ``argmin(group_returns)``, 0 elsewhere; ties go to the lowest index.
+
+    **Averaged** (``average=True``). The paper's rule is a best response: the whole
+    weight jumps to whichever group is behind *now*. When the groups' goals conflict
+    (FairGrid's two goals, a fast and a calm walker) the policy answers by moving
+    to the selected group's own optimum, the other group falls behind, and the
+    last iterate oscillates between the two optima without settling on the
+    compromise in between (``benchmarks/fairgrid_maxmin.py`` measures this).
+    With ``average=True`` the worst group is still chosen by return, as in the
+    paper, but the rollout trains on the running average of all selections so
+    far: ``w_k = (rollouts at which k was worst) / (rollouts so far)``. This is
+    fictitious play for the adversary of ``max_pi min_k J_k(pi) = max_pi min_w
+    sum_k w_k J_k(pi)``: the weights move by O(1/t), the policy can follow
+    them, and they settle where the groups' returns are equal or the compromise
+    is the best response, i.e. at the max-min solution.
+
+    :param average: train on the average of the selections so far instead of the latest one.
+    :param num_groups: K, or None to take it from the first call.
     """
 
     name = "worst_group"
     is_linear = True
 
+    def __init__(self, average: bool = False, num_groups: int | None = None) -> None:
+        super().__init__(num_groups)
+        if not isinstance(average, (bool, np.bool_)):
+            raise ValueError(f"worst_group: average must be true or false, got {average!r}")
+        self.average = bool(average)
+        self._selections: np.ndarray | None = None if self.num_groups is None else np.zeros(self.num_groups)
+
+    def config(self) -> dict[str, object]:
+        return {**super().config(), "average": self.average}
+
     def _weights(self, group_returns: np.ndarray) -> np.ndarray:
-        weights = np.zeros(group_returns.size)
-        weights[int(np.argmin(group_returns))] = 1.0  # np.argmin returns the first minimum: lowest index wins ties
-        return weights
+        selected = np.zeros(group_returns.size)
+        selected[int(np.argmin(group_returns))] = 1.0  # np.argmin returns the first minimum: lowest index wins ties
+        if not self.average:
+            return selected
+        if self._selections is None:
+            self._selections = np.zeros(group_returns.size)
+        self._selections += selected
+        return self._selections / self._selections.sum()
 
     def aggregate(self, group_rewards: np.ndarray, group_returns: np.ndarray) -> AggregationResult:
         result = super().aggregate(group_rewards, group_returns)
-        return replace(result, selected_group=int(np.argmax(result.weights)))
+        # The group chosen by return this rollout; with averaging it is not the weights' argmax.
+        return replace(result, selected_group=int(np.argmin(self._check_returns(group_returns))))
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """``selections`` ``(K,)``: how often each group was the worst (empty before K is known or without averaging)."""
+        return {"selections": np.zeros(0) if self._selections is None else self._selections.copy()}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        if not state:  # saved before averaging existed: nothing to restore
+            return
+        if set(state) != {"selections"}:
+            raise ValueError(f"worst_group state must hold exactly 'selections', got key(s) {sorted(state)}")
+        selections = _as_float_array(state["selections"], "state['selections']")
+        if selections.ndim != 1 or (selections.size and (not np.isfinite(selections).all() or (selections < 0).any())):
+            raise ValueError(f"state['selections'] must be (K,) non-negative counts, got {selections}")
+        if selections.size:
+            self._register_num_groups(selections.size, "state['selections']")
+            self._selections = selections.copy()
+
+    def __repr__(self) -> str:
+        return f"WorstGroup(average={self.average}, num_groups={self.num_groups})"
 
 
 class PerSampleMin(Aggregation):

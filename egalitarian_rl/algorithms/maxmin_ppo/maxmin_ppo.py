@@ -282,8 +282,9 @@ class MaxMinPPO(PPO):
             self.logger.record(f"groups/minimum_share_{name}", float(stats["minimum_shares"][index]))
             self.logger.record(f"groups/reward_mean_{name}", float(self.normalizer.mean[index]))
             self.logger.record(f"groups/reward_std_{name}", float(self.normalizer.std[index]))
-        if self.aggregation.name == "worst_group":
-            self.logger.record("groups/selected", int(np.argmax(stats["weights"])))
+        if self.aggregation.name == "worst_group" and stats["group_returns"] is not None:
+            # The group the rule chose by return (with averaging, not the weights' argmax).
+            self.logger.record("groups/selected", int(np.argmin(stats["group_returns"])))
 
     # ----------------------------------------------------------------- storage
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
