@@ -91,6 +91,19 @@ def walker_upright(t: Transitions) -> np.ndarray:
 
 
 #: Same groups for Hopper-v5 and Walker2d-v5 (both put z then the torso angle first in obs).
+#:
+#: Hopper-v5 ``fast`` (0.8) vs ``steady`` (0.2) is the second body of ``benchmarks/mujoco.py``
+#: (shipped config ``hopper``). They truly conflict: ``fast`` has no survival bonus, so the
+#: quickest way for PPO to earn it is to throw the body forward and fall (an episode of ~150
+#: steps); ``steady`` earns 1 per healthy step minus ``|v|``, so it wants the hopper balanced and
+#: still for the whole 1000 steps. Each metre forward costs ``steady`` what it gives ``fast``, and a
+#: fall ends ``steady``'s stream of +1s. A single reward fitted to the 80/20 answers is mostly
+#: speed, and its policy dives. Measured (true returns fast / steady, seed 0, 50k PPO steps,
+#: normalised observations): oracle_fast 221 / -93, oracle_steady 0 / 999, single-reward RLHF
+#: 141 / 111, MaxMin 14 / 986 (worst_group) and 16 / 984 (per_sample_min). A better compromise
+#: exists in principle, a slow forward shuffle for the whole episode (speed ``v`` for 1000 steps
+#: gives ``fast`` ``1000 v`` and ``steady`` ``1000 (1 - v)``, beating the dive for both groups at
+#: ``v`` near 0.15), but neither rule found it at that budget: MaxMin stands still.
 WALKER_GROUPS = GroupRewardLibrary(
     {"fast": walker_fast, "steady": walker_steady, "upright": walker_upright},
     info_keys=("x_velocity", "reward_survive"),
