@@ -285,6 +285,13 @@ def frontier_section(frontier: Mapping[str, Any], metrics: Mapping[str, Any] | N
             gaps = f"{_fmt(where['gap_to_maxmin_point'])} | {_fmt(where['gap_to_maxmin_mixture'])} | {beaten}"
             rows.append(f"| `{method}` | " + " | ".join(cells) + f" | {_fmt(where['min_return'])} | {gaps} |")
         text += "\n\nWhere each method lands (mean true returns from [`metrics.json`](metrics.json)):\n\n" + "\n".join(rows)
+        beyond = [f"`{m}`" for m, where in method_positions(frontier, metrics).items() if where["envelope_margin"] < 0]
+        if beyond:
+            text += (
+                f"\n\n{', '.join(beyond)} {'lies' if len(beyond) == 1 else 'lie'} beyond the envelope: a policy that no "
+                "fixed weighting reached with this PPO budget. The frontier is what PPO found for each weighting, "
+                "not that weighting's exact optimum."
+            )
     return text
 
 
