@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -65,10 +65,13 @@ DEFAULT_POINTS = 9
 def weight_grid(n_points: int) -> np.ndarray:
     """``(n_points, 2)`` weight vectors ``(w, 1 - w)``, ``w`` evenly spaced from 1 (all on group 1) to 0.
 
-    :raises ConfigError: ``n_points < 2`` (a frontier needs both ends).
+    :raises ConfigError: ``n_points < 2`` (a frontier needs both ends) or more than 1001 (points are
+        saved under their weight to 3 decimals).
     """
     if isinstance(n_points, bool) or not isinstance(n_points, (int, np.integer)) or n_points < 2:
         raise ConfigError(f"--points: a frontier needs at least 2 weights (both ends), got {n_points!r}")
+    if n_points > 1001:
+        raise ConfigError(f"--points: at most 1001 (each point is saved under its weight to 3 decimals), got {n_points}")
     first = np.round(np.linspace(1.0, 0.0, int(n_points)), 10)  # rounded: the weights are part of each point's key
     return np.stack([first, 1.0 - first], axis=1)
 
@@ -118,7 +121,7 @@ class FrontierPipeline(Pipeline):
         return kwargs
 
     @contextmanager
-    def _quiet(self) -> Any:
+    def _quiet(self) -> Iterator[None]:
         """Silence the pipeline's own messages (it would call a learned point "maxmin")."""
         log, self.log = self.log, lambda _message: None
         try:
