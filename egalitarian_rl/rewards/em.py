@@ -518,9 +518,9 @@ class EMRewardMixture:
         """
         if input_dim is None:
             obs_space, act_space = spaces_from_dataset(dataset)
-            input_dim = self._new_reward(
-                self.observation_space or obs_space, self.action_space or act_space, 1
-            ).input_dim  # fmt: skip
+            obs_space = obs_space if self.observation_space is None else self.observation_space
+            act_space = act_space if self.action_space is None else self.action_space
+            input_dim = self._new_reward(obs_space, act_space, 1).input_dim
         n = len(dataset)
         n_segments = dataset.n_segments if isinstance(dataset, PooledPreferenceDataset) else 2 * n
         length = dataset.segment_length
