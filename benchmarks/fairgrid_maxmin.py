@@ -35,6 +35,7 @@ NAME = "fairgrid_maxmin"
 RULES = {
     "per_sample_min": ("per_sample_min", {}, False),
     "worst_group": ("worst_group", {}, False),
+    "worst_group_average": ("worst_group", {"average": True, "warmup": 10}, False),
     "softmin": ("softmin", {"tau": 5.0}, False),
     "egd": ("egd", {"eta": 0.1}, False),
     "worst_group+critics": ("worst_group", {}, True),

@@ -69,7 +69,24 @@ def test_averaged_worst_group_trains_on_the_frequency_of_past_selections(group_r
     with pytest.raises(ValueError, match="average must be true or false"):
         WorstGroup(average="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="non-negative counts"):
-        WorstGroup(average=True).load_state_dict({"selections": np.array([1.0, -1.0])})
+        WorstGroup(average=True).load_state_dict({"selections": np.array([1.0, -1.0]), "calls": np.array(2)})
+
+
+def test_worst_group_warmup_trains_on_uniform_weights_then_counts_them_as_a_prior(group_rewards: np.ndarray) -> None:
+    rule = WorstGroup(average=True, warmup=3)
+    for _ in range(3):
+        np.testing.assert_allclose(rule.weights(np.array([0.0, -1.0, 1.0])), np.full(K, 1 / K))
+    # the first selection after the warm-up joins 3 uniform rollouts (1 per group): (1, 2, 1) / 4
+    np.testing.assert_allclose(rule.weights(np.array([0.0, -1.0, 1.0])), [0.25, 0.5, 0.25])
+    again = make_aggregation(rule.name, **rule.config())
+    again.load_state_dict(rule.state_dict())
+    np.testing.assert_allclose(again.weights(np.array([-5.0, 0.0, 0.0])), [0.4, 0.4, 0.2])
+    # without averaging: uniform during the warm-up, then the paper's one-hot rule
+    plain = WorstGroup(warmup=1)
+    np.testing.assert_allclose(plain.weights(np.array([0.0, -1.0, 1.0])), np.full(K, 1 / K))
+    np.testing.assert_array_equal(plain.weights(np.array([0.0, -1.0, 1.0])), [0.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match="warmup must be a whole number"):
+        WorstGroup(warmup=-1)
 
 
 def test_per_sample_min_is_elementwise_min_and_not_linear(group_rewards: np.ndarray) -> None:

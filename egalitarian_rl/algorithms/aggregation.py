@@ -462,30 +462,47 @@ class WorstGroup(Aggregation):
     them, and they settle where the groups' returns are equal or the compromise
     is the best response, i.e. at the max-min solution.
 
+    **Warm-up** (``warmup=W``). While the policy is still random, which group is
+    "worst" says nothing about it, yet those first selections would push the
+    weights to one end before the policy has answered them, and a policy that
+    has converged to one group's optimum rarely explores its way back. The
+    first ``W`` rollouts therefore train on uniform weights; with averaging they
+    count as ``W / K`` selections of every group, a prior that keeps the early
+    averages near uniform.
+
     :param average: train on the average of the selections so far instead of the latest one.
+    :param warmup: rollouts trained on uniform weights before the rule starts selecting.
     :param num_groups: K, or None to take it from the first call.
     """
 
     name = "worst_group"
     is_linear = True
 
-    def __init__(self, average: bool = False, num_groups: int | None = None) -> None:
+    def __init__(self, average: bool = False, warmup: int = 0, num_groups: int | None = None) -> None:
         super().__init__(num_groups)
         if not isinstance(average, (bool, np.bool_)):
             raise ValueError(f"worst_group: average must be true or false, got {average!r}")
+        if isinstance(warmup, bool) or not isinstance(warmup, (int, np.integer)) or warmup < 0:
+            raise ValueError(f"worst_group: warmup must be a whole number of rollouts >= 0, got {warmup!r}")
         self.average = bool(average)
-        self._selections: np.ndarray | None = None if self.num_groups is None else np.zeros(self.num_groups)
+        self.warmup = int(warmup)
+        self._selections: np.ndarray | None = None
+        self._calls = 0
 
     def config(self) -> dict[str, object]:
-        return {**super().config(), "average": self.average}
+        return {**super().config(), "average": self.average, "warmup": self.warmup}
 
     def _weights(self, group_returns: np.ndarray) -> np.ndarray:
-        selected = np.zeros(group_returns.size)
+        k = group_returns.size
+        self._calls += 1
+        if self._calls <= self.warmup:
+            return np.full(k, 1.0 / k)
+        selected = np.zeros(k)
         selected[int(np.argmin(group_returns))] = 1.0  # np.argmin returns the first minimum: lowest index wins ties
         if not self.average:
             return selected
         if self._selections is None:
-            self._selections = np.zeros(group_returns.size)
+            self._selections = np.full(k, self.warmup / k)  # the warm-up's uniform rollouts, as a prior
         self._selections += selected
         return self._selections / self._selections.sum()
 
@@ -495,23 +512,29 @@ class WorstGroup(Aggregation):
         return replace(result, selected_group=int(np.argmin(self._check_returns(group_returns))))
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """``selections`` ``(K,)``: how often each group was the worst (empty before K is known or without averaging)."""
-        return {"selections": np.zeros(0) if self._selections is None else self._selections.copy()}
+        """``selections`` ``(K,)``: the averaged selections incl. the warm-up prior (empty until the
+        first averaged step); ``calls`` ``()``: rollouts so far (to know when the warm-up ends)."""
+        selections = np.zeros(0) if self._selections is None else self._selections.copy()
+        return {"selections": selections, "calls": np.array(self._calls, dtype=np.int64)}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         if not state:  # saved before averaging existed: nothing to restore
             return
-        if set(state) != {"selections"}:
-            raise ValueError(f"worst_group state must hold exactly 'selections', got key(s) {sorted(state)}")
+        if set(state) != {"selections", "calls"}:
+            raise ValueError(f"worst_group state must hold 'selections' and 'calls', got key(s) {sorted(state)}")
         selections = _as_float_array(state["selections"], "state['selections']")
         if selections.ndim != 1 or (selections.size and (not np.isfinite(selections).all() or (selections < 0).any())):
             raise ValueError(f"state['selections'] must be (K,) non-negative counts, got {selections}")
+        calls = int(state["calls"])
+        if calls < 0:
+            raise ValueError(f"state['calls'] must be >= 0, got {calls}")
         if selections.size:
             self._register_num_groups(selections.size, "state['selections']")
-            self._selections = selections.copy()
+        self._selections = selections.copy() if selections.size else None
+        self._calls = calls
 
     def __repr__(self) -> str:
-        return f"WorstGroup(average={self.average}, num_groups={self.num_groups})"
+        return f"WorstGroup(average={self.average}, warmup={self.warmup}, num_groups={self.num_groups})"
 
 
 class PerSampleMin(Aggregation):
