@@ -103,14 +103,22 @@ def dataset_features(
 
     Encoding once per fit (not per step) keeps training loops to pure tensor work.
 
-    :param fit_normalization: first fit the reward's input standardisation on these segments.
+    Holds every comparison's segments; for large data use :func:`build_comparison_features`.
+
+    :param fit_normalization: first fit the reward's input standardisation on these segments
+        (statistics streamed in float64 over chunks: no float64 copy of the data).
     """
-    raw_a = reward.raw_features(dataset.segments_a.obs, dataset.segments_a.acts, dataset.segments_a.next_obs)
-    raw_b = reward.raw_features(dataset.segments_b.obs, dataset.segments_b.acts, dataset.segments_b.next_obs)
+    # Bound once: a pooled dataset gathers its segments from the pool on every access.
+    segments_a, segments_b = dataset.segments_a, dataset.segments_b
     if fit_normalization:
-        reward.fit_input_normalization(torch.cat([raw_a, raw_b]))
+        n = len(dataset)
+        pairs = torch.stack([torch.arange(n), n + torch.arange(n)], dim=1)
+        ComparisonFeatures(reward, [segments_a, segments_b], pairs, cache=False).fit_normalization()
     shift, scale = reward.input_shift, reward.input_scale
-    return (raw_a - shift) / scale, (raw_b - shift) / scale
+    raw_a = reward.raw_features(segments_a.obs, segments_a.acts, segments_a.next_obs)
+    features_a = raw_a.sub_(shift).div_(scale)
+    raw_b = reward.raw_features(segments_b.obs, segments_b.acts, segments_b.next_obs)
+    return features_a, raw_b.sub_(shift).div_(scale)
 
 
 class ComparisonFeatures:
