@@ -86,6 +86,8 @@ def maxmin_vs_rlhf(metrics: dict, majority: str, minority: str) -> dict:
         "minority_return": maxmin[minority]["mean_return"],
         "rlhf_minority_return": rlhf[minority]["mean_return"],
         "minority_ratio": ratio,  # None = unbounded: RLHF at the floor (0), MaxMin above it
+        "majority_return": maxmin[majority]["mean_return"],
+        "rlhf_majority_return": rlhf[majority]["mean_return"],
         "majority_kept": maxmin[majority]["mean_return"] / rlhf[majority]["mean_return"],
         "worst_group_returns": {m: methods[m]["worst_group_return"] for m in learned},
         "passes": {
