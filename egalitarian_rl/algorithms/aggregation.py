@@ -470,6 +470,11 @@ class WorstGroup(Aggregation):
     count as ``W / K`` selections of every group, a prior that keeps the early
     averages near uniform.
 
+    Measured on FairGrid (5 seeds, ``benchmarks/fairgrid_maxmin.py``): averaging with a
+    10-rollout warm-up settles, but at one goal or the other (4 of 5 seeds), not at the
+    compromise; PPO ends at a goal under every fixed weighting there (README, "Which rule"),
+    so no weight schedule of a linear rule reaches the compromise with that optimiser.
+
     :param average: train on the average of the selections so far instead of the latest one.
     :param warmup: rollouts trained on uniform weights before the rule starts selecting.
     :param num_groups: K, or None to take it from the first call.
