@@ -101,3 +101,31 @@ def test_bad_noise_settings_are_rejected():
     for bad in (0.5, -0.1, "guess"):
         with pytest.raises(ValueError, match="mistake_rate"):
             EMRewardMixture(2, mistake_rate=bad)
+
+
+def test_davidson_ties_are_a_third_outcome_that_sums_to_one():
+    logits = torch.tensor([[-3.0, -0.5, 0.0, 0.7, 4.0]])
+    for mistakes in (None, torch.full((5,), 0.15)):
+        log_nu = torch.tensor(1.2)
+        outcomes = [noisy_log_likelihood(logits, torch.full_like(logits, y), mistakes, log_nu).exp() for y in (1.0, 0.0, 0.5)]
+        torch.testing.assert_close(sum(outcomes), torch.ones_like(logits))
+        # "equal" is most likely where the reward sees no difference
+        assert int(outcomes[2].argmax()) == 2
+    # flips exchange the strict answers and leave "equal" alone
+    plain = noisy_log_likelihood(logits, torch.full_like(logits, 0.5), None, torch.tensor(1.2))
+    flipped = noisy_log_likelihood(logits, torch.full_like(logits, 0.5), torch.full((5,), 0.3), torch.tensor(1.2))
+    torch.testing.assert_close(plain, flipped)
+
+
+def test_em_with_davidson_ties_fits_saves_and_refuses_a_bad_setting(tmp_path):
+    population = Population([UserGroup("up", _up, 0.7, equal_threshold=0.3), UserGroup("down", _down, 0.3, equal_threshold=0.3)])
+    data = make_dataset(n_users=12, per_user=15, seed=3, population=population)
+    assert (data.labels == 0.5).any()
+    em = EMRewardMixture(2, use_next_state=True, hidden_sizes=(16,), seed=0, batch_size=32, final_epochs=5, ties="davidson")
+    em.fit(data)
+    assert em.tie_log_nu_ is not None and math.isfinite(em.tie_log_nu_)
+    loaded = EMRewardMixture.load(em.save(tmp_path / "em"))
+    assert loaded.tie_log_nu_ == em.tie_log_nu_ and loaded.ties == "davidson"
+    np.testing.assert_allclose(loaded.user_log_likelihoods(data), em.user_log_likelihoods(data), rtol=1e-5)
+    with pytest.raises(ValueError, match="ties must be None"):
+        EMRewardMixture(2, ties="rao-kupper")

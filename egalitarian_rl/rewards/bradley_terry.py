@@ -288,25 +288,50 @@ def pair_logits(
     return returns[inverse[:, 0]] - returns[inverse[:, 1]]
 
 
-def noisy_log_likelihood(logits: torch.Tensor, labels: torch.Tensor, mistake_rates: torch.Tensor | None = None) -> torch.Tensor:
+def noisy_log_likelihood(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    mistake_rates: torch.Tensor | None = None,
+    tie_log_nu: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Log-likelihood of labels under Bradley-Terry with answer flips, elementwise.
 
     ``P(a > b) = m + (1 - 2 m) sigmoid(logit)``; a label ``y`` in {0, 0.5, 1} is a (soft) target:
     ``y log P + (1 - y) log(1 - P)``. With ``m = 0`` this is ``-BCE_with_logits`` exactly.
 
+    With ``tie_log_nu`` an "equal" answer (label 0.5) is a third outcome of its own (Davidson,
+    1970): ``P(a) : P(b) : P(equal) = e^(d/2) : e^(-d/2) : nu`` with ``d`` the logit, so "equal"
+    is likely where the reward sees no difference and unlikely where it sees a large one. The
+    soft target 0.5 is almost flat in ``d`` and throws that evidence away; on FairGrid, where
+    about half the answers are "equal", it is most of what tells two groups' users apart. Flips
+    (``m``) exchange the two strict answers and leave "equal" alone.
+
     :param logits: ``R(a) - R(b)``, any shape ``(..., M)`` (or ``(M, b)`` with ``mistake_rates``
         broadcast along the matching axis by the caller).
     :param labels: probability that ``a`` is preferred, broadcastable to ``logits``.
     :param mistake_rates: flip probability in [0, 0.5), broadcastable to ``logits``; ``None`` = 0.
+    :param tie_log_nu: ``log nu`` of the Davidson tie model, broadcastable to ``logits``;
+        ``None`` = ties are the soft target 0.5.
     """
-    if mistake_rates is None:
-        return -F.binary_cross_entropy_with_logits(logits, labels.expand_as(logits), reduction="none")
-    # log(m + (1 - 2m) s) = logaddexp(log m, log(1 - 2m) + log s), stable for m = 0 (log 0 = -inf).
-    log_m = torch.log(mistake_rates)
-    log_keep = torch.log1p(-2.0 * mistake_rates)
-    log_p_a = torch.logaddexp(log_m.expand_as(logits), log_keep + F.logsigmoid(logits))
-    log_p_b = torch.logaddexp(log_m.expand_as(logits), log_keep + F.logsigmoid(-logits))
-    return labels * log_p_a + (1.0 - labels) * log_p_b
+    if tie_log_nu is None:
+        if mistake_rates is None:
+            return -F.binary_cross_entropy_with_logits(logits, labels.expand_as(logits), reduction="none")
+        # log(m + (1 - 2m) s) = logaddexp(log m, log(1 - 2m) + log s), stable for m = 0 (log 0 = -inf).
+        log_m = torch.log(mistake_rates)
+        log_keep = torch.log1p(-2.0 * mistake_rates)
+        log_p_a = torch.logaddexp(log_m.expand_as(logits), log_keep + F.logsigmoid(logits))
+        log_p_b = torch.logaddexp(log_m.expand_as(logits), log_keep + F.logsigmoid(-logits))
+        return labels * log_p_a + (1.0 - labels) * log_p_b
+    log_nu = tie_log_nu.expand_as(logits)
+    half = logits / 2.0
+    log_total = torch.logsumexp(torch.stack([half, -half, log_nu]), dim=0)
+    log_p_a, log_p_b = half - log_total, -half - log_total
+    if mistake_rates is not None:
+        log_m, log_keep = torch.log(mistake_rates).expand_as(logits), torch.log1p(-mistake_rates).expand_as(logits)
+        log_p_a, log_p_b = torch.logaddexp(log_keep + log_p_a, log_m + log_p_b), torch.logaddexp(log_keep + log_p_b, log_m + log_p_a)
+    labels = labels.expand_as(logits)
+    strict = labels * log_p_a + (1.0 - labels) * log_p_b
+    return torch.where(labels == 0.5, log_nu - log_total, strict)
 
 
 @torch.no_grad()
@@ -425,6 +450,7 @@ def train_reward(
     log_prefix: str = "reward",
     progress_bar: bool = False,
     mistake_rates: torch.Tensor | None = None,
+    tie_log_nu: torch.Tensor | None = None,
 ) -> TrainingHistory:
     """Fit the members of ``reward`` by weighted Bradley-Terry loss (warm start: training continues from its parameters).
 
@@ -459,6 +485,8 @@ def train_reward(
     :param progress_bar: show a tqdm bar over epochs.
     :param mistake_rates: ``(K,)`` answer-flip probability per member for the noise-aware
         likelihood (:func:`noisy_log_likelihood`); ``None`` = plain BT.
+    :param tie_log_nu: ``()`` log of the Davidson tie parameter for "equal" answers
+        (:func:`noisy_log_likelihood`); ``None`` = ties are the soft target 0.5.
     :raises RewardTrainingError: if the loss becomes NaN or infinite.
     """
     n, k = len(labels), reward.n_members
@@ -528,7 +556,7 @@ def train_reward(
                 returns = _grouped_returns(reward, segs.unsqueeze(0), slice(member, member + 1), discount)[0]
                 logits = returns[:n_rows] - returns[n_rows:]
                 member_m = None if mistake_rates is None else mistake_rates[member]
-                losses = -noisy_log_likelihood(logits, labels[idx], member_m)
+                losses = -noisy_log_likelihood(logits, labels[idx], member_m, tie_log_nu)
                 # Per-member weighted mean: members' loss scales do not depend on their cluster sizes.
                 loss = loss + (losses * w).sum() / w.sum().clamp_min(1e-12)
                 step_losses.append((losses.detach() * w).sum())
@@ -552,7 +580,7 @@ def train_reward(
 
         if len(val_idx) > 0:
             val_logits = pair_logits(reward, table, val_idx, discount)
-            val_ll = noisy_log_likelihood(val_logits, labels[val_idx][:, None], mistake_rates)
+            val_ll = noisy_log_likelihood(val_logits, labels[val_idx][:, None], mistake_rates, tie_log_nu)
             if not torch.isfinite(val_ll).all():
                 raise RewardTrainingError(f"validation log-likelihood became non-finite at epoch {epoch + 1} (lr={lr})")
             per_member = -(val_ll * val_w).sum(0) / val_w.sum(0).clamp_min(1e-12)
