@@ -362,3 +362,20 @@ def test_config_rebuilds_the_rule():
         again = make_aggregation(rule.name, **rule.config())
         returns = np.array([1.0, -0.5])
         np.testing.assert_allclose(again.weights(returns), make_aggregation(name, **kwargs).weights(returns))
+
+
+def test_fixed_weights_apply_from_the_first_rollout() -> None:
+    from stable_baselines3.common.env_util import make_vec_env
+
+    from egalitarian_rl import envs
+    from egalitarian_rl.rewards.vec_env import GroupRewardVecEnv, true_rewards
+
+    np.testing.assert_allclose(Mean().initial_weights(4), np.full(4, 0.25))
+    np.testing.assert_allclose(WorstGroup(average=True, warmup=2).initial_weights(2), [0.5, 0.5])
+    with pytest.raises(ValueError, match="2 weights given for 3 groups"):
+        Mean(weights=[0.8, 0.2]).initial_weights(3)
+    # The relabelling wrapper trains its very first rollout on the rule's fixed weights, not 50/50.
+    venv = make_vec_env(envs.FAIRGRID_ID, n_envs=1)
+    wrapped = GroupRewardVecEnv(venv, true_rewards(), Mean(weights=[0.8, 0.2]), 2)
+    np.testing.assert_allclose(wrapped.weights, [0.8, 0.2])
+    wrapped.close()

@@ -403,6 +403,11 @@ class Aggregation(ABC):
         scalar = rewards @ weights
         return AggregationResult(rewards=scalar, weights=weights, diagnostics=self._diagnostics(scalar, weights, returns))
 
+    def initial_weights(self, num_groups: int) -> np.ndarray:
+        """``(K,)`` weights of the first rollout, before any return has been estimated: uniform
+        unless the rule has fixed weights (``mean`` with given shares). No state change."""
+        return np.full(num_groups, 1.0 / num_groups)
+
     def combine(self, group_rewards: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """Per-sample reward under weights already chosen for this rollout; no state change.
 
@@ -780,6 +785,13 @@ class Mean(Aggregation):
             fixed = fixed / fixed.sum()
         super().__init__(num_groups)
         self.fixed_weights = fixed
+
+    def initial_weights(self, num_groups: int) -> np.ndarray:
+        if self.fixed_weights is not None:
+            if self.fixed_weights.size != num_groups:
+                raise ValueError(f"mean: {self.fixed_weights.size} weights given for {num_groups} groups")
+            return self.fixed_weights.copy()
+        return super().initial_weights(num_groups)
 
     def _weights(self, group_returns: np.ndarray) -> np.ndarray:
         if self.fixed_weights is not None:

@@ -186,9 +186,6 @@ class FrontierPipeline(Pipeline):
         venv = self.make_vec_env(seed)
         rule = Mean(weights=weights)
         env = GroupRewardVecEnv(venv, true_rewards(), rule, len(self.group_names), normalizer, self.group_names)
-        # The wrapper starts with uniform weights and only a MaxMinPPO rollout end applies the rule's;
-        # plain PPO never ends one there, so the fixed weights are set here, once.
-        env.weights = rule.weights(np.zeros(len(self.group_names)))
         # No tensorboard run per point (SB3 would name them PPO_<n>): the saved curves are the record.
         model = PPO("MlpPolicy", env, **{**self._ppo_kwargs(seed), "tensorboard_log": None})
         callback = GroupReturnCallback(self.group_names)

@@ -107,8 +107,8 @@ class GroupRewardVecEnv(VecEnvWrapper):
         if len(self.group_names) != n_groups:
             raise ValueError(f"{len(self.group_names)} group names for {n_groups} groups")
         self.training = True
-        # Until a rollout has estimated the groups' returns, weigh them equally.
-        self.weights = np.full(n_groups, 1.0 / n_groups)
+        # Until a rollout has estimated the groups' returns: equal weights, or the rule's fixed ones.
+        self.weights = aggregation.initial_weights(n_groups) if aggregation.is_linear else np.full(n_groups, 1.0 / n_groups)
         self.group_return_estimates: np.ndarray | None = None
         #: The last step's ``(n_envs, K)`` normalised group rewards, dones and infos (read by a per-group critic's buffer).
         self.last_group_rewards = np.zeros((self.num_envs, n_groups))
