@@ -185,8 +185,15 @@ def plot(envs: dict[str, dict[str, Any]], path: Path) -> Path:
     return write_atomic(path, lambda handle: fig.savefig(handle, format="png", dpi=110))
 
 
-def write(finished: dict[str, list[int]], quick: bool, wall: dict[str, float], git: dict[str, Any]) -> dict[str, Any]:
-    """The JSON, plot and (full run) RESULTS.md line from the (env, seed) runs finished so far."""
+def write(finished: dict[str, list[int]], quick: bool, wall: dict[str, float], git: dict[str, Any], elapsed: float) -> dict[str, Any]:
+    """The JSON, plot and (full run) RESULTS.md line from the (env, seed) runs finished so far.
+
+    :param finished: env id -> its finished seeds.
+    :param quick: the ``--quick`` budget (``mujoco_quick.*``, no RESULTS.md line).
+    :param wall: ``"<env id>/seed_<s>"`` -> wall seconds of that run (in its own process).
+    :param git: :func:`git_state` at the start.
+    :param elapsed: wall seconds since the benchmark started (this invocation; resumed stages cost ~0).
+    """
     envs = {env_id: summarise_env(env_id, sorted(seeds), quick) for env_id, seeds in finished.items() if seeds}
     complete = all(sorted(finished.get(env_id, [])) == list(SEEDS) for env_id in ENVS)
     name = NAME + ("_quick" if quick else "")
@@ -198,6 +205,7 @@ def write(finished: dict[str, list[int]], quick: bool, wall: dict[str, float], g
         ),
         "acceptance": f"per env: maxmin minority win-rate >= {MINORITY_TARGET:.2f} and majority win-rate >= {MAJORITY_TARGET:.2f}",
         "wall_seconds_per_env_seed": wall,
+        "wall_seconds_total": elapsed,
         "complete": complete,
         "passed": complete and all(all(env["passes"].values()) for env in envs.values()),
         "plot": f"results/{name}.png",
@@ -207,7 +215,7 @@ def write(finished: dict[str, list[int]], quick: bool, wall: dict[str, float], g
     if quick:
         save_json_atomic(result, HERE / "results" / f"{name}.json")
         return result
-    summary = summary_line(envs, complete)
+    summary = summary_line(envs, complete) + f"; wall {elapsed / 60:.0f} min"
     write_result(NAME, result, summary, f"per env: minority win-rate >= {MINORITY_TARGET:.2f}, majority >= {MAJORITY_TARGET:.2f}")
     return result
 
@@ -237,6 +245,7 @@ def main() -> None:
     wall: dict[str, float] = {}
     result: dict[str, Any] = {}
     git = git_state()  # at the start: the code the runs import
+    start = time.perf_counter()
     # Seeds interleaved across envs: a partial run has results for every env.
     jobs = [(env_id, seed) for seed in SEEDS for env_id in args.envs]
     # spawn: each worker starts its own torch (a forked one would share the parent's thread pool state).
@@ -247,7 +256,7 @@ def main() -> None:
             wall[f"{env_id}/seed_{seed}"] = future.result()
             finished[env_id].append(seed)
             print(f"finished {env_id} seed {seed} in {wall[f'{env_id}/seed_{seed}']:.0f} s", flush=True)
-            result = write(finished, args.quick, wall, git)
+            result = write(finished, args.quick, wall, git, time.perf_counter() - start)
     print(json.dumps({env_id: env["passes"] for env_id, env in result["envs"].items()}, indent=2))
 
 

@@ -25,7 +25,7 @@ def test_quick_run_writes_the_issue_shape(tiny):
     env_id = "Hopper-v5"
     for seed in (0, 1):
         assert mujoco.run_seed(env_id, seed, quick=True) > 0
-    result = mujoco.write({env_id: [0, 1]}, quick=True, wall={}, git={"commit": None, "modified_files": []})
+    result = mujoco.write({env_id: [0, 1]}, quick=True, wall={}, git={"commit": None, "modified_files": []}, elapsed=1.0)
     saved = json.loads((tiny / "results" / "mujoco_quick.json").read_text())
     assert saved["envs"].keys() == {env_id} and saved["complete"] is False  # HalfCheetah did not run
     env = saved["envs"][env_id]
