@@ -16,7 +16,8 @@ against RLHF seed s); every seed's own numbers are kept under ``seeds``.
 
 Each seed runs in its own process (``--jobs``, one torch thread each) under
 ``runs/imdb_seed_<s>``; every stage, method and PPO iteration is saved, so a killed run resumes.
-The JSON is written each time a seed finishes. ~85 min with ``--jobs 2`` on this 2-core machine.
+The JSON is written each time a seed finishes. Measured: 104 min with ``--jobs 2`` on this 2-core
+machine, about 25 of them lost to other jobs (an idle machine: ~50 s per PPO iteration and seed).
 
     nohup .venv/bin/python -m benchmarks.lm_imdb --seeds 1 2 3 --jobs 2 > runs/lm_imdb.log 2>&1 &
 
