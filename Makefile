@@ -40,18 +40,20 @@ lint: $(STAMP)
 
 # Every benchmark writes benchmarks/results/<name>.json and its line in benchmarks/RESULTS.md; each resumes or
 # reruns on its own (python -m benchmarks.<name>). The whole list takes several hours on 2 CPU cores:
-# em_noise's full grid and lm_imdb (~90 min) are the long ones. lm_speed needs trl (it prints the pip command).
+# em_noise's full grid, mujoco, impossibility and lm_imdb (~100 min) are the long ones. lm_speed needs trl (it prints the pip command).
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.wrapper_overhead
 	$(BIN)/python -m benchmarks.em_scaling
 	$(BIN)/python -m benchmarks.maxmin_overhead
-	$(BIN)/python -m benchmarks.fairgrid_maxmin
+	$(BIN)/python -m benchmarks.fairgrid_maxmin --seeds 0 1 2 3 4 --rules per_sample_min worst_group worst_group_average
 	$(BIN)/python -m benchmarks.halfcheetah_maxmin
+	$(BIN)/python -m benchmarks.mujoco --jobs 2
+	$(BIN)/python -m benchmarks.impossibility --jobs 2
 	$(BIN)/python -m benchmarks.em_noise
 	$(BIN)/python -m benchmarks.active_queries
 	$(BIN)/python -m benchmarks.lm_accelerate
 	$(BIN)/python -m benchmarks.lm_speed
-	$(BIN)/python -m benchmarks.lm_imdb
+	$(BIN)/python -m benchmarks.lm_imdb --seeds 1 2 3 --jobs 2
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
