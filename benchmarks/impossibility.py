@@ -51,8 +51,21 @@ false``. Every stage is saved by the pipeline, so a killed run resumes where it 
 steps per policy; it writes ``impossibility_quick.*`` (never the real result) and no RESULTS.md
 line. ``--domains``, ``--shares``, ``--distances``, ``--seeds`` and ``--timesteps`` override either.
 
-Cost (measured on this 2-core machine shared with other jobs, load average ~8; see the quick
-JSON's ``timing``): PROJECTION_PLACEHOLDER
+Cost, measured on this 2-core machine while other engineers' jobs kept the load average at 7-9
+(everything here under ``nice -n 15``), so CPU seconds of the process are the stable number and
+wall seconds say how crowded the machine was. PPO is scaled linearly from the measured steps;
+collection, fits and evaluation do not depend on them.
+
+- FairGrid (the quick run, 8 seed runs at 4,096 steps, ``--jobs 2``): per seed 7.4 s CPU for
+  collect + fit + evaluate and 9.0 s for both policies -> 73 s CPU per seed at the shipped 30,000
+  steps, 6 min CPU per 5-seed point, about 1.5 h CPU for the 15 points (about 0.8 h with
+  ``--jobs 2`` on two free cores). Wall at this load: 39 min per point, about 10 h for the grid per
+  process (about 5 h with ``--jobs 2``). The whole quick run took 18 min wall.
+- HalfCheetah-v5 (one seed at 2,048 steps, one rollout per policy): 43 s CPU for collect + fit +
+  evaluate, 3.4 s per policy -> about 12 min CPU per seed at 200,000 steps, about 1 h per point,
+  about 15 h CPU for the grid in one process (7-8 h with ``--jobs 2`` on two free cores). This is
+  extrapolated from one rollout; docs/DESIGN.md measured 8-10 min wall per 200k-step policy on a
+  free core, which gives 1.4-1.7 h per point and 20-25 h for the grid in one process.
 """
 
 from __future__ import annotations
@@ -309,6 +322,7 @@ def plot(points: list[dict[str, Any]], path: Path) -> Path:
         colours = {d: c for (d, _), c in zip(distances, _palette(len(distances)))}
         x = np.arange(len(shares))
         for ax, role in zip(row_axes, ("minority", "majority")):
+            means: list[float] = []
             for distance, label in distances:
                 for method, style in (("rlhf", "--"), ("maxmin", "-")):
                     cells = [_lookup(rows, domain, share, distance, method, role) for share in shares]
@@ -317,6 +331,7 @@ def plot(points: list[dict[str, Any]], path: Path) -> Path:
                         continue
                     mean = np.array([cells[i]["mean_return"] for i in have])
                     half = np.array([cells[i]["ci95"] or 0.0 for i in have])
+                    means += mean.tolist()
                     ax.plot(x[have], mean, style, marker="o" if method == "maxmin" else "s", color=colours[distance],
                             label=f"{'MaxMin' if method == 'maxmin' else 'RLHF'}, d={label}")  # fmt: skip
                     ax.fill_between(x[have], mean - half, mean + half, color=colours[distance], alpha=0.12 if method == "maxmin" else 0.07)
@@ -328,8 +343,16 @@ def plot(points: list[dict[str, Any]], path: Path) -> Path:
             ax.set_xticks(x, [f"{s:.0%}" for s in shares])
             ax.set_xlabel("minority share of the users (shrinking to the right)")
             ax.set_ylabel("true return (mean over seeds, 95% CI)")
-            ax.set_title(f"{domain}: {role} ({group_name}) true return", fontsize=10)
+            ax.set_title(f"{domain}: {role}{'' if group_name == role else f' ({group_name})'} true return", fontsize=10)
             ax.grid(alpha=0.3)
+            if means:
+                # Few seeds make wide bands (t(0.975, 1) = 12.7): keep the lines readable, say when bands are cut.
+                low, high = min(means), max(means)
+                margin = max(0.6 * (high - low), 0.1 * max(abs(low), abs(high)), 1.0)
+                bottom, top = ax.get_ylim()
+                if bottom < low - margin or top > high + margin:
+                    ax.set_ylim(max(bottom, low - margin), min(top, high + margin))
+                    ax.text(0.99, 0.01, "CI bands clipped", transform=ax.transAxes, ha="right", va="bottom", fontsize=7, color="grey")
         # EM's separation of the groups, averaged over seeds, under each share: where MaxMin can and cannot help.
         ari = {s: np.mean([a for p in mine if p["minority_share"] == s for a in p["em_ari"] if a is not None] or [np.nan]) for s in shares}
         row_axes[0].set_xticks(x, [f"{s:.0%}\nEM ARI {ari[s]:.2f}" for s in shares])
