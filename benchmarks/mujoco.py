@@ -41,6 +41,7 @@ Acceptance (issue 11), per env: MaxMin's minority win-rate >= 0.60 and its major
 plot and RESULTS.md line are rewritten each time an (env, seed) finishes.
 
     nohup .venv/bin/python -m benchmarks.mujoco --jobs 2 > runs/mujoco_bench.log 2>&1 &
+    .venv/bin/python -m benchmarks.mujoco --jobs 2 --seeds 0 --steps 40000   # what fitted a crowded machine
     .venv/bin/python -m benchmarks.mujoco --quick --jobs 2   # a few minutes, results/mujoco_quick.*
 
 Writes ``benchmarks/results/mujoco.json``, ``benchmarks/results/mujoco.png`` and a line in
@@ -53,6 +54,7 @@ import argparse
 import json
 import multiprocessing
 import subprocess
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -82,14 +84,19 @@ QUICK_PPO = {"n_steps": 256}
 MINORITY_TARGET, MAJORITY_TARGET = 0.60, 0.40
 
 
-def env_config(env_id: str, quick: bool) -> ExperimentConfig:
-    """The shipped config of ``env_id`` with this benchmark's budget and observation normalisation."""
+def env_config(env_id: str, quick: bool, steps: int | None = None) -> ExperimentConfig:
+    """The shipped config of ``env_id`` with this benchmark's budget and observation normalisation.
+
+    :param steps: PPO steps per policy instead of the config's (``--steps``); ``None`` keeps them.
+    """
     name = ENVS[env_id][0]
     config = ExperimentConfig.from_yaml(_config_path(name))
     config.methods = ["rlhf", "maxmin", "oracle"]
     config.seeds = list(SEEDS)
     config.out_dir = f"runs/bench_mujoco{'_quick' if quick else ''}/{name}"
     config.train.normalize_obs = True
+    if steps is not None:
+        config.train.total_timesteps = steps
     if quick:
         config.train.total_timesteps = QUICK_STEPS
         for key, value in QUICK_COLLECT.items():
@@ -100,10 +107,10 @@ def env_config(env_id: str, quick: bool) -> ExperimentConfig:
     return config
 
 
-def run_seed(env_id: str, seed: int, quick: bool) -> float:
+def run_seed(env_id: str, seed: int, quick: bool, steps: int | None = None) -> float:
     """Every stage of one env and seed (resuming), the random policy's evaluation included; returns wall seconds."""
     start = time.perf_counter()
-    config = env_config(env_id, quick)
+    config = env_config(env_id, quick, steps)
     config.seeds = [seed]
     pipeline = Pipeline(config, progress_bar=False, log=lambda line: print(f"[{env_id}] {line}", flush=True))
     for method in [*pipeline.methods, "random"]:
@@ -111,9 +118,9 @@ def run_seed(env_id: str, seed: int, quick: bool) -> float:
     return time.perf_counter() - start
 
 
-def summarise_env(env_id: str, seeds: list[int], quick: bool) -> dict[str, Any]:
+def summarise_env(env_id: str, seeds: list[int], quick: bool, steps: int | None = None) -> dict[str, Any]:
     """The finished ``seeds`` of one env pooled by the pipeline's report, with win-rates over seed pairs."""
-    config = env_config(env_id, quick)
+    config = env_config(env_id, quick, steps)
     config.seeds = seeds
     pipeline = Pipeline(config, progress_bar=False, log=lambda _: None)
     _, metrics = pipeline.run()  # every stage is up to date: this only reads returns and writes the report
@@ -185,7 +192,16 @@ def plot(envs: dict[str, dict[str, Any]], path: Path) -> Path:
     return write_atomic(path, lambda handle: fig.savefig(handle, format="png", dpi=110))
 
 
-def write(finished: dict[str, list[int]], quick: bool, wall: dict[str, float], git: dict[str, Any], elapsed: float) -> dict[str, Any]:
+def write(
+    finished: dict[str, list[int]],
+    quick: bool,
+    wall: dict[str, float],
+    git: dict[str, Any],
+    elapsed: float,
+    steps: int | None = None,
+    planned: tuple[int, ...] = SEEDS,
+    command: str = COMMAND,
+) -> dict[str, Any]:
     """The JSON, plot and (full run) RESULTS.md line from the (env, seed) runs finished so far.
 
     :param finished: env id -> its finished seeds.
@@ -193,9 +209,12 @@ def write(finished: dict[str, list[int]], quick: bool, wall: dict[str, float], g
     :param wall: ``"<env id>/seed_<s>"`` -> wall seconds of that run (in its own process).
     :param git: :func:`git_state` at the start.
     :param elapsed: wall seconds since the benchmark started (this invocation; resumed stages cost ~0).
+    :param steps: ``--steps`` (``None``: the configs' own budgets).
+    :param planned: the seeds asked for; the acceptance needs at least 3, all finished.
+    :param command: the command line, for RESULTS.md.
     """
-    envs = {env_id: summarise_env(env_id, sorted(seeds), quick) for env_id, seeds in finished.items() if seeds}
-    complete = all(sorted(finished.get(env_id, [])) == list(SEEDS) for env_id in ENVS)
+    envs = {env_id: summarise_env(env_id, sorted(seeds), quick, steps) for env_id, seeds in finished.items() if seeds}
+    complete = len(planned) >= 3 and all(sorted(finished.get(env_id, [])) == sorted(planned) for env_id in ENVS)
     name = NAME + ("_quick" if quick else "")
     result = {
         "envs": envs,
@@ -215,12 +234,12 @@ def write(finished: dict[str, list[int]], quick: bool, wall: dict[str, float], g
     if quick:
         save_json_atomic(result, HERE / "results" / f"{name}.json")
         return result
-    summary = summary_line(envs, complete) + f"; wall {elapsed / 60:.0f} min"
+    summary = summary_line(envs, complete, command) + f"; wall {elapsed / 60:.0f} min"
     write_result(NAME, result, summary, f"per env: minority win-rate >= {MINORITY_TARGET:.2f}, majority >= {MAJORITY_TARGET:.2f}")
     return result
 
 
-def summary_line(envs: dict[str, dict[str, Any]], complete: bool) -> str:
+def summary_line(envs: dict[str, dict[str, Any]], complete: bool, command: str = COMMAND) -> str:
     """RESULTS.md's key numbers: the command, then per env its budget, MaxMin's win-rates and both groups' returns vs RLHF."""
     cells = []
     for env_id, env in envs.items():
@@ -232,7 +251,7 @@ def summary_line(envs: dict[str, dict[str, Any]], complete: bool) -> str:
             f"{minor} {maxmin[minor]['mean_return']:.0f} vs {rlhf[minor]['mean_return']:.0f}, {major} "
             f"{maxmin[major]['mean_return']:.0f} vs {rlhf[major]['mean_return']:.0f}"
         )
-    return f"`{COMMAND}`{'' if complete else ' (partial)'}: " + "; ".join(cells)
+    return f"`{command}`{'' if complete else ' (partial: fewer than 3 seeds per env)'}: " + "; ".join(cells)
 
 
 def main() -> None:
@@ -240,23 +259,27 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps per policy and fewer comparisons (a few minutes)")
     parser.add_argument("--jobs", type=int, default=1, help="(env, seed) runs at once, one process and one torch thread each")
     parser.add_argument("--envs", nargs="+", default=list(ENVS), choices=list(ENVS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="the acceptance needs 3 or more")
+    parser.add_argument("--steps", type=int, default=None, help="PPO steps per policy instead of the configs' own budgets")
     args = parser.parse_args()
+    command = " ".join([".venv/bin/python -m benchmarks.mujoco", *sys.argv[1:]])
     finished: dict[str, list[int]] = {env_id: [] for env_id in args.envs}
     wall: dict[str, float] = {}
     result: dict[str, Any] = {}
     git = git_state()  # at the start: the code the runs import
     start = time.perf_counter()
     # Seeds interleaved across envs: a partial run has results for every env.
-    jobs = [(env_id, seed) for seed in SEEDS for env_id in args.envs]
+    jobs = [(env_id, seed) for seed in args.seeds for env_id in args.envs]
     # spawn: each worker starts its own torch (a forked one would share the parent's thread pool state).
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(run_seed, env_id, seed, args.quick): (env_id, seed) for env_id, seed in jobs}
+        futures = {pool.submit(run_seed, env_id, seed, args.quick, args.steps): (env_id, seed) for env_id, seed in jobs}
         for future in as_completed(futures):
             env_id, seed = futures[future]
             wall[f"{env_id}/seed_{seed}"] = future.result()
             finished[env_id].append(seed)
             print(f"finished {env_id} seed {seed} in {wall[f'{env_id}/seed_{seed}']:.0f} s", flush=True)
-            result = write(finished, args.quick, wall, git, time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            result = write(finished, args.quick, wall, git, elapsed, args.steps, tuple(args.seeds), command)
     print(json.dumps({env_id: env["passes"] for env_id, env in result["envs"].items()}, indent=2))
 
 
