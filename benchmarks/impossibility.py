@@ -467,6 +467,8 @@ def summary_line(points: list[dict[str, Any]], passes: dict[str, bool | None], c
                 row = _lookup(rows, domain, share, far, method)
                 values.append("n/a" if row is None else f"{row['mean_return']:.1f}±{row['ci95'] or 0:.1f}")
             parts.append(f"{share:.0%}: RLHF {values[0]} vs MaxMin {values[1]}")
+        held = sum(p["worst_group"]["maxmin>=rlhf_within_ci"] for p in mine)
+        parts.append(f"MaxMin worst group >= RLHF within CI at {held}/{len(mine)} points")
         failed = [k.split("/", 1)[1] for k, v in passes.items() if k.startswith(domain) and v is False]
         seeds = len(mine[0]["seeds"])
         cells.append(
@@ -536,7 +538,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             continue
         points.append(summarise_point(point, args.seeds, args.timesteps, root))
         n_full = len(SHARES) * len(DISTANCES)
-        timing = {"runs": timing_runs, "projection_full_grid": projection(timing_runs, steps, n_full, len(SEEDS))}
+        timing = {
+            "runs": timing_runs,
+            "projection_full_grid": projection(timing_runs, steps, n_full, len(SEEDS)),
+            "note": "stages resumed from an earlier invocation count ~0 s: project from a fresh run",
+        }
         result = write(points, len(grid), args, command, timing, git, time.perf_counter() - start)
     print({k: v for k, v in result.get("passes", {}).items()})
     return result
