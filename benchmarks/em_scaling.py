@@ -51,6 +51,7 @@ import multiprocessing
 import os
 import resource
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -216,10 +217,10 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"doubling_ratios": ratios, "checks": checks, "passed": passed}
 
 
-def _load_previous() -> dict[int, dict[str, Any]]:
-    """Rows already in the results file, by size (none if it is missing or unreadable)."""
+def _load_previous(path: Path = RESULT_PATH) -> dict[int, dict[str, Any]]:
+    """Rows already in a results file (``em_scaling.json`` by default), by size (none if it is missing or unreadable)."""
     try:
-        previous = json.loads(RESULT_PATH.read_text())
+        previous = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return {}
     return {int(r["n_comparisons"]): r for r in previous.get("rows", []) if "settings" in r}
@@ -236,6 +237,7 @@ def main() -> None:
     parser.add_argument("--em-max-memory-mb", type=float, default=EM_MAX_MEMORY_MB, help="EMRewardMixture(max_memory_mb=...); 0 = None")
     parser.add_argument("--max-seconds", type=float, default=None, help="skip sizes projected (linearly) to take longer")
     parser.add_argument("--fresh", action="store_true", help="ignore runs already in the results file")
+    parser.add_argument("--resume-from", type=Path, default=None, help="reuse runs from this copy of a results file too")
     parser.add_argument("--dry-run", action="store_true", help="print, do not write results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -249,6 +251,9 @@ def main() -> None:
         "seed": args.seed,
     }
     previous = {} if args.fresh else _load_previous()
+    if args.resume_from is not None:
+        # A copy of an earlier results file (e.g. before another process rewrote it): its rows are reused too.
+        previous = {**_load_previous(args.resume_from), **previous}
     # Runs of a size with the same settings are reused; other sizes' rows are kept as they are.
     runs: dict[int, list[dict]] = {
         n: list(previous[n].get("runs", [])) if n in previous and previous[n]["settings"] == settings else [] for n in args.sizes
@@ -257,8 +262,11 @@ def main() -> None:
     skipped: dict[int, str] = {}
 
     def rows() -> list[dict[str, Any]]:
+        # Rows of other sizes are re-read at every save: a run of other sizes writing the file
+        # meanwhile (e.g. the 1,000,000 row in another process) is kept, not overwritten.
+        others = {**kept, **{n: r for n, r in ({} if args.fresh else _load_previous()).items() if n not in args.sizes}}
         mine = {n: _row(n, settings, runs[n], skipped.get(n)) for n in args.sizes}
-        return [{**kept, **mine}[n] for n in sorted({**kept, **mine})]
+        return [{**others, **mine}[n] for n in sorted({**others, **mine})]
 
     def save() -> None:
         table = rows()
