@@ -42,6 +42,10 @@ plot and RESULTS.md line are rewritten each time an (env, seed) finishes.
 
     nohup .venv/bin/python -m benchmarks.mujoco --jobs 2 > runs/mujoco_bench.log 2>&1 &
     .venv/bin/python -m benchmarks.mujoco --jobs 2 --seeds 0 --steps 40000   # what fitted a crowded machine
+
+The committed ``results/mujoco.json`` is the second command (seed 0 only, 40,000 steps per policy,
+17 min): other sessions shared the 2 cores and PPO ran at ~170-220 steps/s per process, so the
+full budget (3.6M PPO steps) would have taken hours. It is marked partial and does not pass.
     .venv/bin/python -m benchmarks.mujoco --quick --jobs 2   # a few minutes, results/mujoco_quick.*
 
 Writes ``benchmarks/results/mujoco.json``, ``benchmarks/results/mujoco.png`` and a line in
