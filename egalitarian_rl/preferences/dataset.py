@@ -84,8 +84,8 @@ class PreferenceDataset:
         self.validate()
 
     # ------------------------------------------------------------------ checks
-    def validate(self) -> None:
-        """Raise :class:`PreferenceDatasetError` naming the first problem found."""
+    def _check_answers(self) -> None:
+        """The checks that read no segments: shapes of labels and users, label values, user ids and groups."""
         n = len(self.labels)
         if self.labels.ndim != 1 or self.user_ids.shape != (n,):
             raise PreferenceDatasetError(f"wrong shape: labels {self.labels.shape} and user_ids {self.user_ids.shape} must both be (N,)")
@@ -95,14 +95,6 @@ class PreferenceDataset:
             )
         if len(np.unique(self.users)) != len(self.users):
             raise PreferenceDatasetError("duplicate user ids in users")
-        for name, seg in (("segments_a", self.segments_a), ("segments_b", self.segments_b)):
-            self._check_segments(name, seg, n)
-        if self.segments_a.obs.shape != self.segments_b.obs.shape or self.segments_a.acts.shape != self.segments_b.acts.shape:
-            raise PreferenceDatasetError(
-                f"wrong shape: segments_a {self.segments_a.obs.shape} and segments_b {self.segments_b.obs.shape} differ"
-            )
-        if set(self.segments_a.infos) != set(self.segments_b.infos):
-            raise PreferenceDatasetError("segments_a and segments_b record different info keys")
         if not np.all(np.isfinite(self.labels)):
             raise PreferenceDatasetError("label is NaN or infinite")
         bad = ~np.isin(self.labels, _VALID_LABELS)
@@ -116,6 +108,19 @@ class PreferenceDataset:
             raise PreferenceDatasetError(f"user group index out of range for {len(self.group_names)} groups")
         if not self.group_names and (self.user_groups != -1).any():
             raise PreferenceDatasetError("user_groups given without group_names")
+
+    def validate(self) -> None:
+        """Raise :class:`PreferenceDatasetError` naming the first problem found."""
+        n = len(self.labels)
+        self._check_answers()
+        for name, seg in (("segments_a", self.segments_a), ("segments_b", self.segments_b)):
+            self._check_segments(name, seg, n)
+        if self.segments_a.obs.shape != self.segments_b.obs.shape or self.segments_a.acts.shape != self.segments_b.acts.shape:
+            raise PreferenceDatasetError(
+                f"wrong shape: segments_a {self.segments_a.obs.shape} and segments_b {self.segments_b.obs.shape} differ"
+            )
+        if set(self.segments_a.infos) != set(self.segments_b.infos):
+            raise PreferenceDatasetError("segments_a and segments_b record different info keys")
         if self.segment_ids is not None and self.segment_ids.shape != (n, 2):
             raise PreferenceDatasetError(f"wrong shape: segment_ids {self.segment_ids.shape} must be (N, 2) = ({n}, 2)")
         if self.folds is not None and self.folds.shape != (n,):
@@ -492,27 +497,7 @@ class PooledPreferenceDataset(PreferenceDataset):
         self._check_segments("segment_pool", self.segment_pool, n_pool)
         if n and (self.segment_ids.min() < 0 or self.segment_ids.max() >= n_pool):
             raise PreferenceDatasetError(f"segment_ids outside the pool of {n_pool} segments")
-        # The remaining checks do not read segments: run the base ones on a pool-free stand-in.
-        if self.labels.ndim != 1 or self.user_ids.shape != (n,):
-            raise PreferenceDatasetError(f"wrong shape: labels {self.labels.shape} and user_ids {self.user_ids.shape} must both be (N,)")
-        if self.users.ndim != 1 or self.user_groups.shape != self.users.shape:
-            raise PreferenceDatasetError(
-                f"wrong shape: users {self.users.shape} and user_groups {self.user_groups.shape} must both be (U,)"
-            )
-        if len(np.unique(self.users)) != len(self.users):
-            raise PreferenceDatasetError("duplicate user ids in users")
-        if not np.all(np.isfinite(self.labels)):
-            raise PreferenceDatasetError("label is NaN or infinite")
-        bad = ~np.isin(self.labels, _VALID_LABELS)
-        if bad.any():
-            raise PreferenceDatasetError(f"label outside {{0, 0.5, 1}}: {self.labels[bad][:5].tolist()}")
-        unknown = ~np.isin(self.user_ids, self.users)
-        if unknown.any():
-            raise PreferenceDatasetError(f"unknown user id {np.unique(self.user_ids[unknown])[:5].tolist()} not in users")
-        if self.group_names and ((self.user_groups < -1) | (self.user_groups >= len(self.group_names))).any():
-            raise PreferenceDatasetError(f"user group index out of range for {len(self.group_names)} groups")
-        if not self.group_names and (self.user_groups != -1).any():
-            raise PreferenceDatasetError("user_groups given without group_names")
+        self._check_answers()
         if self.folds is not None:
             if self.folds.shape != (n,):
                 raise PreferenceDatasetError(f"wrong shape: folds {self.folds.shape} must be (N,) = ({n},)")
