@@ -1,25 +1,31 @@
 """MaxMin-RLHF vs single-reward RLHF on IMDB prompts with the embedded SmolLM2-135M-Instruct, over seeds.
 
 Runs the shipped ``imdb`` config (:mod:`egalitarian_rl.experiments.lm_pipeline`) once per seed:
-96 training prompts x 3 base-model completions (32 new tokens, temperature 0.7, chat template),
-60 simulated users per population (80/20 and 90/10 positive/concise, Bradley-Terry beta 5,
-40 comparisons each), the single BT reward and a K=2 EM mixture (linear heads on frozen MiniLM
-embeddings plus the log word count), then 11 PPO iterations (batch 16, LoRA r16, lr 2e-4, KL coef
-0.1) for each of ``rlhf``, ``maxmin`` (worst_group, the paper's algorithm) and
-``maxmin_per_sample_min`` (the released code's rule) from the same start, judged on all 48
-held-out prompts by the groups' TRUE scores.
+96 training prompts x 6 base-model completions (asked for one short sentence; 32 new tokens at
+most, temperature 0.7), 60 simulated users per population (80/20 and 90/10 positive/concise,
+Bradley-Terry beta 5, 80 comparisons each), the single BT reward and a K=2 EM mixture (linear
+heads on frozen MiniLM embeddings plus the log word count), then 11 PPO iterations (batch 16,
+LoRA r16, lr 2e-4, KL coef 0.1) for each of ``rlhf``, ``maxmin`` (worst_group, the paper's
+algorithm) and ``maxmin_per_sample_min`` (the released code's rule) from the same start, judged
+on all 48 held-out prompts by the groups' TRUE scores.
 
-Fixed before the run that produced the committed JSON: ``maxmin`` is ``worst_group`` and the seeds
-are 1, 2 and 3 (seed 0 was used while building the experiment and is not among them). The win-rates
-in the JSON are the mean over seeds of each seed's win-rate over its 48 prompts (MaxMin seed s
-against RLHF seed s); every seed's own numbers are kept under ``seeds``.
+Pre-registered: ``maxmin`` is ``worst_group`` and the seeds are 4, 5 and 6, fixed in a commit
+before the run that produced the committed JSON. History, kept in the JSON under ``history``:
+the first pre-registered run (seeds 1-3, the model asked only to "continue" the review, 3
+completions per prompt, 40 comparisons per user) failed (minority win-rate 0.53, majority 0.43):
+every reply ran to the 32-token limit, so the concise users' answers carried almost no signal.
+The prompt, pool and comparison count were then changed on trial seeds 0 and 10, which are not
+among the reported ones.
+
+The win-rates in the JSON are the mean over seeds of each seed's win-rate over its 48 prompts
+(MaxMin seed s against RLHF seed s); every seed's own numbers are kept under ``seeds``.
 
 Each seed runs in its own process (``--jobs``, one torch thread each) under
 ``runs/imdb_seed_<s>``; every stage, method and PPO iteration is saved, so a killed run resumes.
-The JSON is written each time a seed finishes. Measured: 104 min with ``--jobs 2`` on this 2-core
-machine, about 25 of them lost to other jobs (an idle machine: ~50 s per PPO iteration and seed).
+The JSON is written each time a seed finishes. Three seeds in three processes share the two
+cores best (``--jobs 3``).
 
-    nohup .venv/bin/python -m benchmarks.lm_imdb --seeds 1 2 3 --jobs 2 > runs/lm_imdb.log 2>&1 &
+    nohup .venv/bin/python -m benchmarks.lm_imdb --seeds 4 5 6 --jobs 3 > runs/lm_imdb.log 2>&1 &
 
 Writes ``benchmarks/results/lm_imdb.json`` and a line in ``benchmarks/RESULTS.md``.
 """
@@ -41,8 +47,21 @@ from egalitarian_rl.experiments.lm_pipeline import LMExperimentConfig, LMPipelin
 
 NAME = "lm_imdb"
 MAJORITY, MINORITY = "positive", "concise"
-SEEDS = (1, 2, 3)
+SEEDS = (4, 5, 6)
 EVAL_PROMPTS = 48
+#: Earlier pre-registered runs of this benchmark and why the design changed after them.
+HISTORY = [
+    {
+        "seeds": [1, 2, 3],
+        "design": "chat template 'Continue this movie review: \"{prompt}\"', 3 completions per prompt, 40 comparisons per user",
+        "maxmin_win_rate_vs_rlhf": {"concise": 0.53, "positive": 0.43},
+        "maxmin_per_sample_min_win_rate_vs_rlhf": {"concise": 0.51, "positive": 0.43},
+        "em_ari": 1.0,
+        "passed": False,
+        "why": "every reply ran to the 32-token limit (4-6% ended), so conciseness barely varied: the concise users' "
+        "true scores predicted only 0.69 of their answers and no arm changed reply length",
+    }
+]
 
 
 def seed_config(seed: int) -> LMExperimentConfig:
@@ -131,10 +150,11 @@ def write(config: LMExperimentConfig, per_seed: dict[int, dict[str, Any]], plann
         },
         "paper": "GPT-2 on IMDB (Chakraborty et al. 2024): MaxMin +16% average win-rate, +33% for the minority",
         "note": (
-            "maxmin (worst_group) and the seeds 1-3 were fixed before this run; seed 0, used while building the "
-            f"experiment, is not included. Win-rates: mean over seeds of each seed's win-rate over {EVAL_PROMPTS} held-out "
+            "maxmin (worst_group) and the seeds 4-6 were fixed before this run; seeds 0 and 10, used to try the design, "
+            f"are not included. Win-rates: mean over seeds of each seed's win-rate over {EVAL_PROMPTS} held-out "
             "prompts against the same seed's RLHF; reports are in runs/imdb_seed_<s>/report.md."
         ),
+        "history": HISTORY,
         "passes": passes,
         "passed": all(passes.values()),
     }
@@ -147,7 +167,7 @@ def write(config: LMExperimentConfig, per_seed: dict[int, dict[str, Any]], plann
         + (f"; per_sample_min {psm[MINORITY]['win_rate_vs_rlhf']:.2f} / {psm[MAJORITY]['win_rate_vs_rlhf']:.2f}" if psm else "")
         + f"; KL rlhf {methods['rlhf']['kl']:.1f}, maxmin {methods['maxmin']['kl']:.1f}; EM ARI {merged['em_ari']:.2f}; "
         f"held-out acc {MINORITY} single {acc['single'][MINORITY]:.2f} vs mixture {acc['mixture'][MINORITY]:.2f} "
-        f"(paper: minority +33%). `python -m benchmarks.lm_imdb --seeds 1 2 3 --jobs 2`"
+        f"(paper: minority +33%). `python -m benchmarks.lm_imdb --seeds 4 5 6 --jobs 3`"
     )
     write_result(NAME, result, summary, "minority win-rate >= 0.60, majority >= 0.45, EM ARI >= 0.9, single < mixture on minority")
     print(json.dumps({"seeds": done, "methods": methods, "em_ari": merged["em_ari"], "passes": passes}, indent=2), flush=True)
