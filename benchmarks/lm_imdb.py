@@ -158,13 +158,14 @@ def write(config: LMExperimentConfig, per_seed: dict[int, dict[str, Any]], plann
         "passes": passes,
         "passed": all(passes.values()),
     }
+    # Three decimals: the targets are compared unrounded (0.448 fails ">= 0.45" though it prints as 0.45 at two).
     seed_rates = ", ".join(f"{r:.2f}" for r in maxmin[MINORITY]["seed_win_rates"])
     psm = methods.get("maxmin_per_sample_min", {}).get("groups")
     summary = (
         f"SmolLM2-135M, seeds {done}, {config.train.iterations} PPO it/method, 80/20 positive/concise, {EVAL_PROMPTS} held-out "
-        f"prompts/seed: maxmin ({config.train.aggregation}) win-rate vs RLHF {MINORITY} {maxmin[MINORITY]['win_rate_vs_rlhf']:.2f} "
-        f"(s.e. {maxmin[MINORITY]['win_rate_se']:.2f}; seeds {seed_rates}) / {MAJORITY} {maxmin[MAJORITY]['win_rate_vs_rlhf']:.2f}"
-        + (f"; per_sample_min {psm[MINORITY]['win_rate_vs_rlhf']:.2f} / {psm[MAJORITY]['win_rate_vs_rlhf']:.2f}" if psm else "")
+        f"prompts/seed: maxmin ({config.train.aggregation}) win-rate vs RLHF {MINORITY} {maxmin[MINORITY]['win_rate_vs_rlhf']:.3f} "
+        f"(s.e. {maxmin[MINORITY]['win_rate_se']:.2f}; seeds {seed_rates}) / {MAJORITY} {maxmin[MAJORITY]['win_rate_vs_rlhf']:.3f}"
+        + (f"; per_sample_min {psm[MINORITY]['win_rate_vs_rlhf']:.3f} / {psm[MAJORITY]['win_rate_vs_rlhf']:.3f}" if psm else "")
         + f"; KL rlhf {methods['rlhf']['kl']:.1f}, maxmin {methods['maxmin']['kl']:.1f}; EM ARI {merged['em_ari']:.2f}; "
         f"held-out acc {MINORITY} single {acc['single'][MINORITY]:.2f} vs mixture {acc['mixture'][MINORITY]:.2f} "
         f"(paper: minority +33%). `python -m benchmarks.lm_imdb --seeds 4 5 6 --jobs 3`"
