@@ -90,6 +90,7 @@ from tqdm.auto import tqdm
 
 from egalitarian_rl.io import write_text_atomic
 from egalitarian_rl.preferences.dataset import PooledPreferenceDataset, PreferenceDataset
+from egalitarian_rl.rewards import em_start
 from egalitarian_rl.rewards.bradley_terry import (
     DEFAULT_CHUNK_SEGMENTS,
     ComparisonFeatures,
@@ -177,6 +178,9 @@ class EMRewardMixture:
     :param init: ``"split"`` (divisive: repeatedly 2-means the per-user gradient embedding of a
         cluster and split it), ``"kmeans"`` (k-means++ once on the per-user gradients of the
         pooled BT fit) or ``"random"`` (random balanced partition, fresh members).
+        ``"linear"``: a mixture of linear heads on the pooled reward's last hidden layer, fitted by
+        annealed soft EM from ``linear_starts`` starts (:mod:`~egalitarian_rl.rewards.em_start`);
+        its heads become the members' last layers and its responsibilities start EM.
     :param n_init: EM restarts (different k-means / random seeds); the best final log-likelihood wins.
     :param max_iter: maximum EM iterations per restart.
     :param tol: stop when the log-likelihood changes by less than ``tol`` relative.
@@ -265,6 +269,9 @@ class EMRewardMixture:
         ties: str | None = None,
         shared_scale: bool = False,
         cross_fit: bool = False,
+        linear_starts: int = 8,
+        linear_ridge: float = 1.0,
+        linear_anneal: float = 4.0,
         max_memory_mb: float | None = None,
         seed: int = 0,
         logger: Any = None,
@@ -272,8 +279,12 @@ class EMRewardMixture:
     ) -> None:
         if not isinstance(n_components, (int, np.integer)) or n_components < 1:
             raise ValueError(f"n_components (K) must be an integer >= 1, got {n_components!r}")
-        if init not in ("split", "kmeans", "random"):
-            raise ValueError(f"init must be 'split', 'kmeans' or 'random', got {init!r}")
+        if init not in ("split", "kmeans", "random", "linear"):
+            raise ValueError(f"init must be 'split', 'kmeans', 'random' or 'linear', got {init!r}")
+        if linear_starts < 1 or not linear_ridge > 0 or not linear_anneal >= 1:
+            raise ValueError(
+                f"need linear_starts >= 1, linear_ridge > 0 and linear_anneal >= 1, got {linear_starts}, {linear_ridge}, {linear_anneal}"
+            )
         if not 0.0 <= validation_fraction < 1.0:
             raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
         if not (mistake_rate is None or mistake_rate == "learn" or (isinstance(mistake_rate, (int, float)) and 0 <= mistake_rate < 0.5)):
@@ -313,6 +324,9 @@ class EMRewardMixture:
         self.ties = ties
         self.shared_scale = shared_scale
         self.cross_fit = cross_fit
+        self.linear_starts = int(linear_starts)
+        self.linear_ridge = float(linear_ridge)
+        self.linear_anneal = float(linear_anneal)
         self.max_memory_mb = None if max_memory_mb is None else float(max_memory_mb)
         self.seed = seed
         self.logger = logger
@@ -379,6 +393,9 @@ class EMRewardMixture:
             "ties": self.ties,
             "shared_scale": self.shared_scale,
             "cross_fit": self.cross_fit,
+            "linear_starts": self.linear_starts,
+            "linear_ridge": self.linear_ridge,
+            "linear_anneal": self.linear_anneal,
             "max_memory_mb": self.max_memory_mb,
             "seed": self.seed,
         }
@@ -621,7 +638,7 @@ class EMRewardMixture:
         self.logit_scales_ = np.ones(self.n_components)
 
         pooled_state = None
-        if self.init in ("split", "kmeans"):
+        if self.init in ("split", "kmeans", "linear"):
             # Member 0 learns the pooled (single) reward; the other members are skipped (zero
             # weight, no compute) and then start as copies of it.
             pooled_weights = torch.zeros(len(data.labels), self.n_components)
@@ -641,6 +658,8 @@ class EMRewardMixture:
             self.logit_scales_ = np.ones(self.n_components)
             if self.init == "split":
                 start = self._split_start(reward, data, restart_seed, restart_generator)
+            elif self.init == "linear":
+                start = self._linear_start(reward, data, restart_seed)
             elif self.init == "kmeans":
                 embedding = self._gradient_embedding(reward, data, np.zeros(data.n_users, dtype=np.int64))
                 start = self._kmeans_start(embedding, restart_seed)
@@ -759,6 +778,36 @@ class EMRewardMixture:
                     break
             labels = responsibilities.argmax(1)
         return np.eye(self.n_components)[labels]
+
+    def _linear_start(self, reward: RewardMixture, data: _Data, seed: int) -> np.ndarray:
+        """``(U, K)`` start from a mixture of linear heads on the pooled member's last hidden layer.
+
+        Fits :func:`~egalitarian_rl.rewards.em_start.linear_mixture_start` (annealed soft EM over
+        ``linear_starts`` starts, ridge ``linear_ridge``, first temperature ``linear_anneal``) on
+        the training comparisons, writes each head into the last layer of a copy of the pooled
+        member (and of its cross-fitting twin), and takes over its fitted flip rate
+        (``mistake_rate="learn"``) and tie parameter (``ties="davidson"``). Hard EM starts from
+        the argmax of its responsibilities, soft EM from the responsibilities themselves.
+        """
+        k = self.n_components
+        train = ~data.held_out
+        hidden = em_start.segment_hidden_sums(reward, data.features, [0], self.discount)
+        hidden = em_start.SegmentHidden(hidden.hidden_sums, hidden.pair_rows[train])
+        mixture, heads = em_start.linear_mixture_start(
+            hidden, data.labels[train], data.user_index[train], data.n_users, k,
+            n_starts=self.linear_starts, ridge=self.linear_ridge, t0=self.linear_anneal, seed=seed,
+        )  # fmt: skip
+        members = list(range(k)) + ([k + m for m in range(k)] if self._twinned(reward) else [])
+        with torch.no_grad():
+            for member in members:
+                reward.weights[-1][member, :, 0] = heads[member % k]
+        if self.mistake_rate == "learn":
+            self.mistake_rates_[:] = mixture.mistake_rate
+        if self.ties is not None and mixture.tie_log_nu is not None:
+            self.tie_log_nu_ = mixture.tie_log_nu
+        if self.soft:
+            return mixture.responsibilities
+        return np.eye(k)[mixture.responsibilities.argmax(1)]
 
     def _random_start(self, n_users: int, seed: int) -> np.ndarray:
         """``(U, K)`` one-hot random balanced partition (every member gets users)."""
