@@ -20,8 +20,10 @@ of float32; the 200,000-segment pool is 0.8 GB.
 
 For each size the full :meth:`EMRewardMixture.fit` is timed (feature encoding,
 pooled initial fit, splitting initialisation, EM iterations, final M-step),
-with default hyperparameters, ``max_memory_mb=--em-max-memory-mb`` (EM's memory flag, 2048 MiB)
-and one torch thread; the median of ``--repeats`` fits on different data seeds is reported.
+with default hyperparameters, ``max_memory_mb=--em-max-memory-mb`` (EM's memory flag, 2048 MiB),
+``max_epoch_comparisons=--em-max-epoch-comparisons`` (EM's cap on the comparisons an M-step epoch
+trains on, its default 100,000: it binds only above about 110,000 comparisons) and ``--threads``
+torch threads (1 by default); the median of ``--repeats`` fits on different data seeds is reported.
 Targets: 10,000 comparisons in <= 30 s; doubling the data at most 2.3 times the time (between
 rows of the same settings); 1,000,000 comparisons in <= 600 s (issue 10).
 
@@ -40,6 +42,7 @@ in ``benchmarks/RESULTS.md``.
 
     .venv/bin/python -m benchmarks.em_scaling [--sizes 2500 5000 10000 20000] [--repeats 3] [--seed 0]
         [--comparisons-per-user 25] [--pool-size 200000] [--em-max-memory-mb 2048] [--threads 1]
+        [--em-max-epoch-comparisons 100000]
     .venv/bin/python -m benchmarks.em_scaling --sizes 1000000 --repeats 1 --comparisons-per-user 10
 """
 
@@ -69,6 +72,8 @@ OBS_DIM, ACT_DIM, SEGMENT_LENGTH, VELOCITY = 17, 6, 25, 8
 COMPARISONS_PER_USER = 25
 POOL_SIZE = 200_000
 EM_MAX_MEMORY_MB = 2048.0
+#: EMRewardMixture's default ``max_epoch_comparisons``, recorded in every row's settings.
+EM_MAX_EPOCH_COMPARISONS = 100_000
 TARGET_SECONDS_10K = 30.0
 TARGET_DOUBLING = 2.3
 TARGET_SECONDS_1M = 600.0
@@ -146,8 +151,9 @@ def _peak_mb() -> float:
 
 
 def fit_one(
-    n_comparisons: int, seed: int, threads: int, comparisons_per_user: int, pool_size: int, em_max_memory_mb: float | None
-) -> dict[str, Any]:
+    n_comparisons: int, seed: int, threads: int, comparisons_per_user: int, pool_size: int, em_max_memory_mb: float | None,
+    em_max_epoch_comparisons: int | None = EM_MAX_EPOCH_COMPARISONS,
+) -> dict[str, Any]:  # fmt: skip
     """Time one EM fit on fresh data (run in a child process: its peak memory is this fit's)."""
     torch.set_num_threads(threads)
     # Warm-up on a tiny fit: first-call costs (lazy imports in torch.optim, allocator) are not EM's.
@@ -158,7 +164,9 @@ def fit_one(
     rss_before = _peak_mb()
     load_before = os.getloadavg()
     start = time.perf_counter()
-    model = EMRewardMixture(3, seed=seed, use_next_state=True, max_memory_mb=em_max_memory_mb).fit(dataset)
+    model = EMRewardMixture(
+        3, seed=seed, use_next_state=True, max_memory_mb=em_max_memory_mb, max_epoch_comparisons=em_max_epoch_comparisons
+    ).fit(dataset)
     seconds = time.perf_counter() - start
     return {
         "seed": seed,
@@ -235,6 +243,10 @@ def main() -> None:
     parser.add_argument("--comparisons-per-user", type=int, default=COMPARISONS_PER_USER)
     parser.add_argument("--pool-size", type=int, default=POOL_SIZE, help="most distinct segments in the data's pool")
     parser.add_argument("--em-max-memory-mb", type=float, default=EM_MAX_MEMORY_MB, help="EMRewardMixture(max_memory_mb=...); 0 = None")
+    parser.add_argument(
+        "--em-max-epoch-comparisons", type=int, default=EM_MAX_EPOCH_COMPARISONS,
+        help="EMRewardMixture(max_epoch_comparisons=...): most comparisons an M-step epoch trains on; 0 = None (full passes)",
+    )  # fmt: skip
     parser.add_argument("--max-seconds", type=float, default=None, help="skip sizes projected (linearly) to take longer")
     parser.add_argument("--fresh", action="store_true", help="ignore runs already in the results file")
     parser.add_argument("--resume-from", type=Path, default=None, help="reuse runs from this copy of a results file too")
@@ -242,10 +254,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     em_memory = args.em_max_memory_mb or None
+    epoch_cap = args.em_max_epoch_comparisons or None
     settings = {
         "comparisons_per_user": args.comparisons_per_user,
         "pool_size": args.pool_size,
         "em_max_memory_mb": em_memory,
+        "em_max_epoch_comparisons": epoch_cap,
         "threads": args.threads,
         "repeats": args.repeats,
         "seed": args.seed,
@@ -289,7 +303,8 @@ def main() -> None:
                 "segments; each used once up to N = pool_size / 2, pairs drawn uniformly from the pool beyond "
                 "(see module docstring); per-row settings in rows[].settings",
                 "em": "EMRewardMixture defaults (hidden (64, 64), hard EM, split init), use_next_state=True, "
-                "max_memory_mb = settings.em_max_memory_mb",
+                "max_memory_mb = settings.em_max_memory_mb, max_epoch_comparisons = settings.em_max_epoch_comparisons "
+                "(rows without it: EM before that cap, full passes)",
                 "statistic": "median of settings.repeats fits per size (different data seeds), sizes interleaved",
                 "torch": torch.__version__,
             },
@@ -297,7 +312,8 @@ def main() -> None:
         if args.dry_run:
             return
         timings = ", ".join(
-            f"{r['n_comparisons']:,}: {r['seconds']:.1f} s ({r['iterations']:g} it, {r['peak_memory_mb']:,.0f} MB, ARI {r['ari']:.2f})"
+            f"{r['n_comparisons']:,}: {r['seconds']:.1f} s ({r['iterations']:g} it, {r['peak_memory_mb']:,.0f} MB, ARI {r['ari']:.2f}, "
+            f"{r['settings']['threads']} thread{'s' if r['settings']['threads'] > 1 else ''})"
             if "seconds" in r
             else f"{r['n_comparisons']:,}: not run"
             for r in table
@@ -306,7 +322,7 @@ def main() -> None:
         write_result(
             NAME,
             result,
-            f"EM K=3, L=25, obs 17 / act 6, pooled segments, 1 thread, median of runs: {timings}; doubling {ratio_text}",
+            f"EM K=3, L=25, obs 17 / act 6, pooled segments, median of runs: {timings}; doubling {ratio_text}",
             f"10,000 <= {TARGET_SECONDS_10K:g} s; doubling <= x{TARGET_DOUBLING}; 1,000,000 <= {TARGET_SECONDS_1M:g} s",
         )
 
@@ -328,7 +344,7 @@ def main() -> None:
                     skipped[n] = f"not run: projected {projected:,.0f} s from {base:,} comparisons (--max-seconds {args.max_seconds:g})"
                     print(json.dumps({"n_comparisons": n, "skipped": skipped[n]}), flush=True)
                     continue
-            run = _in_child(n, seed, args.threads, args.comparisons_per_user, args.pool_size, em_memory)
+            run = _in_child(n, seed, args.threads, args.comparisons_per_user, args.pool_size, em_memory, epoch_cap)
             runs[n].append(run)
             print(json.dumps({"n_comparisons": n, **run}), flush=True)
             save()  # every finished run is kept, whatever happens to the next

@@ -151,3 +151,59 @@ def test_bad_memory_flag_is_rejected_at_construction(bad):
 def test_budget_below_the_per_comparison_arrays_is_a_clear_error(data):
     with pytest.raises(ValueError, match=r"max_memory_mb=0.01 is too small for 1,200 comparisons of 150 segments"):
         EMRewardMixture(3, **EM_SETTINGS, max_memory_mb=0.01).fit(data)
+
+
+# ----------------------------------------------------------------------------- epochs capped in comparisons
+def test_member_batches_cap_keeps_members_in_proportion_on_fresh_subsets():
+    from egalitarian_rl.rewards.bradley_terry import _member_batches
+
+    rows = [torch.arange(600), 600 + torch.arange(300), 900 + torch.arange(100)]
+    generator = torch.Generator().manual_seed(0)
+    drawn = []
+    for _ in range(2):
+        index, mask, steps = _member_batches(rows, 32, generator, max_rows=60)
+        assert steps == 2  # ceil(60 / 32): the epoch's cost follows the cap, not the 600 rows
+        assert mask.sum((0, 2)).tolist() == [60, 30, 10]  # every member keeps 10% of its rows
+        member_0 = index[:, 0][mask[:, 0] > 0]
+        assert len(member_0.unique()) == 60 and bool((member_0 < 600).all())
+        drawn.append(set(member_0.tolist()))
+    assert drawn[0] != drawn[1]  # a fresh subset every epoch
+
+
+def test_epoch_cap_at_or_above_the_data_changes_nothing(data):
+    obs_space, act_space = spaces_from_dataset(data)
+    rewards = [RewardMixture(obs_space, act_space, 3, use_next_state=True) for _ in range(2)]
+    rewards[1].load_state_dict(rewards[0].state_dict())
+    table = build_comparison_features(rewards[0], data, fit_normalization=True)
+    labels = torch.as_tensor(data.labels)
+    weights = torch.as_tensor(np.eye(3)[data.user_groups[data.user_index()]], dtype=torch.float32)
+    settings = dict(epochs=2, lr=1e-2, batch_size=32)
+    full = train_reward(rewards[0], table, None, labels, weights, generator=torch.Generator().manual_seed(1), **settings)
+    capped = train_reward(
+        rewards[1], table, None, labels, weights, generator=torch.Generator().manual_seed(1), max_epoch_comparisons=len(data), **settings
+    )
+    assert full.train_loss == capped.train_loss and full.steps == capped.steps
+    for p, q in zip(rewards[0].parameters(), rewards[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    largest = int(np.bincount(data.user_groups[data.user_index()]).max())
+    assert full.steps == 2 * -(-largest // 32)
+    small = train_reward(rewards[1], table, None, labels, weights, max_epoch_comparisons=64, **settings)
+    assert small.steps == 2 * 2  # two epochs of ceil(64 / 32) steps
+    with pytest.raises(ValueError, match="max_epoch_comparisons must be >= 1"):
+        train_reward(rewards[1], table, None, labels, weights, max_epoch_comparisons=0, **settings)
+
+
+def test_em_with_epochs_of_a_few_comparisons_still_recovers_the_groups(data, default_fit):
+    # About 650 training comparisons in the largest group: every epoch trains on a third of them.
+    capped = EMRewardMixture(3, **EM_SETTINGS, max_epoch_comparisons=200).fit(data)
+    ari_default = adjusted_rand_index(data.user_groups, default_fit.assignments_)
+    ari_capped = adjusted_rand_index(data.user_groups, capped.assignments_)
+    assert ari_capped >= 0.9 and ari_capped >= ari_default - 0.05
+    assert capped.hyperparameters()["max_epoch_comparisons"] == 200
+    assert default_fit.hyperparameters()["max_epoch_comparisons"] == 100_000  # default: no cap on small data
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "100k"])
+def test_bad_epoch_cap_is_rejected_at_construction(bad):
+    with pytest.raises(ValueError, match="max_epoch_comparisons must be an integer >= 1 or None"):
+        EMRewardMixture(3, max_epoch_comparisons=bad)

@@ -64,6 +64,7 @@ class TrainingHistory:
         kept (the last epoch when there was no validation signal for that member).
     :param epochs: number of epochs run.
     :param stopped_early: whether early stopping ended training before ``epochs``.
+    :param steps: optimizer steps taken, over all epochs.
     """
 
     train_loss: list[float] = field(default_factory=list)
@@ -71,6 +72,7 @@ class TrainingHistory:
     best_epoch: list[int] = field(default_factory=list)
     epochs: int = 0
     stopped_early: bool = False
+    steps: int = 0
 
 
 @dataclass
@@ -391,23 +393,34 @@ def comparison_log_likelihoods(
 # ----------------------------------------------------------------------------- the loop
 
 
-def _member_batches(rows: list[torch.Tensor], batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _member_batches(
+    rows: list[torch.Tensor], batch_size: int, generator: torch.Generator, max_rows: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Shuffle each member's rows and deal them into the same number of steps.
 
     Member ``m`` gets ``ceil(n_m / S)`` rows per step with ``S = ceil(max_m n_m / batch_size)``,
-    so every member sees each of its comparisons once per epoch; shorter lists are padded
+    so every member sees each of its comparisons (or its share of them, see ``max_rows``) once per
+    epoch; shorter lists are padded
     (padding rows are masked out with a zero weight).
 
+    :param max_rows: most rows of the largest member in this epoch (``None``: all). Beyond it every
+        member keeps the same fraction ``max_rows / max_m n_m`` of its shuffled rows, a fresh random
+        subset each call, so the members stay in proportion and the epoch takes about
+        ``max_rows / batch_size`` steps.
     :return: ``index`` ``(S, M, b)`` comparison indices, ``mask`` ``(S, M, b)`` 1 for real rows, and ``S``.
     """
+    n_max = max(len(r) for r in rows)
+    fraction = 1.0 if max_rows is None or max_rows >= n_max else max_rows / n_max
+    # One permutation per member, in member order, whether or not the epoch is capped: a cap at or
+    # above the data changes nothing, not even the random stream.
+    rows = [r[torch.randperm(len(r), generator=generator)][: math.ceil(len(r) * fraction)] for r in rows]
     n_max = max(len(r) for r in rows)
     steps = max(1, math.ceil(n_max / batch_size))
     width = max(math.ceil(len(r) / steps) for r in rows)
     index = torch.zeros(len(rows), steps * width, dtype=torch.long)
     mask = torch.zeros(len(rows), steps * width)
-    for m, member_rows in enumerate(rows):
-        per_step = math.ceil(len(member_rows) / steps)
-        shuffled = member_rows[torch.randperm(len(member_rows), generator=generator)]
+    for m, shuffled in enumerate(rows):
+        per_step = math.ceil(len(shuffled) / steps)
         slots = torch.zeros(steps * per_step, dtype=torch.long)
         slots[: len(shuffled)] = shuffled
         valid = torch.zeros(steps * per_step)
@@ -451,6 +464,7 @@ def train_reward(
     progress_bar: bool = False,
     mistake_rates: torch.Tensor | None = None,
     tie_log_nu: torch.Tensor | None = None,
+    max_epoch_comparisons: int | None = None,
 ) -> TrainingHistory:
     """Fit the members of ``reward`` by weighted Bradley-Terry loss (warm start: training continues from its parameters).
 
@@ -487,11 +501,18 @@ def train_reward(
         likelihood (:func:`noisy_log_likelihood`); ``None`` = plain BT.
     :param tie_log_nu: ``()`` log of the Davidson tie parameter for "equal" answers
         (:func:`noisy_log_likelihood`); ``None`` = ties are the soft target 0.5.
+    :param max_epoch_comparisons: most comparisons the largest member trains on per epoch
+        (``None``: all of them, a full pass). When a member has more, every epoch trains each
+        member on a fresh random subset of the same fraction of its comparisons, so an epoch
+        costs at most ``ceil(max_epoch_comparisons / batch_size)`` steps however large the data.
+        Validation (``validation_mask``) still scores every held-out comparison.
     :raises RewardTrainingError: if the loss becomes NaN or infinite.
     """
     n, k = len(labels), reward.n_members
     if n == 0:
         raise ValueError("no comparisons to train on")
+    if max_epoch_comparisons is not None and max_epoch_comparisons < 1:
+        raise ValueError(f"max_epoch_comparisons must be >= 1 or None, got {max_epoch_comparisons}")
     if isinstance(features_a, ComparisonFeatures):
         if features_b is not None:
             raise ValueError("with ComparisonFeatures, features_b must be None (the pairs are in the table)")
@@ -536,7 +557,7 @@ def train_reward(
     bar = tqdm(range(epochs), desc=log_prefix, unit="epoch", disable=not progress_bar, leave=False)
     for epoch in bar:
         reward.train()
-        index, mask, steps = _member_batches(rows, batch_size, generator)
+        index, mask, steps = _member_batches(rows, batch_size, generator, max_epoch_comparisons)
         total_loss, total_weight = 0.0, 0.0
         # Real (unpadded) rows of member j in a step are a prefix of its slots (see _member_batches).
         counts = mask.sum(-1).to(torch.long)  # (S, M)
@@ -575,6 +596,7 @@ def train_reward(
             optimizer.step()
             total_loss += float(sum(step_losses))
             total_weight += float(sum(step_weights))
+        history.steps += steps
         history.train_loss.append(total_loss / max(total_weight, 1e-12))
         history.epochs = epoch + 1
 
