@@ -5,17 +5,23 @@ Runs the shipped ``imdb`` config (:mod:`egalitarian_rl.experiments.lm_pipeline`)
 most, temperature 0.7), 60 simulated users per population (80/20 and 90/10 positive/concise,
 Bradley-Terry beta 5, 80 comparisons each), the single BT reward and a K=2 EM mixture (linear
 heads on frozen MiniLM embeddings plus the log word count), then 11 PPO iterations (batch 16,
-LoRA r16, lr 2e-4, KL coef 0.1) for each of ``rlhf``, ``maxmin`` (worst_group, the paper's
-algorithm) and ``maxmin_per_sample_min`` (the released code's rule) from the same start, judged
-on all 48 held-out prompts by the groups' TRUE scores.
+LoRA r16, lr 2e-4, KL coef 0.1) for each of ``rlhf``, ``maxmin`` (per_sample_min, the released
+code's rule, as on FairGrid) and ``maxmin_worst_group`` (the paper's return-level rule) from the
+same start, judged on all 48 held-out prompts (4 completions each) by the groups' TRUE scores.
 
-Pre-registered: ``maxmin`` is ``worst_group`` and the seeds are 4, 5 and 6, fixed in a commit
-before the run that produced the committed JSON. History, kept in the JSON under ``history``:
-the first pre-registered run (seeds 1-3, the model asked only to "continue" the review, 3
-completions per prompt, 40 comparisons per user) failed (minority win-rate 0.53, majority 0.43):
-every reply ran to the 32-token limit, so the concise users' answers carried almost no signal.
-The prompt, pool and comparison count were then changed on trial seeds 0 and 10, which are not
-among the reported ones.
+Pre-registered: ``maxmin`` is ``per_sample_min``, 4 evaluation completions per prompt, and the
+seeds are 7, 8 and 9, fixed in a commit before the run that produced the committed JSON.
+History, kept in the JSON under ``history``:
+
+1. seeds 1-3, the model asked only to "continue" the review, 3 completions per prompt, 40
+   comparisons per user: failed (minority win-rate 0.53, majority 0.43). Every reply ran to the
+   32-token limit, so the concise users' answers carried almost no signal. The prompt, pool and
+   comparison count were then changed on trial seeds 0 and 10, which are never reported.
+2. seeds 4-6, this design with ``maxmin`` = ``worst_group`` and 1 evaluation completion: minority
+   0.628, majority 0.448 (target 0.45: failed); per_sample_min 0.632 / 0.483. worst_group picks
+   the group by a 16-completion batch mean whose noise is as large as the gaps, so its selections
+   flip at random. per_sample_min became ``maxmin`` (it already is on FairGrid) and evaluation
+   took 4 completions per prompt; seeds 4-6 are not reused.
 
 The win-rates in the JSON are the mean over seeds of each seed's win-rate over its 48 prompts
 (MaxMin seed s against RLHF seed s); every seed's own numbers are kept under ``seeds``.
@@ -25,7 +31,7 @@ Each seed runs in its own process (``--jobs``, one torch thread each) under
 The JSON is written each time a seed finishes. Three seeds in three processes share the two
 cores best (``--jobs 3``).
 
-    nohup .venv/bin/python -m benchmarks.lm_imdb --seeds 4 5 6 --jobs 3 > runs/lm_imdb.log 2>&1 &
+    nohup .venv/bin/python -m benchmarks.lm_imdb --seeds 7 8 9 --jobs 3 > runs/lm_imdb.log 2>&1 &
 
 Writes ``benchmarks/results/lm_imdb.json`` and a line in ``benchmarks/RESULTS.md``.
 """
@@ -47,7 +53,7 @@ from egalitarian_rl.experiments.lm_pipeline import LMExperimentConfig, LMPipelin
 
 NAME = "lm_imdb"
 MAJORITY, MINORITY = "positive", "concise"
-SEEDS = (4, 5, 6)
+SEEDS = (7, 8, 9)
 EVAL_PROMPTS = 48
 #: Earlier pre-registered runs of this benchmark and why the design changed after them.
 HISTORY = [
@@ -60,7 +66,21 @@ HISTORY = [
         "passed": False,
         "why": "every reply ran to the 32-token limit (4-6% ended), so conciseness barely varied: the concise users' "
         "true scores predicted only 0.69 of their answers and no arm changed reply length",
-    }
+    },
+    {
+        "seeds": [4, 5, 6],
+        "design": "the current prompt ('in one short sentence'), 6 completions per prompt, 80 comparisons per user; "
+        "maxmin = worst_group, 1 evaluation completion per held-out prompt",
+        "maxmin_win_rate_vs_rlhf": {"concise": 0.628, "positive": 0.448},
+        "maxmin_per_sample_min_win_rate_vs_rlhf": {"concise": 0.632, "positive": 0.483},
+        "em_ari": 1.0,
+        "passed": False,
+        "why": "the majority's win-rate missed 0.45 by 0.002. worst_group picks the group by the mean learned reward "
+        "of a 16-completion batch, whose standard error (~0.25 z-units) is as large as the gaps it compares, so its "
+        "selections flip at random (seed 4 trained 8 of 11 iterations on the majority, seeds 5 and 6 8 of 11 on the "
+        "minority); per_sample_min, the rule FairGrid already uses, kept both groups. Next run: maxmin = "
+        "per_sample_min, 4 evaluation completions per prompt, new seeds 7-9",
+    },
 ]
 
 
@@ -150,8 +170,9 @@ def write(config: LMExperimentConfig, per_seed: dict[int, dict[str, Any]], plann
         },
         "paper": "GPT-2 on IMDB (Chakraborty et al. 2024): MaxMin +16% average win-rate, +33% for the minority",
         "note": (
-            "maxmin (worst_group) and the seeds 4-6 were fixed before this run; seeds 0 and 10, used to try the design, "
-            f"are not included. Win-rates: mean over seeds of each seed's win-rate over {EVAL_PROMPTS} held-out "
+            f"maxmin ({config.train.aggregation}), the evaluation and the seeds {list(SEEDS)} were fixed before this run; "
+            "seeds 0 and 10 (design trials) and the earlier runs' seeds (under history) are not included. "
+            f"Win-rates: mean over seeds of each seed's win-rate over {EVAL_PROMPTS} held-out "
             "prompts against the same seed's RLHF; reports are in runs/imdb_seed_<s>/report.md."
         ),
         "history": HISTORY,
@@ -160,15 +181,23 @@ def write(config: LMExperimentConfig, per_seed: dict[int, dict[str, Any]], plann
     }
     # Three decimals: the targets are compared unrounded (0.448 fails ">= 0.45" though it prints as 0.45 at two).
     seed_rates = ", ".join(f"{r:.2f}" for r in maxmin[MINORITY]["seed_win_rates"])
-    psm = methods.get("maxmin_per_sample_min", {}).get("groups")
+    # the other MaxMin arm (maxmin_<rule>), reported beside the pre-registered one
+    other = next((m for m in methods if m.startswith("maxmin_")), None)
+    other_groups = methods[other]["groups"] if other else None
     summary = (
         f"SmolLM2-135M, seeds {done}, {config.train.iterations} PPO it/method, 80/20 positive/concise, {EVAL_PROMPTS} held-out "
-        f"prompts/seed: maxmin ({config.train.aggregation}) win-rate vs RLHF {MINORITY} {maxmin[MINORITY]['win_rate_vs_rlhf']:.3f} "
+        f"prompts x {config.evaluate.completions_per_prompt} completions/seed: maxmin ({config.train.aggregation}) "
+        f"win-rate vs RLHF {MINORITY} {maxmin[MINORITY]['win_rate_vs_rlhf']:.3f} "
         f"(s.e. {maxmin[MINORITY]['win_rate_se']:.2f}; seeds {seed_rates}) / {MAJORITY} {maxmin[MAJORITY]['win_rate_vs_rlhf']:.3f}"
-        + (f"; per_sample_min {psm[MINORITY]['win_rate_vs_rlhf']:.3f} / {psm[MAJORITY]['win_rate_vs_rlhf']:.3f}" if psm else "")
+        + (
+            f"; {other.removeprefix('maxmin_')} {other_groups[MINORITY]['win_rate_vs_rlhf']:.3f} / "
+            f"{other_groups[MAJORITY]['win_rate_vs_rlhf']:.3f}"
+            if other
+            else ""
+        )
         + f"; KL rlhf {methods['rlhf']['kl']:.1f}, maxmin {methods['maxmin']['kl']:.1f}; EM ARI {merged['em_ari']:.2f}; "
         f"held-out acc {MINORITY} single {acc['single'][MINORITY]:.2f} vs mixture {acc['mixture'][MINORITY]:.2f} "
-        f"(paper: minority +33%). `python -m benchmarks.lm_imdb --seeds 4 5 6 --jobs 3`"
+        f"(paper: minority +33%). `python -m benchmarks.lm_imdb --seeds {' '.join(map(str, done))} --jobs 3`"
     )
     write_result(NAME, result, summary, "minority win-rate >= 0.60, majority >= 0.45, EM ARI >= 0.9, single < mixture on minority")
     print(json.dumps({"seeds": done, "methods": methods, "em_ari": merged["em_ari"], "passes": passes}, indent=2), flush=True)
