@@ -9,7 +9,7 @@ import torch
 from egalitarian_rl.preferences import Population, PreferenceDataset, UserGroup
 from egalitarian_rl.preferences.segments import Transitions
 from egalitarian_rl.rewards import EMRewardMixture, adjusted_rand_index
-from egalitarian_rl.rewards.em_start import fit_linear_mixture, whiten
+from egalitarian_rl.rewards.em_start import _Likelihood, fit_linear_mixture, whiten
 
 torch.set_num_threads(1)
 N_CELLS, LENGTH = 16, 6
@@ -59,9 +59,9 @@ def test_linear_start_finds_the_small_group_where_the_gradient_split_does_not():
     assert linear_ari >= split_ari + 0.3
 
 
-def test_linear_mixture_recovers_heads_and_noise_on_exact_features():
-    """The head mixture alone, on features that are the cells themselves: heads point at the goal cells."""
-    rng = np.random.default_rng(1)
+def cell_count_problem(flip: float, beta: float, seed: int = 1) -> tuple:
+    """Segments' cell counts as features; 25% of 60 users reward cell 1, the rest cell 0; ties answered "equal"."""
+    rng = np.random.default_rng(seed)
     n_users, per_user, n_segments = 60, 12, 400
     counts = torch.as_tensor(
         np.stack([np.bincount(c, minlength=N_CELLS) for c in rng.integers(0, 6, (n_segments, LENGTH))]), dtype=torch.float32
@@ -71,11 +71,18 @@ def test_linear_mixture_recovers_heads_and_noise_on_exact_features():
     groups = (np.arange(n_users) % 4 == 0).astype(int)  # 25% in group 1
     diff = (counts[pairs[:, 0]] - counts[pairs[:, 1]]).numpy()
     truth = diff[np.arange(len(diff)), groups[user_index.numpy()]]  # group g rewards cell g
-    p_a = 0.05 + 0.9 / (1.0 + np.exp(-2.0 * truth))
+    with np.errstate(over="ignore"):  # a large beta: exp overflows to inf, p_a to 0 as it should
+        p_a = flip + (1.0 - 2.0 * flip) / (1.0 + np.exp(-beta * truth))
     labels = torch.as_tensor(np.where(truth == 0, 0.5, (rng.random(len(truth)) < p_a).astype(float)), dtype=torch.float32)
+    return counts, pairs, user_index, groups, labels
+
+
+def test_linear_mixture_recovers_heads_and_noise_on_exact_features():
+    """The head mixture alone, on features that are the cells themselves: heads point at the goal cells."""
+    counts, pairs, user_index, groups, labels = cell_count_problem(flip=0.05, beta=2.0)
     z, projection = whiten(counts, pairs, max_dim=32)
     assert z.shape[1] == 5  # six cells ever visited, differences sum to zero
-    mixture = fit_linear_mixture(z, pairs, labels, user_index, n_users, 2, n_starts=4, seed=0)
+    mixture = fit_linear_mixture(z, pairs, labels, user_index, len(groups), 2, n_starts=4, seed=0)
     found = mixture.responsibilities.argmax(1)
     assert adjusted_rand_index(groups, found) == 1.0
     heads = (projection @ mixture.heads.T).T  # on the cell counts
@@ -85,6 +92,25 @@ def test_linear_mixture_recovers_heads_and_noise_on_exact_features():
         assert heads[member, group] > 0
     assert mixture.tie_log_nu is not None
     assert mixture.restart_objectives and mixture.objective == max(mixture.restart_objectives)
+
+
+def test_linear_mixture_stays_finite_on_noiseless_answers():
+    # Regression: with no flipped answers the flip rate heads for 0; its logit ran off to where
+    # sigmoid underflows, log(0)'s gradient made every start NaN, and a NaN start was kept as
+    # the best (em_noise, FairGrid 5 answers, mistake rate 0, beta 5: "loss became nan").
+    counts, pairs, user_index, groups, labels = cell_count_problem(flip=0.0, beta=50.0)
+    z, _ = whiten(counts, pairs, max_dim=32)
+    mixture = fit_linear_mixture(z, pairs, labels, user_index, len(groups), 2, n_starts=4, seed=0)
+    assert all(np.isfinite(mixture.restart_objectives))
+    assert torch.isfinite(mixture.heads).all() and np.isfinite(mixture.tie_log_nu)
+    assert mixture.mistake_rate < 1e-3
+    assert adjusted_rand_index(groups, mixture.responsibilities.argmax(1)) == 1.0
+    # Where the line search can take the flip rate's logit: the likelihood and its gradient stay finite.
+    heads = mixture.heads.clone().requires_grad_(True)
+    theta_m, log_nu = torch.tensor(-1000.0, dtype=torch.float64, requires_grad=True), torch.tensor(-1000.0, dtype=torch.float64)
+    loss = -_Likelihood(z, pairs, labels, ties=True)(heads, theta_m, log_nu).sum()
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(heads.grad).all() and torch.isfinite(theta_m.grad)
 
 
 def test_linear_start_is_a_documented_setting_that_survives_save_load(tmp_path):

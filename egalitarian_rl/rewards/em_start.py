@@ -49,6 +49,10 @@ from egalitarian_rl.rewards.nets import RewardMixture
 
 #: The flip rate is ``MAX_MISTAKE_RATE * sigmoid(theta)``.
 MAX_MISTAKE_RATE = 0.45
+#: ``theta`` (and the tie parameter ``log nu``) are clamped to +-this: on noiseless data the flip
+#: rate heads for 0, L-BFGS's line search then takes ``theta`` so low that ``sigmoid`` underflows
+#: to 0 and ``log 0``'s infinite gradient turns every parameter into NaN.
+MAX_LOGIT = 30.0
 
 
 @dataclass
@@ -136,7 +140,8 @@ class _Likelihood:
         """``(N, K)`` log-likelihood of every comparison under every head."""
         scores = self.z @ heads.T  # (S', K)
         logits = scores[self.pair_rows[:, 0]] - scores[self.pair_rows[:, 1]]
-        m = MAX_MISTAKE_RATE * torch.sigmoid(theta_m)
+        m = MAX_MISTAKE_RATE * torch.sigmoid(theta_m.clamp(-MAX_LOGIT, MAX_LOGIT))
+        log_nu = log_nu.clamp(-MAX_LOGIT, MAX_LOGIT)
         return noisy_log_likelihood(logits, self.labels, m.expand(heads.shape[0]), log_nu if self.ties else None)
 
 
@@ -230,12 +235,14 @@ def fit_linear_mixture(
             objective = float(mixture - 0.5 * ridge * heads.square().sum())
             resp = _posterior(user_ll, shares, 1.0)
         objectives.append(objective)
-        if best is None or objective > best.objective:
+        if math.isfinite(objective) and (best is None or objective > best.objective):
             best = LinearMixture(
-                heads.detach().clone(), resp.numpy(), shares.numpy(), float(MAX_MISTAKE_RATE * torch.sigmoid(theta_m.detach())),
-                float(log_nu.detach()) if ties else None, objective,
+                heads.detach().clone(), resp.numpy(), shares.numpy(),
+                float(MAX_MISTAKE_RATE * torch.sigmoid(theta_m.detach().clamp(-MAX_LOGIT, MAX_LOGIT))),
+                float(log_nu.detach().clamp(-MAX_LOGIT, MAX_LOGIT)) if ties else None, objective,
             )  # fmt: skip
-    assert best is not None
+    if best is None:
+        raise FloatingPointError(f"linear EM start: every one of {len(objectives)} starts ended with a non-finite likelihood")
     best.restart_objectives = objectives
     return best
 
