@@ -41,7 +41,28 @@ lint: $(STAMP)
 # Every benchmark writes benchmarks/results/<name>.json and its line in benchmarks/RESULTS.md; each resumes or
 # reruns on its own (python -m benchmarks.<name>). The whole list takes several hours on 2 CPU cores:
 # em_noise's full grid, mujoco, impossibility and lm_imdb (~100 min) are the long ones. lm_speed needs trl (it prints the pip command).
+# `make bench QUICK=1`: every benchmark's --quick run instead (<= 15 min here), which checks that each runs end to end; it
+# writes benchmarks/results/quick/ and runs/quick/ (stages resume from there), never the full results. Its numbers are not the claims.
+QUICK ?=
+# One timed --quick run: $(call quick-bench,<module> [arguments]).
+quick-bench = @echo "== benchmarks.$(1) --quick"; start=$$(date +%s); \
+	$(BIN)/python -m benchmarks.$(1) --quick && echo "== benchmarks.$(1) --quick: $$(($$(date +%s) - start)) s"
+
 bench: $(STAMP)
+ifeq ($(QUICK),1)
+	$(call quick-bench,wrapper_overhead)
+	$(call quick-bench,em_scaling)
+	$(call quick-bench,maxmin_overhead)
+	$(call quick-bench,fairgrid_maxmin)
+	$(call quick-bench,halfcheetah_maxmin)
+	$(call quick-bench,mujoco --jobs 2)
+	$(call quick-bench,impossibility --jobs 2)
+	$(call quick-bench,em_noise)
+	$(call quick-bench,active_queries)
+	$(call quick-bench,lm_accelerate)
+	$(call quick-bench,lm_speed)
+	$(call quick-bench,lm_imdb)
+else
 	$(BIN)/python -m benchmarks.wrapper_overhead
 	$(BIN)/python -m benchmarks.em_scaling
 	$(BIN)/python -m benchmarks.maxmin_overhead
@@ -54,6 +75,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.lm_accelerate
 	$(BIN)/python -m benchmarks.lm_speed
 	$(BIN)/python -m benchmarks.lm_imdb --seeds 7 8 9 --jobs 3
+endif
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -15,6 +15,7 @@ and records the total number of answered comparisons. Medians over seeds; target
 needs <= 60% of random's comparisons.
 
 Run: ``python -m benchmarks.active_queries`` (about 5 min on 2 shared cores: one EM fit per round, ~1-3 s each).
+``--quick``: seed 0, 40 users, 2 queries per user per round up to 8 per user (``results/quick/``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from benchmarks.common import write_result
+from benchmarks.common import BenchmarkParser, write_result
 from egalitarian_rl import envs
 from egalitarian_rl.io import to_jsonable
 from egalitarian_rl.labelling.queries import make_rule
@@ -108,7 +109,8 @@ def run(rule_name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    quick = {"seeds": [0], "n_users": 40, "step": 2, "max_per_user": 8}
+    parser = BenchmarkParser(__doc__, quick_defaults=quick, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--n-users", type=int, default=100)
     parser.add_argument("--beta", type=float, default=5.0)
@@ -142,7 +144,7 @@ def main() -> None:
     result = {
         "env_id": ENV_ID,
         "shares": SHARES,
-        "settings": {k: v for k, v in vars(args).items() if k != "no_write"},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("no_write", "quick")},
         "targets": {"ari": ARI_TARGET, "accuracy_per_group": ACCURACY_TARGET, "ratio": RATIO_TARGET},
         "active_comparisons": active,
         "random_comparisons": random,
@@ -159,7 +161,7 @@ def main() -> None:
     print(summary)
     if not args.no_write:
         # to_jsonable: numpy scalars in the histories become plain JSON numbers.
-        print(write_result("active_queries", to_jsonable(result), summary, f"active <= {RATIO_TARGET:.0%} of random"))
+        print(write_result("active_queries", to_jsonable(result), summary, f"active <= {RATIO_TARGET:.0%} of random", quick=args.quick))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,20 @@
-"""What every benchmark shares: machine facts, and writing its JSON and its line in RESULTS.md."""
+"""What every benchmark shares: machine facts, writing its JSON and its line in RESULTS.md, and the ``--quick`` flag.
+
+``--quick`` (every benchmark; ``make bench QUICK=1`` runs them all in about 15 minutes on 2 CPU cores) is a
+reduced run that checks a benchmark works end to end; its numbers are not the claims. It writes
+``benchmarks/results/quick/<name>.json`` (with ``"quick": true``), the PNG beside it and a line in
+``benchmarks/results/quick/RESULTS.md``, never the full run's files, and keeps its resumable runs under
+``runs/quick/`` (:func:`runs_dir`), never in the full runs' folders.
+"""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
 import platform
+from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -14,6 +23,8 @@ from egalitarian_rl.io import write_text_atomic
 
 HERE = Path(__file__).resolve().parent
 RESULTS_MD = HERE / "RESULTS.md"
+#: Where ``--quick`` runs keep their resumable stages (relative, like every ``runs/`` folder).
+QUICK_RUNS = Path("runs/quick")
 MD_HEADER = """# Benchmark results
 
 One line per benchmark, updated in place by each benchmark script (details in `results/*.json`).
@@ -46,9 +57,56 @@ def machine_info() -> dict:
     }
 
 
-def update_results_md(name: str, line_cells: list[str]) -> None:
-    """Replace this benchmark's row in RESULTS.md (matched by the benchmark column), or append it."""
-    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else MD_HEADER
+class BenchmarkParser(argparse.ArgumentParser):
+    """A benchmark's command line, with the ``--quick`` flag every benchmark has.
+
+    :param description: the first line of the benchmark's docstring.
+    :param quick: what ``--quick`` reduces beyond ``quick_defaults``, in words (shown in ``--help``).
+    :param quick_defaults: option (its ``dest``) -> its default under ``--quick``; options given on the command line still win.
+    """
+
+    def __init__(self, description: str, quick: str = "", quick_defaults: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(description=description, **kwargs)
+        self.quick_defaults = dict(quick_defaults or {})
+        options = [f"--{key.replace('_', '-')}{_as_argument(value)}" for key, value in self.quick_defaults.items()]
+        self.add_argument(
+            "--quick",
+            action="store_true",
+            help="a reduced run that checks the benchmark end to end (its numbers are not the claims): "
+            + ", ".join([*options, *([quick] if quick else [])])
+            + "; writes benchmarks/results/quick/ and runs/quick/, never the full results",
+        )
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        parsed = super().parse_args(args, namespace)
+        if parsed.quick and self.quick_defaults:
+            self.set_defaults(**self.quick_defaults)  # the quick values replace the defaults; parse again so given options win
+            parsed = super().parse_args(args, namespace)
+        return parsed
+
+
+def _as_argument(value: Any) -> str:
+    """`` <value>`` as it would follow its option on the command line (nothing for a flag that is on)."""
+    if value is True:
+        return ""
+    return " " + (" ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value))
+
+
+def results_dir(quick: bool = False) -> Path:
+    """``benchmarks/results``, or ``benchmarks/results/quick`` for a ``--quick`` run."""
+    return HERE / "results" / "quick" if quick else HERE / "results"
+
+
+def runs_dir(path: str | Path, quick: bool = False) -> Path:
+    """A benchmark's runs folder: ``path`` (``runs/...``), or for a ``--quick`` run the same under ``runs/quick/``."""
+    path = Path(path)
+    return QUICK_RUNS / path.relative_to("runs") if quick else path
+
+
+def update_results_md(name: str, line_cells: list[str], quick: bool = False) -> None:
+    """Replace this benchmark's row in RESULTS.md (by the benchmark column), or append it; ``quick``: ``results/quick/RESULTS.md``."""
+    path = results_dir(quick=True) / "RESULTS.md" if quick else RESULTS_MD
+    text = path.read_text() if path.exists() else MD_HEADER
     row = "| " + " | ".join(line_cells) + " |"
     lines = text.rstrip("\n").split("\n")
     for i, line in enumerate(lines):
@@ -58,19 +116,22 @@ def update_results_md(name: str, line_cells: list[str]) -> None:
             break
     else:
         lines.append(row)
-    RESULTS_MD.write_text("\n".join(lines) + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
 
 
-def write_result(name: str, result: dict[str, Any], summary: str, target: str) -> Path:
+def write_result(name: str, result: dict[str, Any], summary: str, target: str, quick: bool = False) -> Path:
     """Write ``results/<name>.json`` (with date and machine) and replace this benchmark's line in RESULTS.md.
 
     :param result: the measurements; must hold a boolean ``passed``.
     :param summary: the key numbers in one line.
     :param target: the target in words, e.g. ``ratio <= 1.15``.
+    :param quick: a ``--quick`` run: ``results/quick/<name>.json`` (marked ``"quick": true``) and ``results/quick/RESULTS.md``.
     """
-    result = {**result, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine_info()}
-    path = write_text_atomic(json.dumps(result, indent=2) + "\n", HERE / "results" / f"{name}.json")
-    update_results_md(name, [result["date"][:10], name, summary, target, "pass" if result["passed"] else "FAIL"])
+    marked = {"quick": True} if quick else {}
+    result = {**result, **marked, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine_info()}
+    path = write_text_atomic(json.dumps(result, indent=2) + "\n", results_dir(quick) / f"{name}.json")
+    update_results_md(name, [result["date"][:10], name, summary, target, "pass" if result["passed"] else "FAIL"], quick)
     return path
 
 

@@ -55,7 +55,10 @@ the JSON is rewritten after each run, so a partial grid is a valid (partial) res
 
     .venv/bin/python -m benchmarks.em_noise [--envs fairgrid halfcheetah] [--seeds 0 1 2 3 4]
         [--comparisons 5 10 20 40] [--mistake-rates 0 0.1 0.2] [--betas 1 2 5]
-        [--shares 80/20 60/30/10] [--output benchmarks/results/em_noise.json] [--em KEY=VALUE ...]
+        [--shares 80/20 60/30/10] [--output benchmarks/results/em_noise.json] [--em KEY=VALUE ...] [--fresh]
+
+``--quick``: one cell per env (20 answers per user, mistake rate 0.1, beta 2, 80/20), seed 0, fresh:
+``results/quick/em_noise.json`` (``.png`` and ``results/quick/RESULTS.md`` beside it).
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ import numpy as np
 import torch
 from egalitarian_rl.envs.gridworld import COMPROMISE, MAJORITY_GOAL, MINORITY_GOAL, MOVES, SIZE
 
-from benchmarks.common import HERE, write_result
+from benchmarks.common import BenchmarkParser, results_dir, write_result
 from egalitarian_rl import envs
 from egalitarian_rl.preferences import Population, PreferenceDataset, UserGroup, collect_preferences
 from egalitarian_rl.rewards import EMRewardMixture, adjusted_rand_index, select_k
@@ -288,6 +291,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_title("EM vs. the Bayes limit (mean over seeds)")
     ax.legend(fontsize=8)
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -304,7 +308,8 @@ def _parse_options(pairs: list[str]) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    quick = {"comparisons": [20], "mistake_rates": [0.1], "betas": [2.0], "shares": ["80/20"], "seeds": [0], "fresh": True}
+    parser = BenchmarkParser(__doc__.split("\n\n")[0], quick_defaults=quick)
     parser.add_argument("--envs", nargs="+", default=["fairgrid", "halfcheetah"], choices=["fairgrid", "halfcheetah"])
     parser.add_argument("--comparisons", type=int, nargs="+", default=[5, 10, 20, 40])
     parser.add_argument("--mistake-rates", type=float, nargs="+", default=[0.0, 0.1, 0.2])
@@ -312,18 +317,20 @@ def main() -> None:
     parser.add_argument("--shares", nargs="+", default=list(SHARES), choices=list(SHARES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--em", nargs="*", default=[], metavar="KEY=VALUE", help="EMRewardMixture options (e.g. noise_model=None)")
-    parser.add_argument("--output", type=Path, default=HERE / "results" / f"{NAME}.json")
+    parser.add_argument("--output", type=Path, default=None, help="default: benchmarks/results/em_noise.json (--quick: results/quick/)")
+    parser.add_argument("--fresh", action="store_true", help="ignore the runs already in the output file")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-results-md", action="store_true", help="do not touch RESULTS.md (variants, experiments)")
     parser.add_argument("--issue-table", action="store_true", help="only print the issue's three cells (seeds 0, 1) beside its numbers")
     args = parser.parse_args()
+    args.output = args.output or default_output(args.quick)
     torch.set_num_threads(args.threads)
     em_options = _parse_options(args.em)
     if args.issue_table:
         print_issue_table(em_options)
         return
 
-    previous = json.loads(args.output.read_text()) if args.output.exists() else {}
+    previous = json.loads(args.output.read_text()) if args.output.exists() and not args.fresh else {}
     if previous and previous.get("em_options", {}) != em_options:
         raise SystemExit(f"{args.output} holds runs with EM options {previous.get('em_options')}, not {em_options}: use --output")
     runs: list[dict] = previous.get("runs", [])
@@ -359,6 +366,11 @@ def print_issue_table(em_options: dict[str, Any]) -> None:
         )
 
 
+def default_output(quick: bool) -> Path:
+    """``results/em_noise.json`` (``results/quick/`` for ``--quick``): the output that also gets the plot and a RESULTS.md line."""
+    return results_dir(quick) / f"{NAME}.json"
+
+
 def save(args: argparse.Namespace, runs: list[dict], em_options: dict[str, Any]) -> None:
     """Write the JSON (and, for the default output, the plot and the RESULTS.md line)."""
     rows = summarise(runs)
@@ -382,11 +394,11 @@ def save(args: argparse.Namespace, runs: list[dict], em_options: dict[str, Any])
             "oracle": "argmax over true groups of the users' answer likelihood under the true reward, beta and mistake rate",
         },
     }
-    if args.no_results_md or args.output != HERE / "results" / f"{NAME}.json":
+    if args.no_results_md or args.output != default_output(args.quick):
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(result, indent=2) + "\n")
         return
-    plot(rows, HERE / "results" / f"{NAME}.png")
+    plot(rows, results_dir(args.quick) / f"{NAME}.png")
     gaps, gaps_bt = [r["gap"] for r in rows], [r["gap_bt"] for r in rows]
     summary = (
         f"{len(runs)} runs in {len(rows)} cells (partial grid unless 720): oracle - EM ARI mean {np.mean(gaps):+.3f}, "
@@ -394,7 +406,7 @@ def save(args: argparse.Namespace, runs: list[dict], em_options: dict[str, Any])
         f"within 0.05 in {accepted['within_0.05_where_oracle_ge_0.8']}/{accepted['cells_oracle_ge_0.8']} cells with oracle >= 0.8, "
         f"within 0.15 in {accepted['within_0.15_everywhere']}/{accepted['cells']}"
     )
-    write_result(NAME, result, summary, "EM within 0.05 of oracle where oracle >= 0.8; within 0.15 everywhere")
+    write_result(NAME, result, summary, "EM within 0.05 of oracle where oracle >= 0.8; within 0.15 everywhere", quick=args.quick)
 
 
 if __name__ == "__main__":

@@ -44,11 +44,12 @@ in ``benchmarks/RESULTS.md``.
         [--comparisons-per-user 25] [--pool-size 200000] [--em-max-memory-mb 2048] [--threads 1]
         [--em-max-epoch-comparisons 100000]
     .venv/bin/python -m benchmarks.em_scaling --sizes 1000000 --repeats 1 --comparisons-per-user 10
+
+``--quick``: sizes 1,250 and 2,500, one fit each, fresh (no reuse of earlier runs); ``results/quick/em_scaling.json``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import os
@@ -60,14 +61,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import HERE, write_result
+from benchmarks.common import BenchmarkParser, results_dir, write_result
 from egalitarian_rl.preferences import Transitions, UserGroup
 from egalitarian_rl.preferences.dataset import PooledPreferenceDataset
 from egalitarian_rl.preferences.population import Population
 from egalitarian_rl.rewards import EMRewardMixture, adjusted_rand_index
 
 NAME = "em_scaling"
-RESULT_PATH = HERE / "results" / f"{NAME}.json"
 OBS_DIM, ACT_DIM, SEGMENT_LENGTH, VELOCITY = 17, 6, 25, 8
 COMPARISONS_PER_USER = 25
 POOL_SIZE = 200_000
@@ -225,8 +225,8 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"doubling_ratios": ratios, "checks": checks, "passed": passed}
 
 
-def _load_previous(path: Path = RESULT_PATH) -> dict[int, dict[str, Any]]:
-    """Rows already in a results file (``em_scaling.json`` by default), by size (none if it is missing or unreadable)."""
+def _load_previous(path: Path) -> dict[int, dict[str, Any]]:
+    """Rows already in a results file (``em_scaling.json``), by size (none if it is missing or unreadable)."""
     try:
         previous = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
@@ -235,7 +235,7 @@ def _load_previous(path: Path = RESULT_PATH) -> dict[int, dict[str, Any]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = BenchmarkParser(__doc__.split("\n\n")[0], quick_defaults={"sizes": [1250, 2500], "repeats": 1, "fresh": True})
     parser.add_argument("--sizes", type=int, nargs="+", default=[2500, 5000, 10000, 20000])
     parser.add_argument("--seed", type=int, default=0, help="data and EM seed of the first repeat")
     parser.add_argument("--repeats", type=int, default=3, help="fits per size (seeds seed, seed+1, ...); the median is reported")
@@ -264,7 +264,8 @@ def main() -> None:
         "repeats": args.repeats,
         "seed": args.seed,
     }
-    previous = {} if args.fresh else _load_previous()
+    result_path = results_dir(args.quick) / f"{NAME}.json"
+    previous = {} if args.fresh else _load_previous(result_path)
     if args.resume_from is not None:
         # A copy of an earlier results file (e.g. before another process rewrote it): its rows are reused too.
         previous = {**_load_previous(args.resume_from), **previous}
@@ -278,7 +279,7 @@ def main() -> None:
     def rows() -> list[dict[str, Any]]:
         # Rows of other sizes are re-read at every save: a run of other sizes writing the file
         # meanwhile (e.g. the 1,000,000 row in another process) is kept, not overwritten.
-        others = {**kept, **{n: r for n, r in ({} if args.fresh else _load_previous()).items() if n not in args.sizes}}
+        others = {**kept, **{n: r for n, r in ({} if args.fresh else _load_previous(result_path)).items() if n not in args.sizes}}
         mine = {n: _row(n, settings, runs[n], skipped.get(n)) for n in args.sizes}
         return [{**others, **mine}[n] for n in sorted({**others, **mine})]
 
@@ -324,6 +325,7 @@ def main() -> None:
             result,
             f"EM K=3, L=25, obs 17 / act 6, pooled segments, median of runs: {timings}; doubling {ratio_text}",
             f"10,000 <= {TARGET_SECONDS_10K:g} s; doubling <= x{TARGET_DOUBLING}; 1,000,000 <= {TARGET_SECONDS_1M:g} s",
+            quick=args.quick,
         )
 
     # Sizes are interleaved across repeats (2.5k, 5k, 10k, 20k, 2.5k, ...) so that load from

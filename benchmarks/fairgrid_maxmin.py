@@ -16,7 +16,10 @@ The other rules are measured and reported with the same checks.
 Writes ``benchmarks/results/fairgrid_maxmin.json``, a line in ``benchmarks/RESULTS.md``
 and each rule's report under ``runs/bench_fairgrid/<rule>/``.
 
-    .venv/bin/python -m benchmarks.fairgrid_maxmin [--seeds 0 1 2 3 4] [--rules per_sample_min worst_group ...]
+    .venv/bin/python -m benchmarks.fairgrid_maxmin [--seeds 0 1 2 3 4] [--rules per_sample_min worst_group ...] [--timesteps N]
+
+``--quick``: seed 0, rules ``per_sample_min`` and ``worst_group``, 4,096 PPO steps per policy, runs under
+``runs/quick/bench_fairgrid`` (``results/quick/``).
 
 Why the return-level rules (``worst_group``, its averaged variant, ``softmin``, ``egd``) miss the
 compromise C here, measured: every one of them trains on a linear weighting of the groups' rewards,
@@ -28,16 +31,17 @@ A or B, with entropy coefficient 0.01 and 0.05). ``per_sample_min``'s reward is 
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import time
 from pathlib import Path
 
-from benchmarks.common import maxmin_vs_rlhf, write_result
+from benchmarks.common import BenchmarkParser, maxmin_vs_rlhf, runs_dir, write_result
 from egalitarian_rl.cli import _config_path
 from egalitarian_rl.experiments import ExperimentConfig, Pipeline
 
 NAME = "fairgrid_maxmin"
+OUT = "runs/bench_fairgrid"
+QUICK = {"seeds": [0], "rules": ["per_sample_min", "worst_group"], "timesteps": 4096, "out": str(runs_dir(OUT, quick=True))}
 #: variant name -> (aggregation rule, its arguments, one value head per group)
 RULES = {
     "per_sample_min": ("per_sample_min", {}, False),
@@ -57,10 +61,11 @@ SHARED = ("preferences.npz", "rewards", "policies/rlhf.zip", "policies/rlhf.curv
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = BenchmarkParser(__doc__.split("\n\n")[0], quick_defaults=QUICK)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
-    parser.add_argument("--out", default="runs/bench_fairgrid")
+    parser.add_argument("--timesteps", type=int, default=None, help="PPO steps per policy (default: the config's)")
+    parser.add_argument("--out", default=OUT)
     args = parser.parse_args()
 
     rows, first_dir = {}, None
@@ -69,6 +74,8 @@ def main() -> None:
         config.seeds, config.methods = args.seeds, ["rlhf", "maxmin", "mean"]
         config.train.aggregation, config.train.aggregation_kwargs, config.train.group_critics = RULES[rule]
         config.out_dir = str(Path(args.out) / rule)
+        if args.timesteps is not None:
+            config.train.total_timesteps = args.timesteps
         if first_dir is not None:
             for seed in args.seeds:
                 for item in SHARED:
@@ -87,7 +94,12 @@ def main() -> None:
     main_rule = "per_sample_min" if "per_sample_min" in rows else args.rules[0]
     main_row = rows[main_rule]
     result = {"seeds": args.seeds, "shipped_rule": main_rule, "rules": rows, "passed": all(main_row["passes"].values())}
-    command = f"`python -m benchmarks.fairgrid_maxmin --seeds {' '.join(map(str, args.seeds))} --rules {' '.join(rows)}`"
+    options = f"--seeds {' '.join(map(str, args.seeds))} --rules {' '.join(rows)}"
+    if args.timesteps is not None:
+        options += f" --timesteps {args.timesteps}"
+    if args.quick:
+        options += " --quick"
+    command = f"`python -m benchmarks.fairgrid_maxmin {options}`"
     summary = (
         f"{len(args.seeds)} seeds, {main_rule}: minority win-rate {main_row['minority_win_rate']:.2f}, minority return "
         f"{main_row['minority_return']:.1f} vs RLHF {main_row['rlhf_minority_return']:.1f}, majority {main_row['majority_return']:.1f} "
@@ -100,7 +112,7 @@ def main() -> None:
         )
         + f". {command}"
     )
-    write_result(NAME, result, summary, "win-rate >= 0.60, ratio >= 1.33, worst group highest, majority >= 75%")
+    write_result(NAME, result, summary, "win-rate >= 0.60, ratio >= 1.33, worst group highest, majority >= 75%", quick=args.quick)
 
 
 if __name__ == "__main__":

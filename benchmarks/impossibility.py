@@ -45,11 +45,12 @@ are rewritten after every finished point, so a partial run is valid and says ``c
 false``. Every stage is saved by the pipeline, so a killed run resumes where it stopped.
 
     nohup nice -n 15 .venv/bin/python -m benchmarks.impossibility --jobs 2 > runs/bench_impossibility.log 2>&1 &
-    nice -n 15 .venv/bin/python -m benchmarks.impossibility --quick   # results/impossibility_quick.{json,png}
+    nice -n 15 .venv/bin/python -m benchmarks.impossibility --quick   # results/quick/impossibility.{json,png}
 
 ``--quick`` runs FairGrid only, shares 30 and 5 %, distances 1/3 and 1, seeds 0-1, 4,096 PPO
-steps per policy; it writes ``impossibility_quick.*`` (never the real result) and no RESULTS.md
-line. ``--domains``, ``--shares``, ``--distances``, ``--seeds`` and ``--timesteps`` override either.
+steps per policy, under ``runs/quick/bench_impossibility``; it writes ``results/quick/impossibility.*``
+and a line in ``results/quick/RESULTS.md`` (never the real result). ``--domains``, ``--shares``,
+``--distances``, ``--seeds`` and ``--timesteps`` override either.
 
 Cost, measured on this 2-core machine while other engineers' jobs kept the load average at 7-9
 (everything here under ``nice -n 15``), so CPU seconds of the process are the stable number and
@@ -86,12 +87,12 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from benchmarks.common import HERE, write_result
+from benchmarks.common import BenchmarkParser, results_dir, runs_dir, write_result
 from benchmarks.impossibility_rewards import DOMAINS, mixed_reward_name
 from benchmarks.mujoco import git_state
 from egalitarian_rl.cli import _config_path
 from egalitarian_rl.experiments import ExperimentConfig, Pipeline
-from egalitarian_rl.io import save_json_atomic, to_jsonable, write_atomic
+from egalitarian_rl.io import to_jsonable, write_atomic
 
 NAME = "impossibility"
 SHARES = (0.5, 0.3, 0.2, 0.1, 0.05)
@@ -405,7 +406,7 @@ def write(
     git: dict[str, Any],
     elapsed: float,
 ) -> dict[str, Any]:
-    """The JSON, plot and (full run) RESULTS.md line from the points finished so far.
+    """The JSON, plot and RESULTS.md line (``--quick``: under ``results/quick/``) from the points finished so far.
 
     :param expected: points in the requested grid (``complete`` when all are done).
     :param command: the exact command line (stated in RESULTS.md).
@@ -413,7 +414,6 @@ def write(
     points = sorted(points, key=lambda p: (p["domain"], -p["minority_share"], p["distance"]))
     passes = checks(points)
     complete = len(points) == expected
-    name = NAME + ("_quick" if args.quick else "")
     result = {
         "command": command,
         "grid": {
@@ -434,20 +434,19 @@ def write(
         "passed": complete and all(v is not False for v in passes.values()),
         "timing": timing,
         "wall_seconds": elapsed,
-        "plot": f"results/{name}.png",
+        "plot": f"results/{'quick/' if args.quick else ''}{NAME}.png",
         "git": git,
     }
     result = to_jsonable(result)  # a CI of one seed is None, never NaN
-    plot(points, HERE / "results" / f"{name}.png")
-    if args.quick:
-        save_json_atomic(result, HERE / "results" / f"{name}.json")
-        return result
+    plot(points, results_dir(args.quick) / f"{NAME}.png")
     write_result(
         NAME,
         result,
         summary_line(points, passes, command, complete),
         "MaxMin worst group >= RLHF within CI at every point; RLHF minority falls with share and distance, MaxMin's holds",
+        quick=args.quick,
     )
+    return result
     return result
 
 
@@ -495,27 +494,18 @@ def _run_all(
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="FairGrid, shares 0.3 0.05, d 1/3 1, seeds 0 1, 4096 steps (a few minutes)")
-    parser.add_argument("--domains", nargs="+", choices=list(DOMAINS))
-    parser.add_argument("--shares", nargs="+", type=parse_share, help="minority shares in (0, 0.5]")
-    parser.add_argument("--distances", nargs="+", type=parse_distance, help="d in (0, 1], e.g. 1/3 2/3 1")
-    parser.add_argument("--seeds", nargs="+", type=int)
+    parser = BenchmarkParser(__doc__.split("\n")[0], quick_defaults=QUICK)
+    parser.add_argument("--domains", nargs="+", choices=list(DOMAINS), default=list(DOMAINS))
+    parser.add_argument("--shares", nargs="+", type=parse_share, default=list(SHARES), help="minority shares in (0, 0.5]")
+    parser.add_argument("--distances", nargs="+", type=parse_distance, default=list(DISTANCES), help="d in (0, 1], e.g. 1/3 2/3 1")
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     parser.add_argument("--timesteps", type=int, help="PPO steps per policy (default: each config's own)")
     parser.add_argument("--jobs", type=int, default=1, help="(point, seed) runs at once, one process and one torch thread each")
-    parser.add_argument("--root", type=Path, default=None, help=f"where the runs go (default {ROOT}, quick: {ROOT}_quick)")
+    parser.add_argument("--root", type=Path, default=None, help=f"where the runs go (default {ROOT}, quick: {runs_dir(ROOT, quick=True)})")
     args = parser.parse_args(argv)
-    defaults = (
-        QUICK
-        if args.quick
-        else {"domains": list(DOMAINS), "shares": list(SHARES), "distances": list(DISTANCES), "seeds": list(SEEDS), "timesteps": None}
-    )
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
     if len(set(args.seeds)) != len(args.seeds) or len(args.seeds) < 2:
         parser.error("give at least 2 distinct seeds (a CI needs a spread)")
-    root = args.root or Path(f"{ROOT}_quick" if args.quick else ROOT)
+    root = args.root or runs_dir(ROOT, args.quick)
     command = " ".join([".venv/bin/python -m benchmarks.impossibility", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
 
     grid = [Point(d, s, dist) for d in args.domains for s in args.shares for dist in args.distances]

@@ -17,11 +17,11 @@ transformers and accelerate on a shared 2-core CPU), so it is a script:
     .venv/bin/python -m benchmarks.lm_accelerate
 
 Writes ``benchmarks/results/lm_accelerate.json`` and a line in ``benchmarks/RESULTS.md``.
+``--quick``: 1 iteration per variant instead of 3 (``results/quick/``; the two start-ups are most of the time).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -49,7 +49,7 @@ VARIANTS = {
 TOLERANCE = 1e-4
 
 
-def worker(out: Path) -> None:
+def worker(out: Path, iterations: int = ITERATIONS) -> None:
     """Train every variant in this process (one of ``accelerate launch``'s, or alone); rank 0 writes the results."""
     import torch
     from safetensors.torch import save_file
@@ -63,7 +63,7 @@ def worker(out: Path) -> None:
         trainer = MaxMinLMPPO(
             model, tokenizer, list(TOY_PROMPTS), toy_group_scores(tokenizer), group_names=list(TOY_GROUPS), **{**SETTINGS, **extra}
         )
-        trainer.learn(ITERATIONS)
+        trainer.learn(iterations)
         if trainer.accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             (out / f"{variant}.json").write_text(json.dumps({"processes": trainer.accelerator.num_processes, "history": trainer.history}))
@@ -93,34 +93,36 @@ def _initial_weights() -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from benchmarks.common import BenchmarkParser, write_result
+
+    parser = BenchmarkParser(__doc__.split("\n")[0], quick_defaults={"iterations": 1})
+    parser.add_argument("--iterations", type=int, default=ITERATIONS, help="training iterations per variant")
     parser.add_argument("--worker", type=Path, help="internal: train and write results to this folder")
     args = parser.parse_args()
     if args.worker is not None:
-        worker(args.worker)
+        worker(args.worker, args.iterations)
         return
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as tmp:
         one, two = Path(tmp) / "one", Path(tmp) / "two"
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "benchmarks.lm_accelerate", "--worker", str(one)], check=True, env=env)
+        worker_args = ["-m", "benchmarks.lm_accelerate", "--iterations", str(args.iterations), "--worker"]
+        subprocess.run([sys.executable, *worker_args, str(one)], check=True, env=env)
         seconds_one = time.perf_counter() - start
         # --multi_gpu is accelerate's multi-process launcher (torchrun); on a machine without GPUs the processes run on the CPU.
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
-        launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "benchmarks.lm_accelerate", "--worker", str(two)]
+        launch += ["--mixed_precision", "no", "--dynamo_backend", "no", *worker_args, str(two)]
         start = time.perf_counter()
         subprocess.run(launch, check=True, env=env)
         seconds_two = time.perf_counter() - start
         diffs = compare(one, two)
-
-    from benchmarks.common import write_result
 
     passed = all(
         d["max_stat_diff"] <= TOLERANCE and d["max_weight_diff"] <= TOLERANCE and d["max_weight_change"] > 10 * TOLERANCE
         for d in diffs.values()
     )
     result = {
-        "iterations": ITERATIONS,
+        "iterations": args.iterations,
         "settings": SETTINGS,
         "variants": diffs,
         "tolerance": TOLERANCE,
@@ -132,7 +134,8 @@ def main() -> None:
         f"{v}: max stat diff {d['max_stat_diff']:.1e}, max weight diff {d['max_weight_diff']:.1e} (moved {d['max_weight_change']:.1e})"
         for v, d in diffs.items()
     )
-    path = write_result(NAME, result, f"toy task, {ITERATIONS} iterations, 1 vs 2 CPU processes: {summary}", f"diffs <= {TOLERANCE:g}")
+    summary = f"toy task, {args.iterations} iterations, 1 vs 2 CPU processes: {summary}"
+    path = write_result(NAME, result, summary, f"diffs <= {TOLERANCE:g}", quick=args.quick)
     print(json.dumps(result, indent=2))
     print(f"wrote {path}")
 

@@ -34,11 +34,16 @@ cores best (``--jobs 3``).
     nohup .venv/bin/python -m benchmarks.lm_imdb --seeds 7 8 9 --jobs 3 > runs/lm_imdb.log 2>&1 &
 
 Writes ``benchmarks/results/lm_imdb.json`` and a line in ``benchmarks/RESULTS.md``.
+
+``--quick`` checks that the benchmark runs end to end in a few minutes; its numbers are not the claims
+and it is not part of the pre-registration: seed 0, the shipped ``imdb_quick`` config made smaller
+still (:data:`QUICK`: 12 training and 4 held-out prompts, 16 new tokens, 10 users per population,
+methods ``rlhf`` and ``maxmin``, 2 PPO iterations of 8 completions), under ``runs/quick/imdb_seed_0``;
+it writes ``benchmarks/results/quick/lm_imdb.json`` and a line in ``benchmarks/results/quick/RESULTS.md``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -48,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import write_result
+from benchmarks.common import BenchmarkParser, runs_dir, write_result
 from egalitarian_rl.experiments.lm_pipeline import LMExperimentConfig, LMPipeline
 
 NAME = "lm_imdb"
@@ -84,6 +89,20 @@ HISTORY = [
 ]
 
 
+#: ``--quick``: sections of the shipped ``imdb_quick`` config replaced (key by key) to make it smaller still.
+QUICK = {
+    "prompts": {"n_train": 12, "n_eval": 4},
+    "model": {"max_new_tokens": 16, "batch_size": 12},
+    "collect": {"n_users": 10, "comparisons_per_user": 12},
+    "train": {
+        "methods": ["rlhf", "maxmin"],
+        "iterations": 2,
+        "ppo": {"batch_size": 8, "minibatch_size": 8, "n_epochs": 1, "learning_rate": 0.0002, "kl_coef": 0.1},
+    },
+}
+QUICK_SEED = 0
+
+
 def seed_config(seed: int) -> LMExperimentConfig:
     """The shipped ``imdb`` config for one seed, judged on all its held-out prompts."""
     config = LMExperimentConfig.from_yaml(Path(str(resources.files("egalitarian_rl.experiments") / "configs" / "imdb.yaml")))
@@ -93,25 +112,37 @@ def seed_config(seed: int) -> LMExperimentConfig:
     return config
 
 
-def run_seed(seed: int) -> dict[str, Any]:
+def quick_config(seed: int) -> LMExperimentConfig:
+    """``--quick``'s config for one seed: ``imdb_quick`` with :data:`QUICK`, under ``runs/quick/imdb_seed_<s>``."""
+    raw = LMExperimentConfig.from_yaml(Path(str(resources.files("egalitarian_rl.experiments") / "configs" / "imdb_quick.yaml"))).to_dict()
+    for section, values in QUICK.items():
+        raw[section] = {**raw[section], **values}
+    raw["seed"], raw["out_dir"] = seed, str(runs_dir(f"runs/imdb_seed_{seed}", quick=True))
+    return LMExperimentConfig.from_dict(raw)
+
+
+def run_seed(seed: int, quick: bool = False) -> dict[str, Any]:
     """Every stage of one seed (resuming); returns its metrics."""
-    config = seed_config(seed)
+    config = quick_config(seed) if quick else seed_config(seed)
     _, metrics = LMPipeline(config, log=lambda line: print(f"[seed {seed}] {line}", flush=True)).run()
     return metrics
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = BenchmarkParser(__doc__.split("\n")[0], quick="imdb_quick made smaller (QUICK)", quick_defaults={"seeds": [QUICK_SEED]})
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--jobs", type=int, default=1, help="seeds trained at once, one process and one torch thread each")
     args = parser.parse_args()
     finished: dict[int, dict[str, Any]] = {}
     # spawn: each worker starts its own torch (a forked one would share the parent's thread pool state).
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(run_seed, seed): seed for seed in args.seeds}
+        futures = {pool.submit(run_seed, seed, args.quick): seed for seed in args.seeds}
         for future in as_completed(futures):
             finished[futures[future]] = future.result()
-            write(seed_config(futures[future]), {s: finished[s] for s in sorted(finished)}, args.seeds)
+            if args.quick:
+                write_quick(quick_config(futures[future]), {s: finished[s] for s in sorted(finished)})
+            else:
+                write(seed_config(futures[future]), {s: finished[s] for s in sorted(finished)}, args.seeds)
 
 
 def mean_over_seeds(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -201,6 +232,22 @@ def write(config: LMExperimentConfig, per_seed: dict[int, dict[str, Any]], plann
     )
     write_result(NAME, result, summary, "minority win-rate >= 0.60, majority >= 0.45, EM ARI >= 0.9, single < mixture on minority")
     print(json.dumps({"seeds": done, "methods": methods, "em_ari": merged["em_ari"], "passes": passes}, indent=2), flush=True)
+
+
+def write_quick(config: LMExperimentConfig, per_seed: dict[int, dict[str, Any]]) -> None:
+    """``results/quick/lm_imdb.json`` and its line in ``results/quick/RESULTS.md`` for a ``--quick`` run (no pre-registration, no claim)."""
+    merged = aggregate(per_seed)
+    maxmin, accuracy = merged["methods"]["maxmin"]["groups"], merged["heldout_accuracy"]
+    minority, majority = maxmin[MINORITY]["win_rate_vs_rlhf"], maxmin[MAJORITY]["win_rate_vs_rlhf"]
+    checks = (minority >= 0.60, majority >= 0.45, merged["em_ari"] >= 0.9, accuracy["single"][MINORITY] < accuracy["mixture"][MINORITY])
+    result = {"config": config.to_dict() | {"seed": sorted(per_seed)}, **merged, "passed": all(checks)}
+    summary = (
+        f"--quick (imdb_quick made smaller): {config.model.name}, seeds {sorted(per_seed)}, {config.train.iterations} PPO it/method, "
+        f"{config.prompts.n_eval} held-out prompts: maxmin ({config.train.aggregation}) win-rate vs RLHF {MINORITY} {minority:.2f} / "
+        f"{MAJORITY} {majority:.2f}; EM ARI {merged['em_ari']:.2f}. `python -m benchmarks.lm_imdb --quick`"
+    )
+    target = "minority win-rate >= 0.60, majority >= 0.45, EM ARI >= 0.9, single < mixture on minority"
+    write_result(NAME, result, summary, target, quick=True)
 
 
 if __name__ == "__main__":

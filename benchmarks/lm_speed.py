@@ -29,11 +29,11 @@ the process's CPU seconds: on this shared 2-core machine wall-clock step times s
     .venv/bin/python -m benchmarks.lm_speed [--rounds 2] [--steps 3] [--tiny]
 
 Writes ``benchmarks/results/lm_speed.json`` and a line in ``benchmarks/RESULTS.md``.
+``--quick``: the tiny GPT-2, 1 round of 1 timed step per block (``results/quick/``; still needs trl).
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
 import importlib.util
@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import write_result
+from benchmarks.common import BenchmarkParser, write_result
 
 NAME = "lm_speed"
 TRL_PIN = "trl==1.16.0"
@@ -268,7 +268,7 @@ def time_trl(model_dir: str, tokenizer: Any, prompts: list[str], steps: int) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = BenchmarkParser(__doc__.split("\n")[0], quick_defaults={"tiny": True, "rounds": 1, "steps": 1})
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of (ours GRPO, ours PPO, TRL)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per block (after 1 warm-up step)")
     parser.add_argument("--tiny", action="store_true", help="use the tiny GPT-2 instead of SmolLM2")
@@ -335,7 +335,7 @@ def main() -> None:
         f"(ratio {result['trl_ratio']:.2f}, PPO {result['trl_ratio_ppo']:.2f})"
     )
     shutil.rmtree(model_dir, ignore_errors=True)
-    path = write_result(NAME, result, summary, "rollout_ratio >= 0.9, trl_ratio <= 1.0")
+    path = write_result(NAME, result, summary, "rollout_ratio >= 0.9, trl_ratio <= 1.0", quick=args.quick)
     print(summary)
     print(f"wrote {path}")
 

@@ -11,11 +11,12 @@ Targets: ratio <= 1.10 at K = 2, <= 1.25 at K = 8.
 Writes ``benchmarks/results/maxmin_overhead.json`` and a line in ``benchmarks/RESULTS.md``.
 
     .venv/bin/python -m benchmarks.maxmin_overhead [--steps 8192] [--repeats 5]
+
+``--quick``: 2,048 steps per timed run, 1 repeat (``results/quick/``).
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -24,7 +25,7 @@ import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.env_util import make_vec_env
 
-from benchmarks.common import write_result
+from benchmarks.common import BenchmarkParser, write_result
 from egalitarian_rl import MaxMinPPO
 from egalitarian_rl.algorithms.aggregation import GroupRewardNormalizer, make_aggregation
 from egalitarian_rl.rewards import RewardMixture
@@ -59,7 +60,7 @@ def time_maxmin(env_id: str, steps: int, k: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = BenchmarkParser(__doc__.split("\n\n")[0], quick_defaults={"steps": 2048, "repeats": 1})
     parser.add_argument("--env", default="HalfCheetah-v5")
     parser.add_argument("--steps", type=int, default=8192, help="env steps per timed run (multiple of 4 x 512)")
     parser.add_argument("--repeats", type=int, default=5)
@@ -104,7 +105,7 @@ def main() -> None:
     summary = f"{args.env}, {args.steps} steps, median of {args.repeats}: " + ", ".join(
         f"K={row['k']} PPO {row['ppo_seconds']:.1f} s vs MaxMin {row['maxmin_seconds']:.1f} s (ratio {row['ratio']:.3f})" for row in rows
     )
-    write_result(NAME, result, summary, "ratio <= 1.10 at K=2, <= 1.25 at K=8")
+    write_result(NAME, result, summary, "ratio <= 1.10 at K=2, <= 1.25 at K=8", quick=args.quick)
 
 
 if __name__ == "__main__":

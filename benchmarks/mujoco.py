@@ -22,9 +22,9 @@ Budget (this 2-core machine, <= 60 minutes for everything): the shipped configs 
 ``n_steps`` 512, batch 64, 10 epochs) with their own PPO steps per policy: 200,000 on
 HalfCheetah-v5 and 100,000 on Hopper-v5 (where 50,000 already separated the methods). The
 benchmark changes only ``train.normalize_obs`` (on; ``hopper`` sets it itself), the methods,
-the seeds and ``out_dir``. ``--quick`` uses ``QUICK_STEPS`` steps, fewer comparisons and
-shorter rollouts (a few minutes; its numbers mean nothing). Both are recorded in the JSON
-(``config`` and ``steps_per_policy`` per env).
+the seeds and ``out_dir``. ``--quick`` runs seed 0 only with ``QUICK_STEPS`` steps, fewer comparisons,
+shorter rollouts, 5 reward epochs and 2 evaluation episodes (a few minutes; its numbers mean nothing).
+Both are recorded in the JSON (``config`` and ``steps_per_policy`` per env).
 
 Win-rate over seed pairs (``win_rate_vs_rlhf``): for a group, every seed of the method against
 every seed of ``rlhf`` (3 x 3 = 9 pairs), each seed summarised by its mean true return over its
@@ -46,15 +46,15 @@ plot and RESULTS.md line are rewritten each time an (env, seed) finishes.
 The committed ``results/mujoco.json`` is the second command (seed 0 only, 40,000 steps per policy,
 17 min): other sessions shared the 2 cores and PPO ran at ~170-220 steps/s per process, so the
 full budget (3.6M PPO steps) would have taken hours. It is marked partial and does not pass.
-    .venv/bin/python -m benchmarks.mujoco --quick --jobs 2   # a few minutes, results/mujoco_quick.*
+
+    .venv/bin/python -m benchmarks.mujoco --quick --jobs 2   # a few minutes, runs/quick/bench_mujoco
 
 Writes ``benchmarks/results/mujoco.json``, ``benchmarks/results/mujoco.png`` and a line in
-``benchmarks/RESULTS.md`` (``--quick``: ``mujoco_quick.json`` / ``.png``, no RESULTS.md line).
+``benchmarks/RESULTS.md`` (``--quick``: the same under ``benchmarks/results/quick/``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import subprocess
@@ -66,12 +66,12 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from benchmarks.common import HERE, write_result
+from benchmarks.common import HERE, BenchmarkParser, results_dir, runs_dir, write_result
 from egalitarian_rl.cli import _config_path
 from egalitarian_rl.evaluation import win_rate_over_seeds
 from egalitarian_rl.evaluation.plots import method_colors
 from egalitarian_rl.experiments import ExperimentConfig, Pipeline
-from egalitarian_rl.io import save_json_atomic, write_atomic
+from egalitarian_rl.io import write_atomic
 
 NAME = "mujoco"
 COMMAND = ".venv/bin/python -m benchmarks.mujoco --jobs 2"
@@ -81,6 +81,7 @@ ENVS: dict[str, tuple[str, str, str]] = {
     "Hopper-v5": ("hopper", "fast", "steady"),
 }
 SEEDS = (0, 1, 2)
+QUICK_SEEDS = (0,)
 QUICK_STEPS = 4_096
 #: Quick mode: fewer users and comparisons, so collection and fits take seconds, and shorter rollouts.
 QUICK_COLLECT = {"n_users": 20, "comparisons_per_user": 10}
@@ -97,18 +98,24 @@ def env_config(env_id: str, quick: bool, steps: int | None = None) -> Experiment
     config = ExperimentConfig.from_yaml(_config_path(name))
     config.methods = ["rlhf", "maxmin", "oracle"]
     config.seeds = list(SEEDS)
-    config.out_dir = f"runs/bench_mujoco{'_quick' if quick else ''}/{name}"
+    config.out_dir = str(runs_dir(f"runs/bench_mujoco/{name}", quick))
     config.train.normalize_obs = True
+    if quick:
+        quick_budget(config)
     if steps is not None:
         config.train.total_timesteps = steps
-    if quick:
-        config.train.total_timesteps = QUICK_STEPS
-        for key, value in QUICK_COLLECT.items():
-            setattr(config.collect, key, value)
-        config.train.ppo = {**config.train.ppo, **QUICK_PPO}
-        config.reward.epochs = 5
-        config.evaluate.n_episodes = 2
     return config
+
+
+def quick_budget(config: ExperimentConfig) -> None:
+    """``--quick``'s budget for a MuJoCo config, in place: ``QUICK_STEPS`` per policy, ``QUICK_COLLECT``, ``QUICK_PPO``,
+    5 reward epochs, 2 evaluation episodes (also ``halfcheetah_maxmin --quick``'s)."""
+    config.train.total_timesteps = QUICK_STEPS
+    for key, value in QUICK_COLLECT.items():
+        setattr(config.collect, key, value)
+    config.train.ppo = {**config.train.ppo, **QUICK_PPO}
+    config.reward.epochs = 5
+    config.evaluate.n_episodes = 2
 
 
 def run_seed(env_id: str, seed: int, quick: bool, steps: int | None = None) -> float:
@@ -206,10 +213,10 @@ def write(
     planned: tuple[int, ...] = SEEDS,
     command: str = COMMAND,
 ) -> dict[str, Any]:
-    """The JSON, plot and (full run) RESULTS.md line from the (env, seed) runs finished so far.
+    """The JSON, plot and RESULTS.md line from the (env, seed) runs finished so far.
 
     :param finished: env id -> its finished seeds.
-    :param quick: the ``--quick`` budget (``mujoco_quick.*``, no RESULTS.md line).
+    :param quick: the ``--quick`` budget (``results/quick/``).
     :param wall: ``"<env id>/seed_<s>"`` -> wall seconds of that run (in its own process).
     :param git: :func:`git_state` at the start.
     :param elapsed: wall seconds since the benchmark started (this invocation; resumed stages cost ~0).
@@ -219,7 +226,6 @@ def write(
     """
     envs = {env_id: summarise_env(env_id, sorted(seeds), quick, steps) for env_id, seeds in finished.items() if seeds}
     complete = len(planned) >= 3 and all(sorted(finished.get(env_id, [])) == sorted(planned) for env_id in ENVS)
-    name = NAME + ("_quick" if quick else "")
     result = {
         "envs": envs,
         "win_rate_definition": (
@@ -231,15 +237,13 @@ def write(
         "wall_seconds_total": elapsed,
         "complete": complete,
         "passed": complete and all(all(env["passes"].values()) for env in envs.values()),
-        "plot": f"results/{name}.png",
+        "plot": f"results/{'quick/' if quick else ''}{NAME}.png",
         "git": git,
     }
-    plot(envs, HERE / "results" / f"{name}.png")
-    if quick:
-        save_json_atomic(result, HERE / "results" / f"{name}.json")
-        return result
+    plot(envs, results_dir(quick) / f"{NAME}.png")
     summary = summary_line(envs, complete, command) + f"; wall {elapsed / 60:.0f} min"
-    write_result(NAME, result, summary, f"per env: minority win-rate >= {MINORITY_TARGET:.2f}, majority >= {MAJORITY_TARGET:.2f}")
+    target = f"per env: minority win-rate >= {MINORITY_TARGET:.2f}, majority >= {MAJORITY_TARGET:.2f}"
+    write_result(NAME, result, summary, target, quick=quick)
     return result
 
 
@@ -259,8 +263,8 @@ def summary_line(envs: dict[str, dict[str, Any]], complete: bool, command: str =
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps per policy and fewer comparisons (a few minutes)")
+    quick = f"{QUICK_STEPS} PPO steps per policy, {QUICK_COLLECT}, {QUICK_PPO}, 5 reward epochs, 2 evaluation episodes"
+    parser = BenchmarkParser(__doc__.split("\n")[0], quick=quick, quick_defaults={"seeds": list(QUICK_SEEDS)})
     parser.add_argument("--jobs", type=int, default=1, help="(env, seed) runs at once, one process and one torch thread each")
     parser.add_argument("--envs", nargs="+", default=list(ENVS), choices=list(ENVS))
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="the acceptance needs 3 or more")

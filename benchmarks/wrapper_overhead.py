@@ -10,12 +10,13 @@ Target: ratio <= 1.15 (at ~30 µs per raw step, a budget of ~4 µs per step).
 Writes ``benchmarks/results/wrapper_overhead.json`` and updates this
 benchmark's line in ``benchmarks/RESULTS.md``.
 
-    .venv/bin/python -m benchmarks.wrapper_overhead [--steps 5000] [--repeats 9]
+    .venv/bin/python -m benchmarks.wrapper_overhead [--steps 5000] [--repeats 9] [--quick]
+
+``--quick``: 1,000 steps x 3 repeats (``results/quick/``, see ``benchmarks/common.py``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -23,7 +24,7 @@ import time
 import gymnasium as gym
 import numpy as np
 
-from benchmarks.common import write_result
+from benchmarks.common import BenchmarkParser, write_result
 from egalitarian_rl import envs
 from egalitarian_rl.preferences import MultiUserPreferenceWrapper
 
@@ -43,14 +44,14 @@ def run(env: gym.Env, actions: np.ndarray, seed: int) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = BenchmarkParser(__doc__.split("\n\n")[0], quick_defaults={"steps": 1000, "repeats": 3})
     parser.add_argument("--env", default="HalfCheetah-v5")
     parser.add_argument("--groups", default="fast=0.8,gentle=0.2", help="name=share,... from the env's group library")
     parser.add_argument("--steps", type=int, default=5000, help="steps per timed run")
     parser.add_argument("--repeats", type=int, default=9, help="timed runs of each variant (interleaved)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     shares = {name: float(share) for name, share in (item.split("=") for item in args.groups.split(","))}
     population = envs.make_population(args.env, shares)
@@ -96,6 +97,7 @@ def main() -> None:
             f"(+{result['overhead_us_per_step']:.1f} µs/step; median of {args.repeats} x {args.steps} steps)"
         ),
         f"ratio <= {TARGET_RATIO}",
+        quick=args.quick,
     )
     print(json.dumps({k: v for k, v in result.items() if not k.endswith("_seconds")}, indent=2))
 

@@ -13,7 +13,7 @@ import pytest
 from egalitarian_rl.envs.gridworld import CELL_VALUES, GROUPS
 from egalitarian_rl.envs.mujoco import cheetah_calm, cheetah_fast
 
-from benchmarks import impossibility, impossibility_rewards
+from benchmarks import common, impossibility, impossibility_rewards
 from benchmarks.impossibility import ROW_KEYS, ci95, t_quantile_975
 from egalitarian_rl.preferences.segments import Transitions
 
@@ -76,11 +76,11 @@ def test_tiny_sweep_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         return config
 
     monkeypatch.setattr(impossibility, "point_config", small)  # --jobs 1 runs in this process, so this applies
-    monkeypatch.setattr(impossibility, "HERE", tmp_path)  # results/ under tmp_path, never the repo's
+    monkeypatch.setattr(common, "HERE", tmp_path)  # results/ under tmp_path, never the repo's
     argv = ["--quick", "--shares", "0.2", "--distances", "1", "--seeds", "0", "1", "--timesteps", "256", "--root", str(tmp_path / "runs")]
     result = impossibility.main(argv)
-    written = json.loads((tmp_path / "results" / "impossibility_quick.json").read_text())
-    assert (tmp_path / "results" / "impossibility_quick.png").exists()
+    written = json.loads((tmp_path / "results" / "quick" / "impossibility.json").read_text())
+    assert (tmp_path / "results" / "quick" / "impossibility.png").exists()
     assert written["rows"] == result["rows"] and written["complete"]
     assert len(written["rows"]) == 4  # (rlhf, maxmin) x (majority, minority)
     for row in written["rows"]:
