@@ -41,7 +41,7 @@ lint: $(STAMP)
 # Every benchmark writes benchmarks/results/<name>.json and its line in benchmarks/RESULTS.md; each resumes or
 # reruns on its own (python -m benchmarks.<name>). The whole list takes several hours on 2 CPU cores:
 # em_noise's full grid, mujoco, impossibility and lm_imdb (~100 min) are the long ones. lm_speed needs trl (it prints the pip command).
-# `make bench QUICK=1`: every benchmark's --quick run instead (<= 15 min here), which checks that each runs end to end; it
+# `make bench QUICK=1`: every benchmark's --quick run instead (6 min on 2 free cores), which checks that each runs end to end; it
 # writes benchmarks/results/quick/ and runs/quick/ (stages resume from there), never the full results. Its numbers are not the claims.
 QUICK ?=
 # One timed --quick run: $(call quick-bench,<module> [arguments]).

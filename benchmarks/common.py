@@ -1,6 +1,6 @@
 """What every benchmark shares: machine facts, writing its JSON and its line in RESULTS.md, and the ``--quick`` flag.
 
-``--quick`` (every benchmark; ``make bench QUICK=1`` runs them all in about 15 minutes on 2 CPU cores) is a
+``--quick`` (every benchmark; ``make bench QUICK=1`` runs them all in about 6 minutes on 2 free CPU cores) is a
 reduced run that checks a benchmark works end to end; its numbers are not the claims. It writes
 ``benchmarks/results/quick/<name>.json`` (with ``"quick": true``), the PNG beside it and a line in
 ``benchmarks/results/quick/RESULTS.md``, never the full run's files, and keeps its resumable runs under
