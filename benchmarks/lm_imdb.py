@@ -60,6 +60,8 @@ NAME = "lm_imdb"
 MAJORITY, MINORITY = "positive", "concise"
 SEEDS = (7, 8, 9)
 EVAL_PROMPTS = 48
+#: Per-method measures of the replies averaged over seeds beside the scores.
+REPLY_MEASURES = ("kl", "mean_length_tokens", "ended_fraction", "distinct_2", "repeated_replies")
 #: Earlier pre-registered runs of this benchmark and why the design changed after them.
 HISTORY = [
     {
@@ -85,6 +87,18 @@ HISTORY = [
         "selections flip at random (seed 4 trained 8 of 11 iterations on the majority, seeds 5 and 6 8 of 11 on the "
         "minority); per_sample_min, the rule FairGrid already uses, kept both groups. Next run: maxmin = "
         "per_sample_min, 4 evaluation completions per prompt, new seeds 7-9",
+    },
+    {
+        "seeds": [7, 8, 9],
+        "design": "maxmin = per_sample_min, 4 evaluation completions per held-out prompt, 11 PPO iterations at learning rate 2e-4",
+        "maxmin_win_rate_vs_rlhf": {"concise": 0.545, "positive": 0.457},
+        "maxmin_worst_group_win_rate_vs_rlhf": {"concise": 0.576, "positive": 0.449},
+        "em_ari": 1.0,
+        "passed": False,
+        "why": "the minority's win-rate missed 0.60 (seeds 0.62, 0.59, 0.42; s.e. over seeds 0.06, over prompts "
+        "0.015): the training seed outweighed the rule. Each PPO update moved the policy by an approximate KL of "
+        "~0.001 (clip fraction ~0.02), so after 11 iterations the arms had drifted ~1 nat from the base model and "
+        "RLHF's own drift (seed 9 shortened its replies) decided the comparison",
     },
 ]
 
@@ -172,7 +186,7 @@ def aggregate(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
             }
         methods[method] = {
             "groups": groups,
-            **{key: float(np.mean([row[key] for row in rows])) for key in ("kl", "mean_length_tokens", "ended_fraction", "distinct_2")},
+            **{key: float(np.mean([row[key] for row in rows])) for key in REPLY_MEASURES},
         }
     accuracy = {fit: mean_over_seeds([run["heldout_accuracy"][fit] for run in runs]) for fit in runs[0]["heldout_accuracy"]}
     return {"methods": methods, "em_ari": float(np.mean([run["em_ari"] for run in runs])), "heldout_accuracy": accuracy}

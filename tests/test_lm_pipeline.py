@@ -17,6 +17,7 @@ from egalitarian_rl.experiments.lm_pipeline import (
     is_lm_config,
     method_rule,
     population_tag,
+    repeated_replies,
 )
 
 torch.set_num_threads(1)
@@ -85,6 +86,17 @@ def test_helpers() -> None:
     assert population_tag({"positive": 0.9, "concise": 0.1}) == "90-10"
     assert distinct_bigrams(["a b c d"]) == 1.0
     assert distinct_bigrams(["so glad so glad so glad"]) == pytest.approx(2 / 5)
+
+
+def test_repeated_replies_sees_a_stock_reply_that_bigrams_miss() -> None:
+    stock = ["Awesome.", "awesome.", "A fine film about love.", "Awesome. ", "It drags on.", "It drags."]
+    prompts = [0, 1, 2, 3, 4, 4]
+    # three prompts answered "Awesome."; a similar answer twice for one prompt is sampling, not a collapse
+    assert repeated_replies(stock, prompts) == pytest.approx(3 / 6)
+    assert repeated_replies(["It drags.", "It drags."], [4, 4]) == 0.0
+    assert distinct_bigrams(stock) > 0.8  # one-word replies have no bigram to repeat
+    assert repeated_replies(["a", "b"], [0, 1]) == 0.0
+    assert repeated_replies([], []) == 0.0
 
 
 @pytest.mark.slow

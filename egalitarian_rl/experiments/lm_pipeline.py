@@ -19,7 +19,9 @@ matches is skipped; a changed setting redoes it and every later stage):
    ``maxmin_per_sample_min``). Checkpoints resume after a kill.
 4. **evaluate** -- on held-out prompts: each group's TRUE score of every method's
    completions (and the base model's), KL to the base model, length, ending rate,
-   distinct bigrams (a collapse into repeated filler shows there).
+   distinct bigrams (a collapse into repeated filler shows there) and the share of
+   replies repeated verbatim across prompts (a collapse into one stock reply such as
+   "Awesome.", which has no bigram to repeat, shows there).
 5. **report** -- ``metrics.json``, ``report.md`` (table, per-group win-rates of
    every method vs ``rlhf`` paired by prompt, reward-fit table, a few prompts
    with each method's completion and scores, a reward-gaming warning) and a PNG.
@@ -47,6 +49,11 @@ from egalitarian_rl.preferences.dataset import PreferenceDataset
 #: Methods besides ``rlhf`` and ``maxmin``: ``maxmin_<rule>`` for any aggregation rule.
 BASELINE = "rlhf"
 STAGES = ("collect", "fit", "train", "evaluate")
+#: Above this share of replies repeated verbatim across prompts (and twice the base model's) the report
+#: warns. In a design trial at PPO learning rate 1e-3 (seed 7), 35% of RLHF's and 57% of MaxMin's
+#: held-out replies were stock replies repeated across prompts ("Awesome.": VADER 0.62 in one word, so
+#: it also suits the concise group), which distinct bigrams cannot see; base model 0%, run 3 at most 4%.
+MAX_REPEATED_REPLIES = 0.2
 
 
 # ----------------------------------------------------------------------------- config
@@ -684,7 +691,8 @@ class LMPipeline:
 
     # ------------------------------------------------------------------ 5. report
     def metrics(self) -> dict[str, Any]:
-        """Per method and group: mean true score, win-rate vs ``rlhf`` (paired by prompt); KL, length, ending rate, distinct-2."""
+        """Per method and group: mean true score, win-rate vs ``rlhf`` (paired by prompt); KL, length, ending rate,
+        distinct-2 and the share of replies repeated across prompts."""
         evaluation, fit = self.evaluate(), self.fit()
         index = np.asarray(evaluation["prompt_index"])
         baseline = np.asarray(evaluation["methods"][BASELINE]["scores"])
@@ -706,6 +714,7 @@ class LMPipeline:
                 "mean_length_tokens": float(np.mean(sample["length"])),
                 "ended_fraction": float(np.mean(sample["ended"])),
                 "distinct_2": distinct_bigrams(sample["texts"]),
+                "repeated_replies": repeated_replies(sample["texts"], index),
             }
         ceiling = self.true_reward_accuracy()
         for tag in fit:
@@ -733,9 +742,12 @@ class LMPipeline:
         return out
 
     def gaming_warnings(self, methods: dict[str, Any]) -> list[str]:
-        """Signs of reward gaming: a KL above ``evaluate.kl_warning`` or distinct bigrams below 60% of the base model's."""
+        """Signs of reward gaming: a KL above ``evaluate.kl_warning``, distinct bigrams below 60% of the base
+        model's, or more than :data:`MAX_REPEATED_REPLIES` of the replies (and twice the base model's share)
+        repeated verbatim across prompts."""
         out = []
         base = methods["base"]["distinct_2"]
+        base_repeated = methods["base"]["repeated_replies"]
         for method, row in methods.items():
             if method == "base":
                 continue
@@ -745,6 +757,12 @@ class LMPipeline:
                 )
             if row["distinct_2"] < 0.6 * base:
                 out.append(f"{method}: distinct bigrams {row['distinct_2']:.2f} vs base {base:.2f}: repeated filler (reward gaming)")
+            repeated = row["repeated_replies"]
+            if repeated > MAX_REPEATED_REPLIES and repeated > 2 * base_repeated:
+                out.append(
+                    f"{method}: {repeated:.0%} of replies repeated verbatim across prompts (base {base_repeated:.0%}): "
+                    "a stock reply that games the scores"
+                )
         return out
 
     def report(self) -> Path:
@@ -794,15 +812,17 @@ class LMPipeline:
 
 
 def format_tables(metrics: dict[str, Any], groups: Sequence[str]) -> str:
-    """Markdown tables: every method's true scores, win-rates vs rlhf, KL, length, ending rate and
-    distinct bigrams; then each population's EM ARI and held-out accuracy per group, single vs mixture."""
+    """Markdown tables: every method's true scores, win-rates vs rlhf, KL, length, ending rate, distinct
+    bigrams and repeated replies; then each population's EM ARI and held-out accuracy per group, single vs mixture."""
+    columns = " | KL to base | tokens | ended | distinct-2 | repeated |"
     lines = [
-        "| method | " + " | ".join(f"{g} score | {g} win vs rlhf" for g in groups) + " | KL to base | tokens | ended | distinct-2 |",
-        "|---|" + "---|---|" * len(groups) + "---|---|---|---|",
+        "| method | " + " | ".join(f"{g} score | {g} win vs rlhf" for g in groups) + columns,
+        "|---|" + "---|---|" * len(groups) + "---|---|---|---|---|",
     ]
     for method, row in metrics["methods"].items():
         cells = [f"{row['groups'][g]['mean_score']:.3f} | {row['groups'][g]['win_rate_vs_rlhf']:.2f}" for g in groups]
-        tail = f" | {row['kl']:.2f} | {row['mean_length_tokens']:.1f} | {row['ended_fraction']:.2f} | {row['distinct_2']:.2f} |"
+        shape = f"{row['mean_length_tokens']:.1f} | {row['ended_fraction']:.2f} | {row['distinct_2']:.2f} | {row['repeated_replies']:.2f}"
+        tail = f" | {row['kl']:.2f} | {shape} |"
         lines.append(f"| {method} | " + " | ".join(cells) + tail)
     lines += ["", "## Rewards learned from the simulated users", ""]
     lines += [
@@ -817,6 +837,20 @@ def format_tables(metrics: dict[str, Any], groups: Sequence[str]) -> str:
         cells = [f"{acc['single'][g]:.3f} | {acc['mixture'][g]:.3f} | {true.get(g, float('nan')):.3f}" for g in groups]
         lines.append(f"| {tag} | {fit['em_ari']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def repeated_replies(texts: Sequence[str], prompt_index: Sequence[int] | np.ndarray) -> float:
+    """Share of ``texts`` whose normalised text (lower case, whitespace collapsed) is also a reply to another prompt.
+
+    :param texts: ``(N,)`` completions.
+    :param prompt_index: ``(N,)`` the prompt each completion answers; repeats within one prompt do not count
+        (sampling the same short answer twice for one prompt is not a collapse).
+    """
+    prompts_of: dict[str, set[int]] = {}
+    keys = [" ".join(text.lower().split()) for text in texts]
+    for key, prompt in zip(keys, np.asarray(prompt_index).tolist()):
+        prompts_of.setdefault(key, set()).add(prompt)
+    return float(np.mean([len(prompts_of[key]) > 1 for key in keys])) if keys else 0.0
 
 
 def distinct_bigrams(texts: Sequence[str]) -> float:
@@ -865,4 +899,5 @@ __all__ = [
     "load_prompts",
     "method_rule",
     "population_tag",
+    "repeated_replies",
 ]
