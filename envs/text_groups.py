@@ -15,6 +15,8 @@ A text group scores whole completions, not tokens. Two ways in:
 Scorers (each ``texts -> (n,)`` float64):
 
 - ``positive``: VADER compound sentiment in [-1, 1] (``vaderSentiment``'s bundled lexicon).
+- ``positive_review``: the same of the whole review, the prompt followed by the reply
+  (:class:`ReviewScorer`; TRL's IMDB sentiment example scores query + response alike).
 - ``concise``: ``-n_words / CONCISE_WORD_SCALE``: 0 for an empty reply, -1 for 20 words.
 - ``on_topic``: share of words about films (:data:`FILM_WORDS`), in [0, 1].
 """
@@ -78,8 +80,32 @@ def film_topic(texts: Sequence[str]) -> np.ndarray:
     return scores
 
 
+@dataclass(frozen=True)
+class ReviewScorer:
+    """A scorer that judges the whole review, the prompt followed by the reply, not the reply alone.
+
+    On the reply alone VADER gives a one-word "Awesome." 0.62, so a group that wants positive
+    sentiment is served by the shortest possible reply, and a concise group with it (measured:
+    PPO pushed hard on reply-only positivity collapsed into "Awesome."; docs/DESIGN.md). On the
+    whole review the reply has to outweigh the prompt's own sentiment, which takes words.
+    :func:`score_texts` passes ``"<prompt> <reply>"``.
+
+    :param scorer: the text scorer applied to the joined review.
+    """
+
+    scorer: TextScorer
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        return self.scorer(texts)
+
+
 #: The text scorers every :class:`~egalitarian_rl.envs.textgen.TextGenEnv` reports by default, by group name.
-TEXT_SCORERS: dict[str, TextScorer] = {"positive": sentiment, "concise": conciseness, "on_topic": film_topic}
+TEXT_SCORERS: dict[str, TextScorer] = {
+    "positive": sentiment,
+    "positive_review": ReviewScorer(sentiment),
+    "concise": conciseness,
+    "on_topic": film_topic,
+}
 
 
 def score_key(name: str) -> str:
@@ -87,12 +113,19 @@ def score_key(name: str) -> str:
     return f"{SCORE_KEY_PREFIX}{name}"
 
 
-def score_texts(group_names: Sequence[str], texts: Sequence[str], scorers: Mapping[str, TextScorer] | None = None) -> np.ndarray:
+def score_texts(
+    group_names: Sequence[str],
+    texts: Sequence[str],
+    scorers: Mapping[str, TextScorer] | None = None,
+    prompts: Sequence[str] | None = None,
+) -> np.ndarray:
     """True scores of finished texts by every named group.
 
     :param group_names: ``K`` group names, for example ``("positive", "concise")``.
     :param texts: ``n`` finished completions (without the prompt).
     :param scorers: name -> scorer; defaults to :data:`TEXT_SCORERS`.
+    :param prompts: ``n`` prompts as given (before any chat template), one per completion; needed only
+        by :class:`ReviewScorer` groups, which score ``"<prompt> <completion>"``.
     :return: scores ``(n, K)`` float64, column ``k`` from ``group_names[k]``.
     """
     scorers = TEXT_SCORERS if scorers is None else scorers
@@ -100,9 +133,17 @@ def score_texts(group_names: Sequence[str], texts: Sequence[str], scorers: Mappi
     if unknown:
         raise ValueError(f"unknown text group {unknown}; known: {sorted(scorers)}")
     texts = list(texts)
+    if prompts is not None and len(prompts) != len(texts):
+        raise ValueError(f"score_texts: {len(prompts)} prompts for {len(texts)} texts; give one prompt per text")
     scores = np.zeros((len(texts), len(group_names)), dtype=np.float64)
     for k, name in enumerate(group_names):
-        column = np.asarray(scorers[name](texts), dtype=np.float64)
+        scorer = scorers[name]
+        inputs = texts
+        if isinstance(scorer, ReviewScorer):
+            if prompts is None:
+                raise ValueError(f"text group {name!r} scores the prompt with the reply: pass prompts to score_texts")
+            inputs = [f"{prompt} {text}" for prompt, text in zip(prompts, texts)]
+        column = np.asarray(scorer(inputs), dtype=np.float64)
         if column.shape != (len(texts),):
             raise ValueError(f"text scorer {name!r} returned shape {column.shape} for {len(texts)} texts, expected ({len(texts)},)")
         scores[:, k] = column
@@ -143,6 +184,7 @@ __all__ = [
     "TEXT_GROUPS",
     "TEXT_SCORERS",
     "FinishedTextScore",
+    "ReviewScorer",
     "TextScorer",
     "conciseness",
     "film_topic",

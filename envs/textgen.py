@@ -254,7 +254,7 @@ class TextGenEnv(gym.Env[np.ndarray, np.int64]):
         info: dict[str, Any] = dict.fromkeys(self._score_keys, 0.0)
         if self._done:
             completion = self.tokenizer.decode(self.completion_ids, skip_special_tokens=True)
-            scores = score_texts(list(self.scorers), [completion], self.scorers)[0]
+            scores = score_texts(list(self.scorers), [completion], self.scorers, prompts=[self.prompt])[0]
             info.update(zip(self._score_keys, scores.tolist()))
             info.update(prompt=self.prompt, completion=completion)
         return self._obs.copy(), 0.0, terminated, truncated, info

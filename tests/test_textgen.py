@@ -128,6 +128,20 @@ def test_score_texts():
         score_texts(["bad"], texts, scorers={"bad": lambda t: np.zeros(2)})
 
 
+def test_review_scorer_judges_prompt_and_reply_together():
+    prompt = "Watching this stinker constitutes cruel and unusual punishment"
+    replies = ["Awesome.", "Awesome, a wonderful, brilliant and beautiful film full of joy and heart."]
+    reply_only = score_texts(["positive"], replies)[:, 0]
+    review = score_texts(["positive_review", "concise"], replies, prompts=[prompt, prompt])
+    # alone, the one-word reply is already positive; after a negative prompt it does not outweigh it
+    assert reply_only[0] > 0.5 and review[0, 0] < 0.0 < 0.5 < review[1, 0]
+    np.testing.assert_allclose(review[:, 1], [-1 / 20, -12 / 20])  # concise still reads the reply only
+    with pytest.raises(ValueError, match="'positive_review' scores the prompt with the reply: pass prompts"):
+        score_texts(["positive_review"], replies)
+    with pytest.raises(ValueError, match="1 prompts for 2 texts"):
+        score_texts(["positive_review"], replies, prompts=[prompt])
+
+
 def test_custom_scorers_reach_info(tokenizer):
     env = make_env(tokenizer, scorers={"shouty": lambda texts: np.array([t.count("!") for t in texts], dtype=float)})
     env.reset(seed=0)
@@ -203,7 +217,7 @@ def test_model_that_cannot_be_loaded_offline(monkeypatch):
 
 
 def test_unknown_text_group_names_the_known_ones():
-    with pytest.raises(ValueError, match=r"this env offers \['concise', 'on_topic', 'positive'\]"):
+    with pytest.raises(ValueError, match=r"this env offers \['concise', 'on_topic', 'positive', 'positive_review'\]"):
         envs.make_population(envs.TEXTGEN_ID, {"positive": 0.5, "polite": 0.5})
 
 

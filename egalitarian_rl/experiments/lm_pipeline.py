@@ -684,7 +684,7 @@ class LMPipeline:
         self._threads()
         self.log(f"evaluate: {method} on {len(set(prompts))} held-out prompts")
         sample = self.sample(self._load_policy(method), self.formatted(prompts), (3, self.config.evaluate.sample_seed), with_kl=True)
-        sample["scores"] = score_texts(self.group_names, sample["texts"]).tolist()
+        sample["scores"] = score_texts(self.group_names, sample["texts"], prompts=prompts).tolist()
         save_json_atomic(to_jsonable(sample), path)
         self._mark("evaluate", method)
         return sample

@@ -348,7 +348,8 @@ class TextPool:
         cls, prompts: Sequence[str], prompt_index: Sequence[int], completions: Sequence[str], group_names: Sequence[str]
     ) -> TextPool:
         """A pool scored by :func:`~egalitarian_rl.envs.text_groups.score_texts` (the groups' true scores)."""
-        return cls(list(prompts), np.asarray(prompt_index), list(completions), score_texts(group_names, completions), tuple(group_names))
+        scores = score_texts(group_names, completions, prompts=[prompts[i] for i in prompt_index])
+        return cls(list(prompts), np.asarray(prompt_index), list(completions), scores, tuple(group_names))
 
     def to_json(self) -> dict[str, Any]:
         return {
