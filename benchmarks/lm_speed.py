@@ -23,7 +23,7 @@ warm-up step each); the medians are compared. 1 torch thread everywhere. Times a
 the process's CPU seconds: on this shared 2-core machine wall-clock step times swung
 3x with other users' load; wall-clock medians and ratios are reported beside them.
 
-``trl`` is not a dependency of the package; install it for this benchmark only:
+``trl`` is not a dependency of the package: ``make bench`` installs it (the ``bench`` extra), or by hand:
 
     .venv/bin/python -m pip install trl==1.16.0
     .venv/bin/python -m benchmarks.lm_speed [--rounds 2] [--steps 3] [--tiny]
