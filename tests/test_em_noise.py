@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from egalitarian_rl.preferences import Population, PreferenceDataset, UserGroup
 from egalitarian_rl.rewards import EMRewardMixture, adjusted_rand_index
-from egalitarian_rl.rewards.bradley_terry import noisy_log_likelihood
+from egalitarian_rl.rewards.bradley_terry import TieModel, noisy_log_likelihood
 
 torch.set_num_threads(1)
 
@@ -106,26 +106,58 @@ def test_bad_noise_settings_are_rejected():
 def test_davidson_ties_are_a_third_outcome_that_sums_to_one():
     logits = torch.tensor([[-3.0, -0.5, 0.0, 0.7, 4.0]])
     for mistakes in (None, torch.full((5,), 0.15)):
-        log_nu = torch.tensor(1.2)
+        log_nu = TieModel("davidson", torch.tensor([1.2]))
         outcomes = [noisy_log_likelihood(logits, torch.full_like(logits, y), mistakes, log_nu).exp() for y in (1.0, 0.0, 0.5)]
         torch.testing.assert_close(sum(outcomes), torch.ones_like(logits))
         # "equal" is most likely where the reward sees no difference
         assert int(outcomes[2].argmax()) == 2
     # flips exchange the strict answers and leave "equal" alone
-    plain = noisy_log_likelihood(logits, torch.full_like(logits, 0.5), None, torch.tensor(1.2))
-    flipped = noisy_log_likelihood(logits, torch.full_like(logits, 0.5), torch.full((5,), 0.3), torch.tensor(1.2))
+    plain = noisy_log_likelihood(logits, torch.full_like(logits, 0.5), None, log_nu)
+    flipped = noisy_log_likelihood(logits, torch.full_like(logits, 0.5), torch.full((5,), 0.3), log_nu)
     torch.testing.assert_close(plain, flipped)
 
 
-def test_em_with_davidson_ties_fits_saves_and_refuses_a_bad_setting(tmp_path):
+def test_hurdle_ties_are_a_third_outcome_that_sums_to_one():
+    logits = torch.tensor([[-3.0, -0.5, 0.0, 0.7, 4.0]])
+    c, log_s = 1.5, 0.3
+    ties = TieModel("hurdle", torch.tensor([c, log_s]))
+    for mistakes in (None, torch.full((5,), 0.15)):
+        outcomes = [noisy_log_likelihood(logits, torch.full_like(logits, y), mistakes, ties).exp() for y in (1.0, 0.0, 0.5)]
+        torch.testing.assert_close(sum(outcomes), torch.ones_like(logits))
+        # "equal" is sigmoid(c - s |d|), whatever the flip rate
+        torch.testing.assert_close(outcomes[2], torch.sigmoid(c - math.exp(log_s) * logits.abs()))
+    # without flips, the strict answers are Bradley-Terry given "not equal": P(a) / P(b) = e^d
+    p_a, p_b = (noisy_log_likelihood(logits, torch.full_like(logits, y), None, ties) for y in (1.0, 0.0))
+    torch.testing.assert_close(p_a - p_b, logits)
+
+
+def test_tie_parameters_are_clamped_so_nothing_goes_nan():
+    # Where an optimiser's line search can take them: values and gradients stay finite.
+    logits = torch.tensor([[-3.0, 0.0, 0.0, 0.7, 40.0]], requires_grad=True)
+    labels = torch.tensor([[1.0, 0.5, 0.0, 0.5, 0.5]])
+    for kind, params in (("hurdle", [1e4, 1e4]), ("hurdle", [-1e4, -1e4]), ("davidson", [1e4]), ("davidson", [-1e4])):
+        params = torch.tensor(params, requires_grad=True)
+        ll = noisy_log_likelihood(logits, labels, torch.full((5,), 1e-13), TieModel(kind, params))
+        ll.sum().backward()
+        assert torch.isfinite(ll).all() and torch.isfinite(logits.grad).all() and torch.isfinite(params.grad).all(), kind
+        logits.grad = None
+    for kind, shape in (("hurdle", 1), ("davidson", 2), ("rao-kupper", 1)):
+        with pytest.raises(ValueError):
+            TieModel(kind, torch.zeros(shape))
+
+
+@pytest.mark.parametrize("ties", ["davidson", "hurdle"])
+def test_em_with_ties_fits_saves_and_refuses_a_bad_setting(tmp_path, ties):
     population = Population([UserGroup("up", _up, 0.7, equal_threshold=0.3), UserGroup("down", _down, 0.3, equal_threshold=0.3)])
     data = make_dataset(n_users=12, per_user=15, seed=3, population=population)
     assert (data.labels == 0.5).any()
-    em = EMRewardMixture(2, use_next_state=True, hidden_sizes=(16,), seed=0, batch_size=32, final_epochs=5, ties="davidson")
+    em = EMRewardMixture(2, use_next_state=True, hidden_sizes=(16,), seed=0, batch_size=32, final_epochs=5, ties=ties, mistake_rate="learn")
     em.fit(data)
-    assert em.tie_log_nu_ is not None and math.isfinite(em.tie_log_nu_)
+    assert em.tie_params_ is not None and em.tie_params_.shape == ({"davidson": 1, "hurdle": 2}[ties],)
+    assert np.isfinite(em.tie_params_).all() and (em.tie_log_nu_ is not None) == (ties == "davidson")
     loaded = EMRewardMixture.load(em.save(tmp_path / "em"))
-    assert loaded.tie_log_nu_ == em.tie_log_nu_ and loaded.ties == "davidson"
+    np.testing.assert_array_equal(loaded.tie_params_, em.tie_params_)
+    assert loaded.ties == ties
     np.testing.assert_allclose(loaded.user_log_likelihoods(data), em.user_log_likelihoods(data), rtol=1e-5)
     with pytest.raises(ValueError, match="ties must be None"):
         EMRewardMixture(2, ties="rao-kupper")

@@ -290,32 +290,95 @@ def pair_logits(
     return returns[inverse[:, 0]] - returns[inverse[:, 1]]
 
 
+#: Tie models of :class:`TieModel` and the number of parameters each has.
+TIE_PARAMETERS = {"davidson": 1, "hurdle": 2}
+#: Every tie parameter (``log nu``, ``c``) is clamped to +-this, as the flip rate's logit in the
+#: linear start: on noiseless data an optimiser's line search can run them off to where
+#: ``log`` of an underflowed probability turns the gradients into NaN.
+MAX_TIE_PARAMETER = 30.0
+#: ``log s`` of the hurdle model is clamped to +-this (``s`` in [4.5e-5, 22026]).
+MAX_TIE_LOG_SLOPE = 10.0
+
+
+@dataclass(frozen=True)
+class TieModel:
+    """How an "equal" answer (label 0.5) is scored as a third outcome by :func:`noisy_log_likelihood`.
+
+    For a return difference ``d`` (the logit):
+
+    * ``"davidson"`` (Davidson, 1970): ``P(a) : P(b) : P(equal) = e^(d/2) : e^(-d/2) : nu``;
+      ``params = [log nu]``, shape ``(1,)``. The tie probability is bound to the preference
+      logit's scale: where answers are noisy (small ``beta``, small ``d``) "equal" says little.
+    * ``"hurdle"``: ``P(equal | d) = sigmoid(c - s |d|)``, and a strict answer is Bradley-Terry
+      given that the user did not say "equal": ``P(a) = (1 - P(equal)) sigmoid(d)``;
+      ``params = [c, log s]``, shape ``(2,)``. ``c`` is the tie logit at ``d = 0``, ``s`` how fast
+      "equal" becomes unlikely as the returns differ, learned apart from the preference scale,
+      so "equal" can be near-certain evidence even when the strict answers are noisy.
+
+    Parameters are clamped (``MAX_TIE_PARAMETER``, ``MAX_TIE_LOG_SLOPE``) where they are used, so
+    no value an optimiser tries can make the likelihood or its gradient non-finite.
+
+    :param kind: ``"davidson"`` or ``"hurdle"``.
+    :param params: ``(P,)`` float tensor, ``P = TIE_PARAMETERS[kind]`` (may require grad).
+    """
+
+    kind: str
+    params: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.kind not in TIE_PARAMETERS:
+            raise ValueError(f"tie model must be one of {sorted(TIE_PARAMETERS)}, got {self.kind!r}")
+        if self.params.shape != (TIE_PARAMETERS[self.kind],):
+            raise ValueError(f"{self.kind} tie model takes {TIE_PARAMETERS[self.kind]} parameters, got shape {tuple(self.params.shape)}")
+
+    @staticmethod
+    def initial(kind: str) -> np.ndarray:
+        """Starting parameters of ``kind``: ``nu = 1`` ("equal" has 1/3 at ``d = 0``), hurdle ``c = 0, s = 1``."""
+        return np.zeros(TIE_PARAMETERS[kind])
+
+    def clamped(self) -> torch.Tensor:
+        """``(P,)`` the parameters as the likelihood uses them (``log nu``/``c`` to +-30, ``log s`` to +-10)."""
+        bounds = torch.tensor([MAX_TIE_PARAMETER, MAX_TIE_LOG_SLOPE][: len(self.params)], dtype=self.params.dtype)
+        return torch.maximum(torch.minimum(self.params, bounds), -bounds)
+
+    def log_outcomes(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``log P(a)``, ``log P(b)``, ``log P(equal)`` before answer flips, each shaped like ``logits``."""
+        params = self.clamped().to(logits.dtype)
+        if self.kind == "davidson":
+            log_nu = params[0].expand_as(logits)
+            half = logits / 2.0
+            log_total = torch.logsumexp(torch.stack([half, -half, log_nu]), dim=0)
+            return half - log_total, -half - log_total, log_nu - log_total
+        tie_logit = params[0] - params[1].exp() * logits.abs()
+        log_strict = F.logsigmoid(-tie_logit)
+        return log_strict + F.logsigmoid(logits), log_strict + F.logsigmoid(-logits), F.logsigmoid(tie_logit)
+
+
 def noisy_log_likelihood(
     logits: torch.Tensor,
     labels: torch.Tensor,
     mistake_rates: torch.Tensor | None = None,
-    tie_log_nu: torch.Tensor | None = None,
+    ties: TieModel | None = None,
 ) -> torch.Tensor:
     """Log-likelihood of labels under Bradley-Terry with answer flips, elementwise.
 
     ``P(a > b) = m + (1 - 2 m) sigmoid(logit)``; a label ``y`` in {0, 0.5, 1} is a (soft) target:
     ``y log P + (1 - y) log(1 - P)``. With ``m = 0`` this is ``-BCE_with_logits`` exactly.
 
-    With ``tie_log_nu`` an "equal" answer (label 0.5) is a third outcome of its own (Davidson,
-    1970): ``P(a) : P(b) : P(equal) = e^(d/2) : e^(-d/2) : nu`` with ``d`` the logit, so "equal"
-    is likely where the reward sees no difference and unlikely where it sees a large one. The
-    soft target 0.5 is almost flat in ``d`` and throws that evidence away; on FairGrid, where
-    about half the answers are "equal", it is most of what tells two groups' users apart. Flips
-    (``m``) exchange the two strict answers and leave "equal" alone.
+    With ``ties`` an "equal" answer (label 0.5) is a third outcome of its own
+    (:class:`TieModel`: Davidson or hurdle), likely where the reward sees no difference and
+    unlikely where it sees a large one. The soft target 0.5 is almost flat in ``d`` and throws
+    that evidence away; on FairGrid, where about half the answers are "equal", it is most of what
+    tells two groups' users apart. Flips (``m``) exchange the two strict answers and leave
+    "equal" alone: ``P'(a) = (1 - m) P(a) + m P(b)``.
 
     :param logits: ``R(a) - R(b)``, any shape ``(..., M)`` (or ``(M, b)`` with ``mistake_rates``
         broadcast along the matching axis by the caller).
     :param labels: probability that ``a`` is preferred, broadcastable to ``logits``.
     :param mistake_rates: flip probability in [0, 0.5), broadcastable to ``logits``; ``None`` = 0.
-    :param tie_log_nu: ``log nu`` of the Davidson tie model, broadcastable to ``logits``;
-        ``None`` = ties are the soft target 0.5.
+    :param ties: the tie model; ``None`` = ties are the soft target 0.5.
     """
-    if tie_log_nu is None:
+    if ties is None:
         if mistake_rates is None:
             return -F.binary_cross_entropy_with_logits(logits, labels.expand_as(logits), reduction="none")
         # log(m + (1 - 2m) s) = logaddexp(log m, log(1 - 2m) + log s), stable for m = 0 (log 0 = -inf).
@@ -324,16 +387,13 @@ def noisy_log_likelihood(
         log_p_a = torch.logaddexp(log_m.expand_as(logits), log_keep + F.logsigmoid(logits))
         log_p_b = torch.logaddexp(log_m.expand_as(logits), log_keep + F.logsigmoid(-logits))
         return labels * log_p_a + (1.0 - labels) * log_p_b
-    log_nu = tie_log_nu.expand_as(logits)
-    half = logits / 2.0
-    log_total = torch.logsumexp(torch.stack([half, -half, log_nu]), dim=0)
-    log_p_a, log_p_b = half - log_total, -half - log_total
+    log_p_a, log_p_b, log_p_tie = ties.log_outcomes(logits)
     if mistake_rates is not None:
         log_m, log_keep = torch.log(mistake_rates).expand_as(logits), torch.log1p(-mistake_rates).expand_as(logits)
         log_p_a, log_p_b = torch.logaddexp(log_keep + log_p_a, log_m + log_p_b), torch.logaddexp(log_keep + log_p_b, log_m + log_p_a)
     labels = labels.expand_as(logits)
     strict = labels * log_p_a + (1.0 - labels) * log_p_b
-    return torch.where(labels == 0.5, log_nu - log_total, strict)
+    return torch.where(labels == 0.5, log_p_tie, strict)
 
 
 @torch.no_grad()
@@ -463,7 +523,7 @@ def train_reward(
     log_prefix: str = "reward",
     progress_bar: bool = False,
     mistake_rates: torch.Tensor | None = None,
-    tie_log_nu: torch.Tensor | None = None,
+    ties: TieModel | None = None,
     max_epoch_comparisons: int | None = None,
 ) -> TrainingHistory:
     """Fit the members of ``reward`` by weighted Bradley-Terry loss (warm start: training continues from its parameters).
@@ -499,8 +559,8 @@ def train_reward(
     :param progress_bar: show a tqdm bar over epochs.
     :param mistake_rates: ``(K,)`` answer-flip probability per member for the noise-aware
         likelihood (:func:`noisy_log_likelihood`); ``None`` = plain BT.
-    :param tie_log_nu: ``()`` log of the Davidson tie parameter for "equal" answers
-        (:func:`noisy_log_likelihood`); ``None`` = ties are the soft target 0.5.
+    :param ties: the tie model scoring "equal" answers (:class:`TieModel`, its parameters fixed
+        here); ``None`` = ties are the soft target 0.5.
     :param max_epoch_comparisons: most comparisons the largest member trains on per epoch
         (``None``: all of them, a full pass). When a member has more, every epoch trains each
         member on a fresh random subset of the same fraction of its comparisons, so an epoch
@@ -577,7 +637,7 @@ def train_reward(
                 returns = _grouped_returns(reward, segs.unsqueeze(0), slice(member, member + 1), discount)[0]
                 logits = returns[:n_rows] - returns[n_rows:]
                 member_m = None if mistake_rates is None else mistake_rates[member]
-                losses = -noisy_log_likelihood(logits, labels[idx], member_m, tie_log_nu)
+                losses = -noisy_log_likelihood(logits, labels[idx], member_m, ties)
                 # Per-member weighted mean: members' loss scales do not depend on their cluster sizes.
                 loss = loss + (losses * w).sum() / w.sum().clamp_min(1e-12)
                 step_losses.append((losses.detach() * w).sum())
@@ -602,7 +662,7 @@ def train_reward(
 
         if len(val_idx) > 0:
             val_logits = pair_logits(reward, table, val_idx, discount)
-            val_ll = noisy_log_likelihood(val_logits, labels[val_idx][:, None], mistake_rates, tie_log_nu)
+            val_ll = noisy_log_likelihood(val_logits, labels[val_idx][:, None], mistake_rates, ties)
             if not torch.isfinite(val_ll).all():
                 raise RewardTrainingError(f"validation log-likelihood became non-finite at epoch {epoch + 1} (lr={lr})")
             per_member = -(val_ll * val_w).sum(0) / val_w.sum(0).clamp_min(1e-12)

@@ -97,8 +97,10 @@ from egalitarian_rl.preferences.dataset import PooledPreferenceDataset, Preferen
 from egalitarian_rl.rewards import em_start
 from egalitarian_rl.rewards.bradley_terry import (
     DEFAULT_CHUNK_SEGMENTS,
+    TIE_PARAMETERS,
     ComparisonFeatures,
     RewardTrainingError,
+    TieModel,
     build_comparison_features,
     noisy_log_likelihood,
     pair_logits,
@@ -228,6 +230,11 @@ class EMRewardMixture:
         "equal" is the soft target 0.5, which is nearly flat in ``d`` and so says little about
         which group a user belongs to. With true rewards on FairGrid (half the answers
         "equal"), scoring users this way raised the oracle's ARI from 0.49-0.87 to 0.82-1.00.
+        ``"hurdle"``: ``P(equal) = sigmoid(c - s |d|)`` and strict answers Bradley-Terry given
+        not "equal" (:class:`~egalitarian_rl.rewards.bradley_terry.TieModel`), with ``c`` and
+        ``s`` shared by all members and fitted by L-BFGS after every M-step: the tie
+        probability's sharpness ``s`` is learned apart from the preference logit's scale,
+        to which Davidson binds it. Fitted parameters are in ``tie_params_``.
     :param shared_scale: in the E-step likelihood, rescale every member's return differences to
         one common confidence (RMS 1 times a shared, fitted rationality ``beta``; ``logit_scales_``),
         so users are grouped by what they prefer, not by how noisily they answer.
@@ -303,8 +310,8 @@ class EMRewardMixture:
             raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
         if not (mistake_rate is None or mistake_rate == "learn" or (isinstance(mistake_rate, (int, float)) and 0 <= mistake_rate < 0.5)):
             raise ValueError(f"mistake_rate must be None, 'learn' or a number in [0, 0.5), got {mistake_rate!r}")
-        if ties not in (None, "davidson"):
-            raise ValueError(f"ties must be None (soft target 0.5) or 'davidson', got {ties!r}")
+        if ties is not None and ties not in TIE_PARAMETERS:
+            raise ValueError(f"ties must be None (soft target 0.5), 'davidson' or 'hurdle', got {ties!r}")
         if n_init < 1 or max_iter < 1:
             raise ValueError(f"n_init and max_iter must be >= 1, got {n_init} and {max_iter}")
         if max_epoch_comparisons is not None and (
@@ -372,14 +379,21 @@ class EMRewardMixture:
         self.history_: list[dict[str, Any]] = []
         #: ``(K,)`` answer-flip probability of each member's likelihood (zeros for plain BT).
         self.mistake_rates_: np.ndarray | None = None
-        #: ``log nu`` of the Davidson tie model shared by all members (``None`` unless ``ties="davidson"``).
-        self.tie_log_nu_: float | None = None
+        #: ``(P,)`` parameters of the tie model shared by all members (``None`` unless ``ties`` is set):
+        #: ``[log nu]`` for ``"davidson"``, ``[c, log s]`` for ``"hurdle"``
+        #: (:class:`~egalitarian_rl.rewards.bradley_terry.TieModel`).
+        self.tie_params_: np.ndarray | None = None
         #: ``(K,)`` factor on each member's return differences in the likelihood (ones unless ``shared_scale``).
         self.logit_scales_: np.ndarray | None = None
         self.n_iter_: int = 0
         self.converged_: bool = False
         #: How the last fit held its data (see :meth:`memory_plan`): table cached or streamed, chunk size, estimate.
         self.memory_plan_: dict[str, Any] | None = None
+
+    @property
+    def tie_log_nu_(self) -> float | None:
+        """``log nu`` of the Davidson tie model (``None`` unless ``ties="davidson"`` and fitted)."""
+        return float(self.tie_params_[0]) if self.ties == "davidson" and self.tie_params_ is not None else None
 
     # ----------------------------------------------------------------- helpers
     def hyperparameters(self) -> dict[str, Any]:
@@ -452,7 +466,7 @@ class EMRewardMixture:
             epochs=epochs, lr=self.lr, batch_size=self.batch_size, weight_decay=self.weight_decay,
             validation_mask=data.held_out if validate else None,
             exclude_mask=data.held_out, patience=patience if validate else None, discount=self.discount, generator=generator,
-            mistake_rates=mistake_rates, tie_log_nu=self._tie_tensor(), max_epoch_comparisons=self.max_epoch_comparisons,
+            mistake_rates=mistake_rates, ties=self._tie_model(), max_epoch_comparisons=self.max_epoch_comparisons,
         )  # fmt: skip
         return history.train_loss[-1] if history.train_loss else float("nan")
 
@@ -501,9 +515,12 @@ class EMRewardMixture:
             return None
         return torch.as_tensor(self.mistake_rates_[:n_active], dtype=torch.float32)
 
-    def _tie_tensor(self) -> torch.Tensor | None:
-        """``()`` log nu of the tie model for the likelihood, or ``None`` when ties are the soft target 0.5."""
-        return None if self.tie_log_nu_ is None else torch.tensor(self.tie_log_nu_, dtype=torch.float32)
+    def _tie_model(self, params: torch.Tensor | np.ndarray | None = None) -> TieModel | None:
+        """The tie model with ``params`` (default ``tie_params_``), or ``None`` when ties are the soft target 0.5."""
+        params = self.tie_params_ if params is None else params
+        if self.ties is None or params is None:
+            return None
+        return TieModel(self.ties, torch.as_tensor(params, dtype=torch.float32))
 
     def _calibrate(self, reward: RewardMixture, data: _Data, responsibilities: np.ndarray, n_active: int | None = None) -> None:
         """Fit the likelihood's per-member logit scales and (``mistake_rate="learn"``) the shared flip rate.
@@ -528,7 +545,7 @@ class EMRewardMixture:
             unit = raw / raw.square().mean(0).sqrt().clamp_min(1e-6)  # (N', M), RMS 1 per member
             m = self._mistake_tensor(n_active)
             betas = torch.exp(torch.linspace(math.log(0.05), math.log(20.0), 40))
-            ties = self._tie_tensor()
+            ties = self._tie_model()
             scores = torch.stack([(noisy_log_likelihood(beta * unit, labels, m, ties) * weights).sum() for beta in betas])
             beta = betas[scores.argmax()]
             self.logit_scales_[:n_active] = (beta / raw.square().mean(0).sqrt().clamp_min(1e-6)).double().numpy()
@@ -537,17 +554,38 @@ class EMRewardMixture:
             grid = torch.linspace(0.0, 0.45, 46)
             # One rate for all members: noise belongs to the annotators, not to a group (a rate per
             # member lets EM group users by how noisy they are, measured: ARI 0.55 -> 0.18).
-            ties = self._tie_tensor()
+            ties = self._tie_model()
             scores = torch.stack([(noisy_log_likelihood(logits, labels, m.expand(n_active), ties) * weights).sum() for m in grid])
             self.mistake_rates_[:n_active] = float(grid[scores.argmax()])
         if self.ties is not None:
             logits = raw * torch.as_tensor(self.logit_scales_[:n_active], dtype=torch.float32)
             m = self._mistake_tensor(n_active)
-            # One nu for all members, like the flip rate: how readily people say "equal" belongs to
-            # the annotators; what they call equal is in each member's reward.
-            grid = torch.linspace(-4.0, 6.0, 41)
-            scores = torch.stack([(noisy_log_likelihood(logits, labels, m, log_nu) * weights).sum() for log_nu in grid])
-            self.tie_log_nu_ = float(grid[scores.argmax()])
+            # One tie model for all members, like the flip rate: how readily people say "equal"
+            # belongs to the annotators; what they call equal is in each member's reward.
+            if self.ties == "davidson":
+                grid = torch.linspace(-4.0, 6.0, 41)
+                scores = torch.stack([(noisy_log_likelihood(logits, labels, m, self._tie_model(v[None])) * weights).sum() for v in grid])
+                self.tie_params_ = np.array([float(grid[scores.argmax()])])
+            else:
+                self.tie_params_ = self._fit_tie_params(logits, labels, m, weights)
+
+    def _fit_tie_params(self, logits: torch.Tensor, labels: torch.Tensor, m: torch.Tensor | None, weights: torch.Tensor) -> np.ndarray:
+        """``(P,)`` tie parameters maximising the weighted likelihood of fixed ``logits`` (L-BFGS from ``tie_params_``, clamped)."""
+        assert self.ties is not None and self.tie_params_ is not None
+        logits, weights = logits.detach().double(), weights.double()
+        m = None if m is None else m.double()
+        params = torch.as_tensor(self.tie_params_, dtype=torch.float64).clone().requires_grad_(True)
+        optimizer = torch.optim.LBFGS([params], max_iter=50, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = -(noisy_log_likelihood(logits, labels.double(), m, TieModel(self.ties, params)) * weights).sum()  # type: ignore[arg-type]
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        fitted = TieModel(self.ties, params.detach()).clamped()
+        return fitted.numpy() if bool(torch.isfinite(fitted).all()) else self.tie_params_
 
     def _user_ll(self, reward: RewardMixture, data: _Data, n_active: int | None = None) -> torch.Tensor:
         """``(U, K)`` summed log-likelihood of each user's comparisons under each member (noise-aware if set).
@@ -558,7 +596,7 @@ class EMRewardMixture:
         logits = self._logits(reward, data, n_active)
         if self.logit_scales_ is not None:
             logits = logits * torch.as_tensor(self.logit_scales_[:n_active], dtype=torch.float32)
-        ll = noisy_log_likelihood(logits, data.labels[:, None], self._mistake_tensor(n_active), self._tie_tensor())
+        ll = noisy_log_likelihood(logits, data.labels[:, None], self._mistake_tensor(n_active), self._tie_model())
         user_ll = torch.full((data.n_users, self.n_components), -math.inf, dtype=torch.float64)
         user_ll[:, :n_active] = torch.zeros(data.n_users, n_active, dtype=torch.float64).index_add_(0, data.user_index, ll.double())
         return user_ll
@@ -654,7 +692,7 @@ class EMRewardMixture:
         # "learn" starts from a moderate 10% flip rate and re-estimates it after every M-step.
         initial_m = {None: 0.0, "learn": 0.1}.get(self.mistake_rate, self.mistake_rate)  # type: ignore[call-overload]
         self.mistake_rates_ = np.full(self.n_components, float(initial_m))
-        self.tie_log_nu_ = None if self.ties is None else 0.0
+        self.tie_params_ = None if self.ties is None else TieModel.initial(self.ties)
         self.logit_scales_ = np.ones(self.n_components)
 
         pooled_state = None
@@ -674,7 +712,8 @@ class EMRewardMixture:
             if pooled_state is not None:
                 reward.load_state_dict(pooled_state)
             self.mistake_rates_ = np.full(self.n_components, float(initial_m))
-            self.tie_log_nu_ = None if self.ties is None else 0.0  # nu = 1: "equal" has 1/3 at d = 0 until fitted
+            # Davidson nu = 1 ("equal" has 1/3 at d = 0), hurdle c = 0, s = 1 until fitted.
+            self.tie_params_ = None if self.ties is None else TieModel.initial(self.ties)
             self.logit_scales_ = np.ones(self.n_components)
             if self.init == "split":
                 start = self._split_start(reward, data, restart_seed, restart_generator)
@@ -689,7 +728,8 @@ class EMRewardMixture:
             result = self._run_em(reward, data, dataset, start, restart_generator, restart)
             if best is None or result["log_likelihood"] > best["log_likelihood"]:
                 state = {name: t.clone() for name, t in result["reward"].state_dict().items()}
-                fitted = {"m": self.mistake_rates_.copy(), "scales": self.logit_scales_.copy(), "nu": self.tie_log_nu_}
+                ties = None if self.tie_params_ is None else self.tie_params_.copy()
+                fitted = {"m": self.mistake_rates_.copy(), "scales": self.logit_scales_.copy(), "ties": ties}
                 best = {**result, "state": state, **fitted}
 
         assert best is not None
@@ -703,7 +743,7 @@ class EMRewardMixture:
         self.assignments_ = self.responsibilities_.argmax(1)
         self.shares_ = best["shares"]
         self.mistake_rates_ = best["m"]
-        self.tie_log_nu_ = best["nu"]
+        self.tie_params_ = best["ties"]
         self.logit_scales_ = best["scales"]
         self.log_likelihood_ = best["log_likelihood"]
         self.history_ = best["history"]
@@ -806,25 +846,26 @@ class EMRewardMixture:
         ``linear_starts`` starts, ridge ``linear_ridge``, first temperature ``linear_anneal``) on
         the training comparisons, writes each head into the last layer of a copy of the pooled
         member (and of its cross-fitting twin), and takes over its fitted flip rate
-        (``mistake_rate="learn"``) and tie parameter (``ties="davidson"``). Hard EM starts from
-        the argmax of its responsibilities, soft EM from the responsibilities themselves.
+        (``mistake_rate="learn"``) and tie parameters (the start uses the hurdle model with
+        ``ties="hurdle"``, Davidson otherwise). Hard EM starts from the argmax of its
+        responsibilities, soft EM from the responsibilities themselves.
         """
         k = self.n_components
         train = ~data.held_out
         hidden = em_start.segment_hidden_sums(reward, data.features, [0], self.discount)
         hidden = em_start.SegmentHidden(hidden.hidden_sums, hidden.pair_rows[train])
-        mixture, heads = em_start.linear_mixture_start(
-            hidden, data.labels[train], data.user_index[train], data.n_users, k,
-            n_starts=self.linear_starts, ridge=self.linear_ridge, t0=self.linear_anneal, seed=seed,
-        )  # fmt: skip
+        ties = "hurdle" if self.ties == "hurdle" else "davidson"
+        settings = em_start.LinearStartSettings(n_starts=self.linear_starts, ridge=self.linear_ridge, t0=self.linear_anneal, ties=ties)
+        labels, user_index = data.labels[train], data.user_index[train]
+        mixture, heads = em_start.linear_mixture_start(hidden, labels, user_index, data.n_users, k, settings, seed=seed)
         members = list(range(k)) + ([k + m for m in range(k)] if self._twinned(reward) else [])
         with torch.no_grad():
             for member in members:
                 reward.weights[-1][member, :, 0] = heads[member % k]
         if self.mistake_rate == "learn":
             self.mistake_rates_[:] = mixture.mistake_rate
-        if self.ties is not None and mixture.tie_log_nu is not None:
-            self.tie_log_nu_ = mixture.tie_log_nu
+        if self.ties is not None and mixture.ties == self.ties and mixture.tie_params is not None:
+            self.tie_params_ = mixture.tie_params.copy()
         if self.soft:
             return mixture.responsibilities
         return np.eye(k)[mixture.responsibilities.argmax(1)]
@@ -1126,7 +1167,8 @@ class EMRewardMixture:
             "responsibilities": self.responsibilities_.tolist(),
             "shares": self.shares_.tolist(),
             "mistake_rates": None if self.mistake_rates_ is None else self.mistake_rates_.tolist(),
-            "tie_log_nu": self.tie_log_nu_,
+            "tie_params": None if self.tie_params_ is None else self.tie_params_.tolist(),
+            "tie_log_nu": self.tie_log_nu_,  # Davidson only: read by versions before "tie_params"
             "logit_scales": None if self.logit_scales_ is None else self.logit_scales_.tolist(),
             "log_likelihood": self.log_likelihood_,
             "history": self.history_,
@@ -1173,7 +1215,9 @@ class EMRewardMixture:
         model.shares_ = np.asarray(state["shares"], dtype=np.float64)
         # Saved before noise-aware likelihoods existed: plain Bradley-Terry.
         model.mistake_rates_ = np.asarray(state.get("mistake_rates") or np.zeros(model.n_components), dtype=np.float64)
-        model.tie_log_nu_ = None if state.get("tie_log_nu") is None else float(state["tie_log_nu"])
+        # Saved before the hurdle model: Davidson's log nu alone.
+        tie_params = state.get("tie_params", None if state.get("tie_log_nu") is None else [state["tie_log_nu"]])
+        model.tie_params_ = None if tie_params is None else np.asarray(tie_params, dtype=np.float64)
         model.logit_scales_ = np.asarray(state.get("logit_scales") or np.ones(model.n_components), dtype=np.float64)
         model.log_likelihood_ = float(state["log_likelihood"])
         model.history_ = state["history"]

@@ -11,8 +11,9 @@ What: the segments' last hidden layer ``H`` of the pooled reward (summed over a 
 steps, as the reward is) is a feature map every member shares; a member's reward is then a
 *linear head* ``w_k`` on it, ``R_k(a) - R_k(b) = w_k . (H(a) - H(b))``. Mixtures of such heads
 are cheap (a few thousand comparisons of a few dozen features), so this module fits the whole
-mixture -- heads, shares, a shared flip rate and (when there are "equal" answers) a shared
-Davidson tie parameter -- by soft EM with deterministic annealing, from many starts, and keeps
+mixture -- heads, shares, a shared flip rate and (when there are "equal" answers) shared
+tie parameters (Davidson or hurdle, :class:`~egalitarian_rl.rewards.bradley_terry.TieModel`) --
+by soft EM with deterministic annealing, from many starts, and keeps
 the start with the best penalised mixture log-likelihood. The heads are then written into the
 members' last layers and the responsibilities start the neural EM.
 
@@ -22,8 +23,9 @@ Details:
   negligible variance dropped, at most ``max_dim`` kept), so one isotropic ridge penalty
   ``ridge / 2 * |w_k|^2`` means the same for every env;
 * the likelihood is :func:`~egalitarian_rl.rewards.bradley_terry.noisy_log_likelihood` with a
-  learned flip rate ``m`` (annotators' mistakes) and, when the data have "equal" answers, the
-  Davidson tie outcome (a tie is likely where a head sees no difference): what the start's
+  learned flip rate ``m`` (annotators' mistakes) and, when the data have "equal" answers, a
+  tie outcome (a tie is likely where a head sees no difference; ``LinearStartSettings.ties``
+  picks Davidson or hurdle): what the start's
   clustering rests on, whatever likelihood the neural EM uses afterwards;
 * annealing: the E-step's log-posteriors are divided by a temperature falling geometrically
   from ``t0`` to 1 over the first half of the iterations, so early iterations keep every user
@@ -38,21 +40,48 @@ Details:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from sklearn.cluster import KMeans
 
-from egalitarian_rl.rewards.bradley_terry import ComparisonFeatures, noisy_log_likelihood
+from egalitarian_rl.rewards.bradley_terry import ComparisonFeatures, TieModel, noisy_log_likelihood
 from egalitarian_rl.rewards.nets import RewardMixture
 
 #: The flip rate is ``MAX_MISTAKE_RATE * sigmoid(theta)``.
 MAX_MISTAKE_RATE = 0.45
-#: ``theta`` (and the tie parameter ``log nu``) are clamped to +-this: on noiseless data the flip
-#: rate heads for 0, L-BFGS's line search then takes ``theta`` so low that ``sigmoid`` underflows
-#: to 0 and ``log 0``'s infinite gradient turns every parameter into NaN.
+#: ``theta`` is clamped to +-this (the tie parameters are clamped by :class:`TieModel`): on
+#: noiseless data the flip rate heads for 0, L-BFGS's line search then takes ``theta`` so low that
+#: ``sigmoid`` underflows to 0 and ``log 0``'s infinite gradient turns every parameter into NaN.
 MAX_LOGIT = 30.0
+
+
+@dataclass(frozen=True)
+class LinearStartSettings:
+    """How the linear-mixture start is fitted (:func:`fit_linear_mixture`, :func:`linear_mixture_start`).
+
+    :param n_starts: starts tried (the k-means one first, then random Dirichlet responsibilities).
+    :param n_iter: most EM iterations per start (the temperature reaches 1 at half of them).
+    :param ridge: ``ridge / 2 * |w_k|^2`` per head, in whitened units.
+    :param t0: first temperature of the annealing (1 = no annealing).
+    :param m_step_iter: L-BFGS iterations per M-step (warm-started).
+    :param tol: once the temperature is 1, stop when no responsibility changes by more than this.
+    :param max_dim: whitened feature dimensions kept at most.
+    :param max_comparisons: fit on whole users drawn at random until this many comparisons;
+        all users are then assigned with the fitted heads.
+    :param ties: tie model (``"davidson"`` or ``"hurdle"``) used when the data have "equal" answers.
+    """
+
+    n_starts: int = 8
+    n_iter: int = 40
+    ridge: float = 1.0
+    t0: float = 4.0
+    m_step_iter: int = 15
+    tol: float = 1e-4
+    max_dim: int = 32
+    max_comparisons: int = 50_000
+    ties: str = "davidson"
 
 
 @dataclass
@@ -116,7 +145,9 @@ class LinearMixture:
     :param responsibilities: ``(U, K)`` posterior of every user (temperature 1, fitted shares as prior).
     :param shares: ``(K,)`` mixing weights.
     :param mistake_rate: fitted shared flip rate.
-    :param tie_log_nu: fitted shared Davidson ``log nu`` (``None`` without "equal" answers).
+    :param ties: tie model used (``"davidson"``/``"hurdle"``; ``None`` without "equal" answers).
+    :param tie_params: ``(P,)`` its fitted shared parameters (:class:`TieModel`), clamped;
+        ``None`` without "equal" answers.
     :param objective: penalised mixture log-likelihood on the comparisons it was fitted to.
     :param restart_objectives: that objective for every start tried, in order.
     """
@@ -125,24 +156,31 @@ class LinearMixture:
     responsibilities: np.ndarray
     shares: np.ndarray
     mistake_rate: float
-    tie_log_nu: float | None
+    ties: str | None
+    tie_params: np.ndarray | None
     objective: float
     restart_objectives: list[float] = field(default_factory=list)
 
 
 class _Likelihood:
-    """Per-comparison log-likelihood of K linear heads, with shared flip rate and tie parameter."""
+    """Per-comparison log-likelihood of K linear heads, with shared flip rate and tie parameters.
 
-    def __init__(self, z: torch.Tensor, pair_rows: torch.Tensor, labels: torch.Tensor, ties: bool) -> None:
+    :param ties: tie model (``"davidson"``/``"hurdle"``), or ``None``: "equal" is the soft target 0.5.
+    """
+
+    def __init__(self, z: torch.Tensor, pair_rows: torch.Tensor, labels: torch.Tensor, ties: str | None) -> None:
         self.z, self.pair_rows, self.labels, self.ties = z, pair_rows, labels.double()[:, None], ties
 
-    def __call__(self, heads: torch.Tensor, theta_m: torch.Tensor, log_nu: torch.Tensor) -> torch.Tensor:
-        """``(N, K)`` log-likelihood of every comparison under every head."""
+    def __call__(self, heads: torch.Tensor, theta_m: torch.Tensor, tie_params: torch.Tensor) -> torch.Tensor:
+        """``(N, K)`` log-likelihood of every comparison under every head.
+
+        :param heads: ``(K, d)``; ``theta_m``: ``()`` flip-rate logit; ``tie_params``: ``(P,)`` (ignored without ties).
+        """
         scores = self.z @ heads.T  # (S', K)
         logits = scores[self.pair_rows[:, 0]] - scores[self.pair_rows[:, 1]]
         m = MAX_MISTAKE_RATE * torch.sigmoid(theta_m.clamp(-MAX_LOGIT, MAX_LOGIT))
-        log_nu = log_nu.clamp(-MAX_LOGIT, MAX_LOGIT)
-        return noisy_log_likelihood(logits, self.labels, m.expand(heads.shape[0]), log_nu if self.ties else None)
+        ties = None if self.ties is None else TieModel(self.ties, tie_params)
+        return noisy_log_likelihood(logits, self.labels, m.expand(heads.shape[0]), ties)
 
 
 def _user_sums(values: torch.Tensor, user_index: torch.Tensor, n_users: int) -> torch.Tensor:
@@ -155,14 +193,14 @@ def _posterior(user_ll: torch.Tensor, shares: torch.Tensor, temperature: float) 
 
 
 def _m_step(
-    optimizer: torch.optim.LBFGS, likelihood: _Likelihood, heads: torch.Tensor, theta_m: torch.Tensor, log_nu: torch.Tensor,
+    optimizer: torch.optim.LBFGS, likelihood: _Likelihood, heads: torch.Tensor, theta_m: torch.Tensor, tie_params: torch.Tensor,
     weights: torch.Tensor, ridge: float,
 ) -> None:  # fmt: skip
     """Maximise the responsibility-weighted log-likelihood minus the ridge penalty (warm-started L-BFGS)."""
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = -(likelihood(heads, theta_m, log_nu) * weights).sum() + 0.5 * ridge * heads.square().sum()
+        loss = -(likelihood(heads, theta_m, tie_params) * weights).sum() + 0.5 * ridge * heads.square().sum()
         loss.backward()
         return loss
 
@@ -176,17 +214,12 @@ def fit_linear_mixture(
     user_index: torch.Tensor,
     n_users: int,
     k: int,
+    settings: LinearStartSettings = LinearStartSettings(),
     *,
-    n_starts: int = 8,
-    n_iter: int = 40,
-    ridge: float = 1.0,
-    t0: float = 4.0,
-    m_step_iter: int = 15,
-    tol: float = 1e-4,
     initial: list[np.ndarray] | None = None,
     seed: int = 0,
 ) -> LinearMixture:
-    """Soft EM with deterministic annealing for a mixture of K linear heads, best of ``n_starts``.
+    """Soft EM with deterministic annealing for a mixture of K linear heads, best of ``settings.n_starts``.
 
     :param z: ``(S', d)`` whitened segment features (:func:`whiten`).
     :param pair_rows: ``(N, 2)`` rows of ``z`` compared by each comparison.
@@ -194,52 +227,47 @@ def fit_linear_mixture(
     :param user_index: ``(N,)`` user (``0..n_users-1``) of each comparison.
     :param n_users: number of users.
     :param k: number of heads.
-    :param n_starts: starts tried (``initial`` first, then random Dirichlet responsibilities).
-    :param n_iter: most EM iterations per start (the temperature reaches 1 at half of them).
-    :param ridge: ``ridge / 2 * |w_k|^2`` per head, in whitened units.
-    :param t0: first temperature of the annealing (1 = no annealing).
-    :param m_step_iter: L-BFGS iterations per M-step (warm-started).
-    :param tol: once the temperature is 1, stop when no responsibility changes by more than this.
+    :param settings: starts, iterations, ridge, annealing, tie model (:class:`LinearStartSettings`).
     :param initial: ``(U, K)`` responsibilities to start from before the random ones.
     :param seed: seeds the random starts.
     """
-    ties = bool((labels == 0.5).any())
+    ties = settings.ties if bool((labels == 0.5).any()) else None
     likelihood = _Likelihood(z, pair_rows, labels, ties)
     rng = np.random.default_rng(seed)
     starts = list(initial or [])
-    while len(starts) < n_starts:
+    while len(starts) < settings.n_starts:
         starts.append(rng.dirichlet(np.ones(k), size=n_users))
     best: LinearMixture | None = None
     objectives = []
-    anneal = max(1, n_iter // 2)
-    for start in starts[:n_starts]:
+    anneal = max(1, settings.n_iter // 2)
+    for start in starts[: settings.n_starts]:
         resp = torch.as_tensor(start, dtype=torch.float64)
         heads = torch.zeros(k, z.shape[1], dtype=torch.float64, requires_grad=True)
         theta_m = torch.tensor(math.log(0.1 / (MAX_MISTAKE_RATE - 0.1)), dtype=torch.float64, requires_grad=True)
-        log_nu = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
-        optimizer = torch.optim.LBFGS([heads, theta_m, log_nu], max_iter=m_step_iter, line_search_fn="strong_wolfe")
-        for iteration in range(n_iter):
-            _m_step(optimizer, likelihood, heads, theta_m, log_nu, resp[user_index], ridge)
+        tie_params = torch.as_tensor(TieModel.initial(ties or "davidson"), dtype=torch.float64).requires_grad_(True)
+        optimizer = torch.optim.LBFGS([heads, theta_m, tie_params], max_iter=settings.m_step_iter, line_search_fn="strong_wolfe")
+        for iteration in range(settings.n_iter):
+            _m_step(optimizer, likelihood, heads, theta_m, tie_params, resp[user_index], settings.ridge)
             with torch.no_grad():
-                user_ll = _user_sums(likelihood(heads, theta_m, log_nu), user_index, n_users)
-                temperature = t0 ** max(0.0, 1.0 - iteration / anneal)
+                user_ll = _user_sums(likelihood(heads, theta_m, tie_params), user_index, n_users)
+                temperature = settings.t0 ** max(0.0, 1.0 - iteration / anneal)
                 new = _posterior(user_ll, resp.mean(0), temperature)
-                settled = temperature == 1.0 and float((new - resp).abs().max()) < tol
+                settled = temperature == 1.0 and float((new - resp).abs().max()) < settings.tol
                 resp = new
             if settled:
                 break
         with torch.no_grad():
-            user_ll = _user_sums(likelihood(heads, theta_m, log_nu), user_index, n_users)
+            user_ll = _user_sums(likelihood(heads, theta_m, tie_params), user_index, n_users)
             shares = resp.mean(0)
             mixture = torch.logsumexp(user_ll + shares.clamp_min(1e-12).log(), dim=1).sum()
-            objective = float(mixture - 0.5 * ridge * heads.square().sum())
+            objective = float(mixture - 0.5 * settings.ridge * heads.square().sum())
             resp = _posterior(user_ll, shares, 1.0)
         objectives.append(objective)
         if math.isfinite(objective) and (best is None or objective > best.objective):
             best = LinearMixture(
                 heads.detach().clone(), resp.numpy(), shares.numpy(),
                 float(MAX_MISTAKE_RATE * torch.sigmoid(theta_m.detach().clamp(-MAX_LOGIT, MAX_LOGIT))),
-                float(log_nu.detach().clamp(-MAX_LOGIT, MAX_LOGIT)) if ties else None, objective,
+                ties, None if ties is None else TieModel(ties, tie_params.detach()).clamped().numpy(), objective,
             )  # fmt: skip
     if best is None:
         raise FloatingPointError(f"linear EM start: every one of {len(objectives)} starts ended with a non-finite likelihood")
@@ -251,7 +279,7 @@ def gradient_embedding(
     z: torch.Tensor, pair_rows: torch.Tensor, labels: torch.Tensor, user_index: torch.Tensor, n_users: int
 ) -> np.ndarray:
     """``(U, d)`` per-user mean Bradley-Terry gradient of one pooled linear head (fitted here) on ``z``."""
-    likelihood = _Likelihood(z, pair_rows, labels, ties=False)
+    likelihood = _Likelihood(z, pair_rows, labels, ties=None)
     head = torch.zeros(1, z.shape[1], dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([head], max_iter=50, line_search_fn="strong_wolfe")
     zero = torch.tensor(-50.0, dtype=torch.float64)  # flip rate ~ 0
@@ -277,13 +305,8 @@ def linear_mixture_start(
     user_index: torch.Tensor,
     n_users: int,
     k: int,
+    settings: LinearStartSettings = LinearStartSettings(),
     *,
-    n_starts: int = 8,
-    n_iter: int = 40,
-    ridge: float = 1.0,
-    t0: float = 4.0,
-    max_dim: int = 32,
-    max_comparisons: int = 50_000,
     seed: int = 0,
 ) -> tuple[LinearMixture, torch.Tensor]:
     """Fit :func:`fit_linear_mixture` on the pooled member's features; return it and the heads in hidden space.
@@ -293,22 +316,22 @@ def linear_mixture_start(
     :param user_index: ``(N,)`` user of each comparison.
     :param n_users: number of users.
     :param k: number of members.
-    :param max_comparisons: fit on whole users drawn at random until this many comparisons;
-        all users are assigned with the fitted heads.
+    :param settings: how to fit (:class:`LinearStartSettings`; ``max_comparisons`` bounds the
+        comparisons fitted on, whole users drawn at random; all users are assigned with the fitted heads).
     :return: the mixture (responsibilities of *all* users) and ``(K, h)`` heads on the hidden layer.
     """
     features = hidden.hidden_sums[:, 0, :]
     rng = np.random.default_rng(seed)
     counts = np.bincount(user_index.numpy(), minlength=n_users)
-    if counts.sum() > max_comparisons:
+    if counts.sum() > settings.max_comparisons:
         order = rng.permutation(n_users)
-        chosen = order[: max(k, int(np.searchsorted(np.cumsum(counts[order]), max_comparisons)))]
+        chosen = order[: max(k, int(np.searchsorted(np.cumsum(counts[order]), settings.max_comparisons)))]
         fit_users = np.zeros(n_users, dtype=bool)
         fit_users[chosen] = True
     else:
         fit_users = np.ones(n_users, dtype=bool)
     rows = torch.as_tensor(fit_users)[user_index]
-    z, projection = whiten(features, hidden.pair_rows[rows], max_dim)
+    z, projection = whiten(features, hidden.pair_rows[rows], settings.max_dim)
     renumber = torch.as_tensor(np.cumsum(fit_users) - 1)
     fit_index = renumber[user_index[rows]]
     n_fit = int(fit_users.sum())
@@ -318,16 +341,15 @@ def linear_mixture_start(
         initial.append(np.eye(k)[KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(embedding)])
     else:
         initial.append(np.ones((n_fit, 1)))
-    mixture = fit_linear_mixture(
-        z, hidden.pair_rows[rows], labels[rows], fit_index, n_fit, k,
-        n_starts=n_starts if k > 1 else 1, n_iter=n_iter, ridge=ridge, t0=t0, initial=initial, seed=seed,
-    )  # fmt: skip
+    if k == 1:
+        settings = replace(settings, n_starts=1)
+    mixture = fit_linear_mixture(z, hidden.pair_rows[rows], labels[rows], fit_index, n_fit, k, settings, initial=initial, seed=seed)
     if not fit_users.all():
         # Every user's posterior under the chosen heads and shares.
-        likelihood = _Likelihood(features.double() @ projection, hidden.pair_rows, labels, mixture.tie_log_nu is not None)
+        likelihood = _Likelihood(features.double() @ projection, hidden.pair_rows, labels, mixture.ties)
         theta_m = torch.logit(torch.tensor(mixture.mistake_rate / MAX_MISTAKE_RATE, dtype=torch.float64))
-        log_nu = torch.tensor(mixture.tie_log_nu or 0.0, dtype=torch.float64)
+        tie_params = torch.as_tensor(mixture.tie_params if mixture.tie_params is not None else np.zeros(1), dtype=torch.float64)
         with torch.no_grad():
-            user_ll = _user_sums(likelihood(mixture.heads, theta_m, log_nu), user_index, n_users)
+            user_ll = _user_sums(likelihood(mixture.heads, theta_m, tie_params), user_index, n_users)
         mixture.responsibilities = _posterior(user_ll, torch.as_tensor(mixture.shares), 1.0).numpy()
     return mixture, (projection @ mixture.heads.T).T.float()
