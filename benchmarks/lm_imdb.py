@@ -2,15 +2,21 @@
 
 Runs the shipped ``imdb`` config (:mod:`egalitarian_rl.experiments.lm_pipeline`) once per seed:
 96 training prompts x 6 base-model completions (asked for one short sentence; 32 new tokens at
-most, temperature 0.7), 60 simulated users per population (80/20 and 90/10 positive/concise,
+most, temperature 0.7), 60 simulated users per population (80/20 and 90/10 positive_review/concise,
 Bradley-Terry beta 5, 80 comparisons each), the single BT reward and a K=2 EM mixture (linear
 heads on frozen MiniLM embeddings plus the log word count), then 11 PPO iterations (batch 16,
 LoRA r16, lr 2e-4, KL coef 0.1) for each of ``rlhf``, ``maxmin`` (per_sample_min, the released
 code's rule, as on FairGrid) and ``maxmin_worst_group`` (the paper's return-level rule) from the
-same start, judged on all 48 held-out prompts (4 completions each) by the groups' TRUE scores.
+same start, judged on all 48 held-out prompts (2 completions each) by the groups' TRUE scores.
 
-Pre-registered: ``maxmin`` is ``per_sample_min``, 4 evaluation completions per prompt, and the
-seeds are 7, 8 and 9, fixed in a commit before the run that produced the committed JSON.
+Pre-registered (run 4): the majority is ``positive_review`` (VADER of the prompt and reply
+together) instead of ``positive`` (the reply alone), 2 evaluation completions per prompt, and the
+seeds are 11, 12 and 13, fixed in a commit before the run that produced the committed JSON;
+``maxmin`` stays ``per_sample_min``. Why: on the reply alone a one-word "Awesome." scores 0.62,
+so the positive group's optimum is also concise and RLHF drifted towards it (run 3's seed 9; a
+trial at lr 1e-3 collapsed into it), leaving MaxMin no margin to win. One design trial on seed 0
+(never reported) with ``positive_review``: MaxMin's win-rate vs RLHF 0.66 concise / 0.47
+positive_review, replies 14.0 tokens against RLHF's 17.6, KL 2.2 and 1.3.
 History, kept in the JSON under ``history``:
 
 1. seeds 1-3, the model asked only to "continue" the review, 3 completions per prompt, 40
@@ -22,6 +28,8 @@ History, kept in the JSON under ``history``:
    the group by a 16-completion batch mean whose noise is as large as the gaps, so its selections
    flip at random. per_sample_min became ``maxmin`` (it already is on FairGrid) and evaluation
    took 4 completions per prompt; seeds 4-6 are not reused.
+3. seeds 7-9, ``maxmin`` = per_sample_min, 4 evaluation completions: minority 0.545 (seeds 0.62,
+   0.59, 0.42), majority 0.457: failed. RLHF's own drift decided; see the reason under ``history``.
 
 The win-rates in the JSON are the mean over seeds of each seed's win-rate over its 48 prompts
 (MaxMin seed s against RLHF seed s); every seed's own numbers are kept under ``seeds``.
@@ -31,7 +39,7 @@ Each seed runs in its own process (``--jobs``, one torch thread each) under
 The JSON is written each time a seed finishes. Three seeds in three processes share the two
 cores best (``--jobs 3``).
 
-    nohup .venv/bin/python -m benchmarks.lm_imdb --seeds 7 8 9 --jobs 3 > runs/lm_imdb.log 2>&1 &
+    nohup .venv/bin/python -m benchmarks.lm_imdb --seeds 11 12 13 --jobs 3 > runs/lm_imdb.log 2>&1 &
 
 Writes ``benchmarks/results/lm_imdb.json`` and a line in ``benchmarks/RESULTS.md``.
 
@@ -57,8 +65,8 @@ from benchmarks.common import BenchmarkParser, runs_dir, write_result
 from egalitarian_rl.experiments.lm_pipeline import LMExperimentConfig, LMPipeline
 
 NAME = "lm_imdb"
-MAJORITY, MINORITY = "positive", "concise"
-SEEDS = (7, 8, 9)
+MAJORITY, MINORITY = "positive_review", "concise"
+SEEDS = (11, 12, 13)
 EVAL_PROMPTS = 48
 #: Per-method measures of the replies averaged over seeds beside the scores.
 REPLY_MEASURES = ("kl", "mean_length_tokens", "ended_fraction", "distinct_2", "repeated_replies")
@@ -107,7 +115,12 @@ HISTORY = [
 QUICK = {
     "prompts": {"n_train": 12, "n_eval": 4},
     "model": {"max_new_tokens": 16, "batch_size": 12},
-    "collect": {"n_users": 10, "comparisons_per_user": 12},
+    # the benchmark's groups (the shipped imdb_quick config, which make demo-lm runs, keeps positive)
+    "collect": {
+        "n_users": 10,
+        "comparisons_per_user": 12,
+        "populations": [{MAJORITY: 0.8, MINORITY: 0.2}, {MAJORITY: 0.9, MINORITY: 0.1}],
+    },
     "train": {
         "methods": ["rlhf", "maxmin"],
         "iterations": 2,
@@ -221,7 +234,8 @@ def write(config: LMExperimentConfig, per_seed: dict[int, dict[str, Any]], plann
         "paper": "GPT-2 on IMDB (Chakraborty et al. 2024): MaxMin +16% average win-rate, +33% for the minority",
         "note": (
             f"maxmin ({config.train.aggregation}), the evaluation and the seeds {list(SEEDS)} were fixed before this run; "
-            "seeds 0 and 10 (design trials) and the earlier runs' seeds (under history) are not included. "
+            "seeds 0 and 10 (design trials), the lr-1e-3 trial retraining of seeds 7 and 9, and the earlier runs' "
+            "seeds (under history) are not included. "
             f"Win-rates: mean over seeds of each seed's win-rate over {EVAL_PROMPTS} held-out "
             "prompts against the same seed's RLHF; reports are in runs/imdb_seed_<s>/report.md."
         ),

@@ -785,7 +785,8 @@ class LMPipeline:
             f"{cfg.model.max_new_tokens} new tokens); trained for {metrics['trained_for']}; "
             f"{cfg.train.iterations} PPO iterations per method, PPO settings {cfg.train.ppo}; seed {cfg.seed}.",
             f"Held-out prompts: {len(self.evaluate()['prompts'])}. Scores are the groups' TRUE scores "
-            "(positive = VADER compound, concise = -words/20); win-rates are paired by prompt, ties half.",
+            "(positive = VADER compound of the reply, positive_review = of the prompt and reply together, "
+            "concise = -words/20); win-rates are paired by prompt, ties half.",
             "",
             format_tables(metrics, groups),
         ]
