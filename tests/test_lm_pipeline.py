@@ -43,11 +43,11 @@ def config(tmp_path: Path, **overrides: dict) -> LMExperimentConfig:
     return LMExperimentConfig.from_dict(raw)
 
 
-@pytest.mark.parametrize("name", ["imdb", "imdb_quick"])
-def test_shipped_configs_load(name: str) -> None:
+@pytest.mark.parametrize(("name", "majority"), [("imdb", "positive_review"), ("imdb_quick", "positive")])
+def test_shipped_configs_load(name: str, majority: str) -> None:
     path = Path(str(resources.files("egalitarian_rl.experiments") / "configs" / f"{name}.yaml"))
     cfg = LMExperimentConfig.from_yaml(path)
-    assert cfg.group_names == ("positive", "concise")
+    assert cfg.group_names == (majority, "concise")
     assert cfg.train.methods[0] == "rlhf" and cfg.model.name == "smollm2"
 
 
