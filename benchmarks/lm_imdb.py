@@ -249,7 +249,7 @@ def write(config: LMExperimentConfig, per_seed: dict[int, dict[str, Any]], plann
     other = next((m for m in methods if m.startswith("maxmin_")), None)
     other_groups = methods[other]["groups"] if other else None
     summary = (
-        f"SmolLM2-135M, seeds {done}, {config.train.iterations} PPO it/method, 80/20 positive/concise, {EVAL_PROMPTS} held-out "
+        f"SmolLM2-135M, seeds {done}, {config.train.iterations} PPO it/method, 80/20 {MAJORITY}/{MINORITY}, {EVAL_PROMPTS} held-out "
         f"prompts x {config.evaluate.completions_per_prompt} completions/seed: maxmin ({config.train.aggregation}) "
         f"win-rate vs RLHF {MINORITY} {maxmin[MINORITY]['win_rate_vs_rlhf']:.3f} "
         f"(s.e. over seeds {maxmin[MINORITY]['win_rate_seed_se']:.2f}, over prompts {maxmin[MINORITY]['win_rate_se']:.2f}; "
