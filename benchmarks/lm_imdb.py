@@ -3,20 +3,25 @@
 Runs the shipped ``imdb`` config (:mod:`egalitarian_rl.experiments.lm_pipeline`) once per seed:
 96 training prompts x 6 base-model completions (asked for one short sentence; 32 new tokens at
 most, temperature 0.7), 60 simulated users per population (80/20 and 90/10 positive_review/concise,
-Bradley-Terry beta 5, 80 comparisons each), the single BT reward and a K=2 EM mixture (linear
-heads on frozen MiniLM embeddings plus the log word count), then 11 PPO iterations (batch 16,
+Bradley-Terry beta 5, 80 comparisons each), the single BT reward and a K=2 EM mixture (heads with
+64 hidden units on frozen MiniLM embeddings plus the log word count), then 11 PPO iterations (batch 16,
 LoRA r16, lr 2e-4, KL coef 0.1) for each of ``rlhf``, ``maxmin`` (per_sample_min, the released
 code's rule, as on FairGrid) and ``maxmin_worst_group`` (the paper's return-level rule) from the
 same start, judged on all 48 held-out prompts (2 completions each) by the groups' TRUE scores.
 
-Pre-registered (run 4): the majority is ``positive_review`` (VADER of the prompt and reply
-together) instead of ``positive`` (the reply alone), 2 evaluation completions per prompt, and the
-seeds are 11, 12 and 13, fixed in a commit before the run that produced the committed JSON;
-``maxmin`` stays ``per_sample_min``. Why: on the reply alone a one-word "Awesome." scores 0.62,
-so the positive group's optimum is also concise and RLHF drifted towards it (run 3's seed 9; a
-trial at lr 1e-3 collapsed into it), leaving MaxMin no margin to win. One design trial on seed 0
-(never reported) with ``positive_review``: MaxMin's win-rate vs RLHF 0.66 concise / 0.47
-positive_review, replies 14.0 tokens against RLHF's 17.6, KL 2.2 and 1.3.
+Pre-registered (run 5): the reward heads (the single reward's and each EM member's) get one hidden
+layer of 64 units instead of being linear on MiniLM, and the seeds are 14, 15 and 16, fixed in a
+commit before the run; everything else is run 4's design (majority ``positive_review``, ``maxmin`` =
+``per_sample_min``, 11 PPO iterations at lr 2e-4, 2 evaluation completions per held-out prompt).
+Why: in run 4 MaxMin shortened the replies (16.6 tokens against RLHF's 18.8) but the concise
+win-rate stopped at 0.576, and the majority's learned head was mostly noise: linear heads reached
+only 0.53-0.62 held-out accuracy on the positive_review users (their true scores: 0.81), so the
+per-sample min, which picks that head on every short reply, pushed on noise. Refitted on four seeds'
+saved preferences (trial seed 0 and run 4's seeds 11-13; rewards only, no policy trained), 64 hidden
+units gave 0.63-0.66 (single reward 0.60-0.64 -> 0.63-0.65). Trials at lr 5e-4 and 1e-3 on seed 0
+(never reported) raised the concise win-rate (0.63, 0.66) but dropped the majority's (0.37, 0.28):
+more optimisation on a noisy majority head costs the majority, so the learning rate stays 2e-4.
+
 History, kept in the JSON under ``history``:
 
 1. seeds 1-3, the model asked only to "continue" the review, 3 completions per prompt, 40
@@ -30,6 +35,8 @@ History, kept in the JSON under ``history``:
    took 4 completions per prompt; seeds 4-6 are not reused.
 3. seeds 7-9, ``maxmin`` = per_sample_min, 4 evaluation completions: minority 0.545 (seeds 0.62,
    0.59, 0.42), majority 0.457: failed. RLHF's own drift decided; see the reason under ``history``.
+4. seeds 11-13, majority ``positive_review``, 2 evaluation completions: minority 0.576 (seeds 0.53,
+   0.61, 0.59), majority 0.454: failed; the arms moved ~1 nat from the base model.
 
 The win-rates in the JSON are the mean over seeds of each seed's win-rate over its 48 prompts
 (MaxMin seed s against RLHF seed s); every seed's own numbers are kept under ``seeds``.
@@ -39,7 +46,7 @@ Each seed runs in its own process (``--jobs``, one torch thread each) under
 The JSON is written each time a seed finishes. Three seeds in three processes share the two
 cores best (``--jobs 3``).
 
-    nohup .venv/bin/python -m benchmarks.lm_imdb --seeds 11 12 13 --jobs 3 > runs/lm_imdb.log 2>&1 &
+    nohup .venv/bin/python -m benchmarks.lm_imdb --seeds 14 15 16 --jobs 3 > runs/lm_imdb.log 2>&1 &
 
 Writes ``benchmarks/results/lm_imdb.json`` and a line in ``benchmarks/RESULTS.md``.
 
@@ -66,7 +73,7 @@ from egalitarian_rl.experiments.lm_pipeline import LMExperimentConfig, LMPipelin
 
 NAME = "lm_imdb"
 MAJORITY, MINORITY = "positive_review", "concise"
-SEEDS = (11, 12, 13)
+SEEDS = (14, 15, 16)
 EVAL_PROMPTS = 48
 #: Per-method measures of the replies averaged over seeds beside the scores.
 REPLY_MEASURES = ("kl", "mean_length_tokens", "ended_fraction", "distinct_2", "repeated_replies")
@@ -107,6 +114,18 @@ HISTORY = [
         "0.015): the training seed outweighed the rule. Each PPO update moved the policy by an approximate KL of "
         "~0.001 (clip fraction ~0.02), so after 11 iterations the arms had drifted ~1 nat from the base model and "
         "RLHF's own drift (seed 9 shortened its replies) decided the comparison",
+    },
+    {
+        "seeds": [11, 12, 13],
+        "design": "majority positive_review (VADER of the prompt and reply together), maxmin = per_sample_min, "
+        "2 evaluation completions per held-out prompt, 11 PPO iterations at learning rate 2e-4",
+        "maxmin_win_rate_vs_rlhf": {"concise": 0.576, "positive_review": 0.454},
+        "maxmin_worst_group_win_rate_vs_rlhf": {"concise": 0.568, "positive_review": 0.470},
+        "em_ari": 1.0,
+        "passed": False,
+        "why": "the minority's win-rate missed 0.60 (seeds 0.53, 0.61, 0.59; s.e. over seeds 0.022): no seed went "
+        "against the minority any more, but at lr 2e-4 the arms moved only ~1 nat from the base model in 11 "
+        "iterations (replies: base 20.8 tokens, RLHF 18.8, MaxMin 16.6), too little for the rule to open a margin",
     },
 ]
 
@@ -234,7 +253,8 @@ def write(config: LMExperimentConfig, per_seed: dict[int, dict[str, Any]], plann
         "paper": "GPT-2 on IMDB (Chakraborty et al. 2024): MaxMin +16% average win-rate, +33% for the minority",
         "note": (
             f"maxmin ({config.train.aggregation}), the evaluation and the seeds {list(SEEDS)} were fixed before this run; "
-            "seeds 0 and 10 (design trials), the lr-1e-3 trial retraining of seeds 7 and 9, and the earlier runs' "
+            "seeds 0 and 10 (design trials, including seed 0's lr 5e-4 and 1e-3 trials), the lr-1e-3 trial retraining of "
+            "seeds 7 and 9, and the earlier runs' "
             "seeds (under history) are not included. "
             f"Win-rates: mean over seeds of each seed's win-rate over {EVAL_PROMPTS} held-out "
             "prompts against the same seed's RLHF; reports are in runs/imdb_seed_<s>/report.md."
