@@ -104,6 +104,9 @@ def walker_upright(t: Transitions) -> np.ndarray:
 #: exists in principle, a slow forward shuffle for the whole episode (speed ``v`` for 1000 steps
 #: gives ``fast`` ``1000 v`` and ``steady`` ``1000 (1 - v)``, beating the dive for both groups at
 #: ``v`` near 0.15), but neither rule found it at that budget: MaxMin stands still.
+#: ``fast`` vs ``upright`` does not make a second body either (design trial 2026-11-25, seed 0, 100k
+#: steps, ``worst_group``, true returns fast / upright): single-reward RLHF 595 / 271 serves both
+#: groups (its forward hop stays upright enough), and MaxMin 217 / 142 is worse for both.
 WALKER_GROUPS = GroupRewardLibrary(
     {"fast": walker_fast, "steady": walker_steady, "upright": walker_upright},
     info_keys=("x_velocity", "reward_survive"),
