@@ -58,8 +58,8 @@ scale, small at beta 1. 60/30/10 and HalfCheetah are not in it yet (one HalfChee
 20/0.1/2 seed 0: EM 0.78 vs oracle 0.87).
 
 ``select_k`` fails at 10 answers per user (measured 2026-11-25, FairGrid 60/30/10, seed 0, these EM options,
-``heldout_fraction`` 0.2, i.e. 2 held-out answers per user): it chose K = 1 (EM ARI 0) in all 5 cells tried,
-10/0/1, 10/0/2, 10/0/5, 10/0.1/2 (oracle 0.97-1.00), while K = 3 fitted on the same 80% of the answers
+``heldout_fraction`` 0.2, i.e. 2 held-out answers per user): it chose K = 1 (EM ARI 0) in all 4 cells tried,
+10/0/1, 10/0/2, 10/0/5, 10/0.1/2 (oracle 0.97-1.00), while K = 3 fitted on the same 80% of the answers (3 of them probed)
 reached ARI 0.72-0.91. The held-out per-user scores do not separate the K: at 10/0.1/2 K = 1 scored best
 (-0.584 against -0.600, -0.616, -0.754 for K = 2-4); at 10/0/5 K = 4 scored best (-0.368) but K = 1
 (-0.482) lay within one standard error (0.29, heavy-tailed per-user differences). At 20/0.1/2 it chose
