@@ -224,19 +224,28 @@ def aggregate(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
     return {"methods": methods, "em_ari": float(np.mean([run["em_ari"] for run in runs])), "heldout_accuracy": accuracy}
 
 
+#: The issue's acceptance lines that the scores decide (RESULTS.md's target column).
+TARGET = "minority win-rate >= 0.60, majority >= 0.45, EM ARI >= 0.9, single < mixture on minority"
+
+
+def acceptance(merged: dict[str, Any]) -> dict[str, bool]:
+    """Each line of :data:`TARGET` checked on :func:`aggregate`'s output."""
+    maxmin, accuracy = merged["methods"]["maxmin"]["groups"], merged["heldout_accuracy"]
+    return {
+        "minority_win_rate>=0.60": maxmin[MINORITY]["win_rate_vs_rlhf"] >= 0.60,
+        "majority_win_rate>=0.45": maxmin[MAJORITY]["win_rate_vs_rlhf"] >= 0.45,
+        "em_ari>=0.9": merged["em_ari"] >= 0.9,
+        "single_minority_accuracy<mixture": accuracy["single"][MINORITY] < accuracy["mixture"][MINORITY],
+    }
+
+
 def write(config: LMExperimentConfig, per_seed: dict[int, dict[str, Any]], planned: list[int]) -> None:
     """``results/lm_imdb.json`` and the RESULTS.md line from the seeds finished so far."""
     merged = aggregate(per_seed)
     methods, acc = merged["methods"], merged["heldout_accuracy"]
     maxmin = methods["maxmin"]["groups"]
     done = sorted(per_seed)
-    passes = {
-        "minority_win_rate>=0.60": maxmin[MINORITY]["win_rate_vs_rlhf"] >= 0.60,
-        "majority_win_rate>=0.45": maxmin[MAJORITY]["win_rate_vs_rlhf"] >= 0.45,
-        "em_ari>=0.9": merged["em_ari"] >= 0.9,
-        "single_minority_accuracy<mixture": acc["single"][MINORITY] < acc["mixture"][MINORITY],
-        "all_planned_seeds": done == sorted(planned),
-    }
+    passes = {**acceptance(merged), "all_planned_seeds": done == sorted(planned)}
     result = {
         "config": config.to_dict() | {"seed": done, "out_dir": "runs/imdb_seed_<s>"},
         **merged,
@@ -254,8 +263,7 @@ def write(config: LMExperimentConfig, per_seed: dict[int, dict[str, Any]], plann
         "note": (
             f"maxmin ({config.train.aggregation}), the evaluation and the seeds {list(SEEDS)} were fixed before this run; "
             "seeds 0 and 10 (design trials, including seed 0's lr 5e-4 and 1e-3 trials), the lr-1e-3 trial retraining of "
-            "seeds 7 and 9, and the earlier runs' "
-            "seeds (under history) are not included. "
+            "seeds 7 and 9, and the earlier runs' seeds (under history) are not included. "
             f"Win-rates: mean over seeds of each seed's win-rate over {EVAL_PROMPTS} held-out "
             "prompts against the same seed's RLHF; reports are in runs/imdb_seed_<s>/report.md."
         ),
@@ -284,24 +292,22 @@ def write(config: LMExperimentConfig, per_seed: dict[int, dict[str, Any]], plann
         f"held-out acc {MINORITY} single {acc['single'][MINORITY]:.2f} vs mixture {acc['mixture'][MINORITY]:.2f} "
         f"(paper: minority +33%). `python -m benchmarks.lm_imdb --seeds {' '.join(map(str, done))} --jobs 3`"
     )
-    write_result(NAME, result, summary, "minority win-rate >= 0.60, majority >= 0.45, EM ARI >= 0.9, single < mixture on minority")
+    write_result(NAME, result, summary, TARGET)
     print(json.dumps({"seeds": done, "methods": methods, "em_ari": merged["em_ari"], "passes": passes}, indent=2), flush=True)
 
 
 def write_quick(config: LMExperimentConfig, per_seed: dict[int, dict[str, Any]]) -> None:
     """``results/quick/lm_imdb.json`` and its line in ``results/quick/RESULTS.md`` for a ``--quick`` run (no pre-registration, no claim)."""
     merged = aggregate(per_seed)
-    maxmin, accuracy = merged["methods"]["maxmin"]["groups"], merged["heldout_accuracy"]
+    maxmin = merged["methods"]["maxmin"]["groups"]
     minority, majority = maxmin[MINORITY]["win_rate_vs_rlhf"], maxmin[MAJORITY]["win_rate_vs_rlhf"]
-    checks = (minority >= 0.60, majority >= 0.45, merged["em_ari"] >= 0.9, accuracy["single"][MINORITY] < accuracy["mixture"][MINORITY])
-    result = {"config": config.to_dict() | {"seed": sorted(per_seed)}, **merged, "passed": all(checks)}
+    result = {"config": config.to_dict() | {"seed": sorted(per_seed)}, **merged, "passed": all(acceptance(merged).values())}
     summary = (
         f"--quick (imdb_quick made smaller): {config.model.name}, seeds {sorted(per_seed)}, {config.train.iterations} PPO it/method, "
         f"{config.prompts.n_eval} held-out prompts: maxmin ({config.train.aggregation}) win-rate vs RLHF {MINORITY} {minority:.2f} / "
         f"{MAJORITY} {majority:.2f}; EM ARI {merged['em_ari']:.2f}. `python -m benchmarks.lm_imdb --quick`"
     )
-    target = "minority win-rate >= 0.60, majority >= 0.45, EM ARI >= 0.9, single < mixture on minority"
-    write_result(NAME, result, summary, target, quick=True)
+    write_result(NAME, result, summary, TARGET, quick=True)
 
 
 if __name__ == "__main__":
