@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import multiprocessing
 import os
 import platform
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,27 @@ HERE = Path(__file__).resolve().parent
 RESULTS_MD = HERE / "RESULTS.md"
 #: Where ``--quick`` runs keep their resumable stages (relative, like every ``runs/`` folder).
 QUICK_RUNS = Path("runs/quick")
+
+
+def run_in_processes(function: Callable[..., Any], calls: Sequence[tuple], n_jobs: int = 1) -> Iterator[tuple[tuple, Any]]:
+    """``(arguments, function(*arguments))`` for every tuple in ``calls``, yielded as each finishes.
+
+    ``n_jobs == 1`` runs them in this process, in order; otherwise in ``n_jobs`` worker processes,
+    started with spawn so each gets its own torch (a forked one would share the parent's thread
+    pool state). ``function`` must be importable (module level) for the workers.
+    """
+    if n_jobs < 1:
+        raise ValueError(f"n_jobs must be >= 1, got {n_jobs}")
+    if n_jobs == 1:
+        for arguments in calls:
+            yield arguments, function(*arguments)
+        return
+    with ProcessPoolExecutor(max_workers=n_jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(function, *arguments): arguments for arguments in calls}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
+
+
 MD_HEADER = """# Benchmark results
 
 One line per benchmark, updated in place by each benchmark script (details in `results/*.json`).

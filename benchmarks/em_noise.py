@@ -99,7 +99,7 @@ import numpy as np
 import torch
 from egalitarian_rl.envs.gridworld import COMPROMISE, MAJORITY_GOAL, MINORITY_GOAL, MOVES, SIZE
 
-from benchmarks.common import BenchmarkParser, results_dir, write_result
+from benchmarks.common import BenchmarkParser, results_dir, run_in_processes, write_result
 from egalitarian_rl import envs
 from egalitarian_rl.preferences import Population, PreferenceDataset, UserGroup, collect_preferences
 from egalitarian_rl.rewards import EMRewardMixture, adjusted_rand_index, select_k
@@ -209,9 +209,22 @@ def oracle_log_likelihoods(population: Population, data: PreferenceDataset, exac
 
 
 def run_one(
-    env: str, per_user: int, mistake_rate: float, beta: float, shares: str, seed: int, em_options: dict[str, Any], behaviour: str = "random"
+    env: str,
+    per_user: int,
+    mistake_rate: float,
+    beta: float,
+    shares: str,
+    seed: int,
+    em_options: dict[str, Any],
+    behaviour: str = "random",
+    threads: int | None = None,
 ) -> dict:
-    """One (cell, seed): data, oracle, K, EM fit, held-out accuracy."""
+    """One (cell, seed): data, oracle, K, EM fit, held-out accuracy.
+
+    :param threads: torch threads for this process (``None``: leave as is); worker processes start with torch's default.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
     population = make_population(env, shares, beta, mistake_rate)
     data = collect(env, population, per_user, seed, behaviour)
     heldout = collect(env, population, HELDOUT_PER_USER, seed + 7919, behaviour)  # same users, fresh segments
@@ -340,7 +353,8 @@ def main() -> None:
     parser.add_argument("--em", nargs="*", default=[], metavar="KEY=VALUE", help="EMRewardMixture options (e.g. noise_model=None)")
     parser.add_argument("--output", type=Path, default=None, help="default: benchmarks/results/em_noise.json (--quick: results/quick/)")
     parser.add_argument("--fresh", action="store_true", help="ignore the runs already in the output file")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
     parser.add_argument("--no-results-md", action="store_true", help="do not touch RESULTS.md (variants, experiments)")
     parser.add_argument("--issue-table", action="store_true", help="only print the issue's three cells (seeds 0, 1) beside its numbers")
     args = parser.parse_args()
@@ -359,11 +373,12 @@ def main() -> None:
     # Seeds innermost-last: every cell gets its first seed before any cell gets a second one,
     # so a partial run covers the grid evenly.
     grid = itertools.product(args.seeds, args.envs, args.shares, args.comparisons, args.mistake_rates, args.betas)
-    for seed, env, shares, per_user, mistake_rate, beta in grid:
-        key = (env, per_user, mistake_rate, beta, shares, seed)
-        if key in done:
-            continue
-        run = run_one(env, per_user, mistake_rate, beta, shares, seed, em_options)
+    calls = [
+        (env, per_user, mistake_rate, beta, shares, seed, em_options, "random", args.threads)
+        for seed, env, shares, per_user, mistake_rate, beta in grid
+        if (env, per_user, mistake_rate, beta, shares, seed) not in done
+    ]
+    for _, run in run_in_processes(run_one, calls, args.jobs):
         runs.append(run)
         print(json.dumps(run), flush=True)
         save(args, runs, em_options)

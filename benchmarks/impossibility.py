@@ -73,12 +73,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import multiprocessing
 import shlex
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -87,7 +85,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from benchmarks.common import BenchmarkParser, results_dir, runs_dir, write_result
+from benchmarks.common import BenchmarkParser, results_dir, run_in_processes, runs_dir, write_result
 from benchmarks.impossibility_rewards import DOMAINS, mixed_reward_name
 from benchmarks.mujoco import git_state
 from egalitarian_rl.cli import _config_path
@@ -478,21 +476,6 @@ def summary_line(points: list[dict[str, Any]], passes: dict[str, bool | None], c
     return f"`{command}`{'' if complete else ' (partial)'}: " + "; ".join(cells)
 
 
-def _run_all(
-    jobs: list[tuple[Point, int]], timesteps: int | None, root: Path, n_jobs: int
-) -> Iterator[tuple[Point, int, dict[str, float]]]:
-    """Run every (point, seed), yielding each as it finishes: in this process for ``n_jobs == 1``, else in worker processes."""
-    if n_jobs == 1:
-        for point, seed in jobs:
-            yield point, seed, run_seed(point, seed, timesteps, str(root))
-        return
-    # spawn: each worker starts its own torch (a forked one would share the parent's thread pool state).
-    with ProcessPoolExecutor(max_workers=n_jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(run_seed, point, seed, timesteps, str(root)): (point, seed) for point, seed in jobs}
-        for future in as_completed(futures):
-            yield (*futures[future], future.result())
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = BenchmarkParser(__doc__.split("\n")[0], quick_defaults=QUICK)
     parser.add_argument("--domains", nargs="+", choices=list(DOMAINS), default=list(DOMAINS))
@@ -519,7 +502,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     points: list[dict[str, Any]] = []
     result: dict[str, Any] = {}
     jobs = [(point, seed) for point in grid for seed in args.seeds]
-    for point, seed, seconds in _run_all(jobs, args.timesteps, root, args.jobs):
+    calls = [(point, seed, args.timesteps, str(root)) for point, seed in jobs]
+    for (point, seed, _, _), seconds in run_in_processes(run_seed, calls, args.jobs):
         timing_runs.setdefault(point.domain, []).append(seconds)
         finished[point].append(seed)
         spent = ", ".join(f"{k} {seconds['wall'][k]:.0f} s ({seconds['cpu'][k]:.0f} s CPU)" for k in seconds["wall"])

@@ -60,15 +60,13 @@ it writes ``benchmarks/results/quick/lm_imdb.json`` and a line in ``benchmarks/r
 from __future__ import annotations
 
 import json
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.common import BenchmarkParser, runs_dir, write_result
+from benchmarks.common import BenchmarkParser, run_in_processes, runs_dir, write_result
 from egalitarian_rl.experiments.lm_pipeline import LMExperimentConfig, LMPipeline
 
 NAME = "lm_imdb"
@@ -180,15 +178,12 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="seeds trained at once, one process and one torch thread each")
     args = parser.parse_args()
     finished: dict[int, dict[str, Any]] = {}
-    # spawn: each worker starts its own torch (a forked one would share the parent's thread pool state).
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(run_seed, seed, args.quick): seed for seed in args.seeds}
-        for future in as_completed(futures):
-            finished[futures[future]] = future.result()
-            if args.quick:
-                write_quick(quick_config(futures[future]), {s: finished[s] for s in sorted(finished)})
-            else:
-                write(seed_config(futures[future]), {s: finished[s] for s in sorted(finished)}, args.seeds)
+    for (seed, _), metrics in run_in_processes(run_seed, [(seed, args.quick) for seed in args.seeds], args.jobs):
+        finished[seed] = metrics
+        if args.quick:
+            write_quick(quick_config(seed), {s: finished[s] for s in sorted(finished)})
+        else:
+            write(seed_config(seed), {s: finished[s] for s in sorted(finished)}, args.seeds)
 
 
 def mean_over_seeds(rows: list[dict[str, float]]) -> dict[str, float]:

@@ -65,17 +65,15 @@ Writes ``benchmarks/results/mujoco.json``, ``benchmarks/results/mujoco.png`` and
 from __future__ import annotations
 
 import json
-import multiprocessing
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
 
-from benchmarks.common import HERE, BenchmarkParser, results_dir, runs_dir, write_result
+from benchmarks.common import HERE, BenchmarkParser, results_dir, run_in_processes, runs_dir, write_result
 from egalitarian_rl.cli import _config_path
 from egalitarian_rl.evaluation import win_rate_over_seeds
 from egalitarian_rl.evaluation.plots import method_colors
@@ -289,16 +287,13 @@ def main() -> None:
     start = time.perf_counter()
     # Seeds interleaved across envs: a partial run has results for every env.
     jobs = [(env_id, seed) for seed in args.seeds for env_id in args.envs]
-    # spawn: each worker starts its own torch (a forked one would share the parent's thread pool state).
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(run_seed, env_id, seed, args.quick, args.steps): (env_id, seed) for env_id, seed in jobs}
-        for future in as_completed(futures):
-            env_id, seed = futures[future]
-            wall[f"{env_id}/seed_{seed}"] = future.result()
-            finished[env_id].append(seed)
-            print(f"finished {env_id} seed {seed} in {wall[f'{env_id}/seed_{seed}']:.0f} s", flush=True)
-            elapsed = time.perf_counter() - start
-            result = write(finished, args.quick, wall, git, elapsed, args.steps, tuple(args.seeds), command)
+    calls = [(env_id, seed, args.quick, args.steps) for env_id, seed in jobs]
+    for (env_id, seed, _, _), seconds in run_in_processes(run_seed, calls, args.jobs):
+        wall[f"{env_id}/seed_{seed}"] = seconds
+        finished[env_id].append(seed)
+        print(f"finished {env_id} seed {seed} in {seconds:.0f} s", flush=True)
+        elapsed = time.perf_counter() - start
+        result = write(finished, args.quick, wall, git, elapsed, args.steps, tuple(args.seeds), command)
     print(json.dumps({env_id: env["passes"] for env_id, env in result["envs"].items()}, indent=2))
 
 
