@@ -233,9 +233,11 @@ def run_one(
     oracle_bt = oracle_log_likelihoods(population, data, exact_ties=False).argmax(1)
     options = {"use_action": False, "use_next_state": True, "seed": seed, **em_options}
     start = time.perf_counter()
-    k = population.n_groups
+    k, k_scores = population.n_groups, None
     if len(SHARES[shares]) > 2:
-        k = select_k(data, range(1, 5), **options).k
+        selection = select_k(data, range(1, 5), **options)
+        k = selection.k
+        k_scores = {str(c): [round(selection.scores[c], 4), round(selection.standard_errors[c], 4)] for c in selection.scores}
     em = EMRewardMixture(k, **options).fit(data)
     seconds = time.perf_counter() - start
     accuracy = em.accuracy(heldout.for_users(data.users))
@@ -247,6 +249,8 @@ def run_one(
         "shares": shares,
         "seed": seed,
         "k": k,
+        # select_k's held-out log-likelihood per answer and its standard error against the best K
+        "k_scores": k_scores,
         "em_ari": round(adjusted_rand_index(data.user_groups, em.assignments_), 4),
         "oracle_ari": round(adjusted_rand_index(data.user_groups, oracle), 4),
         "oracle_bt_ari": round(adjusted_rand_index(data.user_groups, oracle_bt), 4),
