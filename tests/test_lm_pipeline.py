@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from importlib import resources
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from egalitarian_rl.experiments.lm_pipeline import (
     population_tag,
     repeated_replies,
 )
+from egalitarian_rl.lm.ppo import MaxMinLMPPO
 
 torch.set_num_threads(1)
 
@@ -118,6 +120,16 @@ def test_every_stage_end_to_end_and_resume(tmp_path: Path) -> None:
     assert methods["maxmin"]["kl"] > 0.0  # trained away from the base model, measured against it
     assert set(metrics["heldout_accuracy"]) == {"single", "mixture", "true_reward"}
     assert set(metrics["reward_fit"]) == {"80-20"}
+    # Every method's group scores are z-scored with the statistics of the base model's pool completions (what the
+    # users compared), not with the first 16-completion batch: the same fixed scale for every method and seed.
+    pipeline = LMPipeline(cfg)
+    for method in ("rlhf", "maxmin"):
+        scores, _ = pipeline._group_scores(method)
+        expected = pipeline.pool_normalizer(scores).state_dict()
+        state = json.loads((MaxMinLMPPO.latest_checkpoint(pipeline.dir / "policies" / method) / "trainer.json").read_text())
+        assert not state["fit_normalizer_on_first_batch"]
+        np.testing.assert_allclose(state["normalizer_state"]["mean"], expected["mean"], rtol=1e-6)
+        np.testing.assert_allclose(state["normalizer_state"]["var"], expected["var"], rtol=1e-6)
     text = report.read_text()
     assert "| method |" in text and "## Examples" in text and "Reward gaming check" in text
     assert (report.parent / "scores.png").stat().st_size > 0

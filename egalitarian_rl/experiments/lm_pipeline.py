@@ -585,7 +585,22 @@ class LMPipeline:
         """What a method's checkpoint depends on: its rule, PPO settings, model and rewards (not the iteration count)."""
         c = self.config.to_dict()
         rule = method_rule(method, self.config.train.aggregation)
-        return _fingerprint({"ppo": c["train"]["ppo"], "rule": rule, "model": c["model"], "fit": self._run_id("fit")})
+        # "normalizer": checkpoints from before the scales came from the pool (first-batch statistics) never resume.
+        inputs = {"ppo": c["train"]["ppo"], "rule": rule, "model": c["model"], "fit": self._run_id("fit"), "normalizer": "pool"}
+        return _fingerprint(inputs)
+
+    def pool_normalizer(self, group_scores: Any) -> Any:
+        """Each learned score's scale: its mean and std over the base model's pool completions (what users compared).
+
+        The control pipeline z-scores with the preference data's segments alike. The trainer's default, the first
+        batch's statistics, rests on 16 completions: its means are off by ~0.25 standard deviations, enough to
+        change which group the per-sample min picks, and it differs between the methods' runs.
+        """
+        from egalitarian_rl.algorithms.aggregation import GroupRewardNormalizer
+
+        pool, _ = self.pool()
+        prompts = [pool.prompts[i] for i in pool.prompt_index]
+        return GroupRewardNormalizer.from_data(group_scores(prompts, pool.completions))
 
     def train(self, seed_or_method: int | str, method: str | None = None) -> Path:
         """Train one method (resuming its checkpoint); returns the checkpoint folder.
@@ -623,7 +638,7 @@ class LMPipeline:
         self.log(f"train: {method} ({method_rule(method, cfg.train.aggregation)} over {names}), {cfg.train.iterations} iterations")
         trainer = MaxMinLMPPO(
             self._policy(), tokenizer, self.formatted(pool.prompts), scores,
-            aggregation=method_rule(method, cfg.train.aggregation), group_names=names, config=ppo,
+            aggregation=method_rule(method, cfg.train.aggregation), group_names=names, config=ppo, normalizer=self.pool_normalizer(scores),
             tensorboard_log=self.dir / "tensorboard" / method, verbose=0,
         )  # fmt: skip
         trainer.learn(cfg.train.iterations, checkpoint_dir=folder, progress_bar=self.progress_bar)
