@@ -4,23 +4,34 @@ Runs the shipped ``imdb`` config (:mod:`egalitarian_rl.experiments.lm_pipeline`)
 96 training prompts x 6 base-model completions (asked for one short sentence; 32 new tokens at
 most, temperature 0.7), 60 simulated users per population (80/20 and 90/10 positive_review/concise,
 Bradley-Terry beta 5, 80 comparisons each), the single BT reward and a K=2 EM mixture (heads with
-64 hidden units on frozen MiniLM embeddings plus the log word count), then 11 PPO iterations (batch 16,
-LoRA r16, lr 2e-4, KL coef 0.1) for each of ``rlhf``, ``maxmin`` (per_sample_min, the released
-code's rule, as on FairGrid) and ``maxmin_worst_group`` (the paper's return-level rule) from the
-same start, judged on all 48 held-out prompts (2 completions each) by the groups' TRUE scores.
+64 hidden units on frozen MiniLM embeddings plus the log word count), then 11 PPO iterations (batch 16
+= 4 prompts x 4 completions, RLOO advantages, LoRA r16, lr 5e-4, KL coef 0.1) for each of ``rlhf``,
+``maxmin`` (per_sample_min, the released code's rule, as on FairGrid) and ``maxmin_worst_group`` (the
+paper's return-level rule) from the same start, the groups' learned scores z-scored with their
+statistics over the pool's 576 base completions; judged on all 48 held-out prompts (2 completions
+each) by the groups' TRUE scores.
 
-Pre-registered (run 5): the reward heads (the single reward's and each EM member's) get one hidden
-layer of 64 units instead of being linear on MiniLM, and the seeds are 14, 15 and 16, fixed in a
-commit before the run; everything else is run 4's design (majority ``positive_review``, ``maxmin`` =
-``per_sample_min``, 11 PPO iterations at lr 2e-4, 2 evaluation completions per held-out prompt).
-Why: in run 4 MaxMin shortened the replies (16.6 tokens against RLHF's 18.8) but the concise
-win-rate stopped at 0.576, and the majority's learned head was mostly noise: linear heads reached
-only 0.53-0.62 held-out accuracy on the positive_review users (their true scores: 0.81), so the
-per-sample min, which picks that head on every short reply, pushed on noise. Refitted on four seeds'
-saved preferences (trial seed 0 and run 4's seeds 11-13; rewards only, no policy trained), 64 hidden
-units gave 0.63-0.66 (single reward 0.60-0.64 -> 0.63-0.65). Trials at lr 5e-4 and 1e-3 on seed 0
-(never reported) raised the concise win-rate (0.63, 0.66) but dropped the majority's (0.37, 0.28):
-more optimisation on a noisy majority head costs the majority, so the learning rate stays 2e-4.
+Pre-registered (run 6): seeds 17, 18 and 19, fixed in a commit before the run. Changed from run 5
+(everything else kept):
+
+- advantages by RLOO over 4 completions per prompt (``ppo.advantage: rloo``,
+  ``completions_per_prompt: 4``) instead of GAE with a value head. In runs 3-5 each update moved
+  the policy by an approximate KL of ~0.001 and the training seed decided more than the rule (run 5:
+  MaxMin's KL 0.6-1.8 against RLHF's 1.0-3.1). The value head started untrained and saw 176
+  completions in all, so GAE's advantages were mostly noise; RLOO's baseline is the other
+  completions of the same prompt, exactly the contrast (shorter or more positive than its
+  siblings) both groups judge.
+- learning rate 5e-4 instead of 2e-4.
+- the groups' learned scores are z-scored with their statistics over the pool (the base model's
+  replies the users compared; ``LMPipeline.pool_normalizer``), as the control pipeline z-scores
+  with the preference segments, instead of the trainer's default, the first 16-completion batch,
+  which is noise (seed 0: concise std 1.18 from the first batch, 1.78 over the pool).
+
+Design trials on seed 0 (never reported; 48 held-out prompts x 2 completions; MaxMin vs RLHF,
+concise / positive_review): RLOO + pool scales at lr 2e-4: 0.52 / 0.55 (replies 18.6 vs 19.0
+tokens: the arms barely moved). The same at lr 5e-4: 0.62 / 0.54 (replies 12.8 vs 15.8 tokens, KL
+3.1 vs 2.7, MaxMin 10% of replies repeated across prompts). Earlier, under GAE and first-batch
+scales, lr 5e-4 gave 0.63 / 0.37.
 
 History, kept in the JSON under ``history``:
 
@@ -37,6 +48,9 @@ History, kept in the JSON under ``history``:
    0.59, 0.42), majority 0.457: failed. RLHF's own drift decided; see the reason under ``history``.
 4. seeds 11-13, majority ``positive_review``, 2 evaluation completions: minority 0.576 (seeds 0.53,
    0.61, 0.59), majority 0.454: failed; the arms moved ~1 nat from the base model.
+5. seeds 14-16, reward heads with 64 hidden units: minority 0.329 (seeds 0.34, 0.44, 0.21), majority
+   0.490: failed. RLHF shortened its replies (14.5 tokens, base 21.7) while MaxMin stayed near the
+   base length (19.1) and moved less (KL 1.1 against 2.0).
 
 The win-rates in the JSON are the mean over seeds of each seed's win-rate over its 48 prompts
 (MaxMin seed s against RLHF seed s); every seed's own numbers are kept under ``seeds``.
@@ -46,7 +60,7 @@ Each seed runs in its own process (``--jobs``, one torch thread each) under
 The JSON is written each time a seed finishes. Three seeds in three processes share the two
 cores best (``--jobs 3``).
 
-    nohup .venv/bin/python -m benchmarks.lm_imdb --seeds 14 15 16 --jobs 3 > runs/lm_imdb.log 2>&1 &
+    nohup .venv/bin/python -m benchmarks.lm_imdb --seeds 17 18 19 --jobs 3 > runs/lm_imdb.log 2>&1 &
 
 Writes ``benchmarks/results/lm_imdb.json`` and a line in ``benchmarks/RESULTS.md``.
 
@@ -71,7 +85,7 @@ from egalitarian_rl.experiments.lm_pipeline import LMExperimentConfig, LMPipelin
 
 NAME = "lm_imdb"
 MAJORITY, MINORITY = "positive_review", "concise"
-SEEDS = (14, 15, 16)
+SEEDS = (17, 18, 19)
 EVAL_PROMPTS = 48
 #: Per-method measures of the replies averaged over seeds beside the scores.
 REPLY_MEASURES = ("kl", "mean_length_tokens", "ended_fraction", "distinct_2", "repeated_replies")
@@ -124,6 +138,20 @@ HISTORY = [
         "why": "the minority's win-rate missed 0.60 (seeds 0.53, 0.61, 0.59; s.e. over seeds 0.022): no seed went "
         "against the minority any more, but at lr 2e-4 the arms moved only ~1 nat from the base model in 11 "
         "iterations (replies: base 20.8 tokens, RLHF 18.8, MaxMin 16.6), too little for the rule to open a margin",
+    },
+    {
+        "seeds": [14, 15, 16],
+        "design": "run 4's design with reward heads of 64 hidden units (single reward and EM members); GAE advantages, "
+        "lr 2e-4, groups z-scored with the first 16-completion batch's statistics",
+        "maxmin_win_rate_vs_rlhf": {"concise": 0.329, "positive_review": 0.490},
+        "maxmin_worst_group_win_rate_vs_rlhf": {"concise": 0.347, "positive_review": 0.518},
+        "em_ari": 1.0,
+        "passed": False,
+        "why": "the nonlinear single reward made RLHF itself concise (14.5 tokens against the base model's 21.7, KL 2.0) "
+        "while MaxMin stayed near the base length (19.1 tokens) and moved less (KL 0.6-1.8 against RLHF's 1.0-3.1): "
+        "with GAE's untrained value head and a 16-completion normaliser, which arm moved was a matter of the seed. "
+        "Next run: RLOO advantages (4 completions per prompt), lr 5e-4 and the pool's statistics as the normaliser, "
+        "seeds 17-19",
     },
 ]
 
@@ -257,7 +285,8 @@ def write(config: LMExperimentConfig, per_seed: dict[int, dict[str, Any]], plann
         "paper": "GPT-2 on IMDB (Chakraborty et al. 2024): MaxMin +16% average win-rate, +33% for the minority",
         "note": (
             f"maxmin ({config.train.aggregation}), the evaluation and the seeds {list(SEEDS)} were fixed before this run; "
-            "seeds 0 and 10 (design trials, including seed 0's lr 5e-4 and 1e-3 trials), the lr-1e-3 trial retraining of "
+            "seeds 0 and 10 (design trials, including seed 0's lr 5e-4 and 1e-3 trials and run 6's RLOO trials), "
+            "the lr-1e-3 trial retraining of "
             "seeds 7 and 9, and the earlier runs' seeds (under history) are not included. "
             f"Win-rates: mean over seeds of each seed's win-rate over {EVAL_PROMPTS} held-out "
             "prompts against the same seed's RLHF; reports are in runs/imdb_seed_<s>/report.md."
