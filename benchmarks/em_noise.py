@@ -69,13 +69,15 @@ K = 3 (ARI 0.97). Not fixed yet; candidates: an information criterion on the lin
 FairGrid 60/30/10 with K fixed at 3 (probe of 2026-12-04, not in the JSON; 10 answers per user, init=linear,
 mistake_rate=learn): K = 3 itself is far from the oracle in single fits, and which tie model is better varies from
 run to run. Seed 0 / seed 1 over the 9 cells at 10 answers: Davidson 0.81-0.96 / 0.70-0.93 (oracle 0.94-1.00 /
-0.85-0.94), hurdle 0.69-0.98 / 0.75-0.96. Restarts (``n_init=4``, the best final likelihood kept) closed most of
-the gap in the 4 cells tried (oracle; Davidson x1 -> x4; hurdle x1 -> x4): 10/0.1/2 s0 0.972; 0.893 -> 0.906;
-0.693 -> 0.871. 10/0.1/5 s0 0.944; 0.885 -> 0.956; 0.727 -> 0.936. 10/0/1 s1 0.892; 0.918 -> 0.955; 0.839 -> 0.866.
-10/0.2/2 s1 0.900; 0.855 -> 0.835; 0.754 -> 0.972. So the 3-group EM has local optima that one linear start does
-not avoid. ``select_k`` on top: at 10/0/1 seed 0 its held-out scores were flat between K = 2 and 3 (-0.470 vs
--0.474 per answer; K = 3's fit on 80% of the answers had ARI 0.72), so it keeps the smaller K; at 10/0.1/5 it took
-K = 4 (-0.298 vs -0.356 +- 0.049), whose fourth member holds no users (ARI 0.87 vs K = 3's 0.85). Not fixed.
+0.85-0.94), hurdle 0.69-0.98 / 0.75-0.96. Restarts (``n_init=4``, the best final likelihood kept) help only a
+little: over the same 18 runs (Davidson) the mean gap to the oracle fell from 0.073 to 0.056, within 0.05 in 5 of
+18 either way, within 0.15 in 17 of 18 either way (e.g. 10/0.1/5 s0 0.885 -> 0.956, oracle 0.944; but 10/0/1 s0
+0.837 -> 0.806, oracle 0.984: the likeliest restart is not the best partition). Hurdle x1 -> x4 in 4 cells: 0.693
+-> 0.871, 0.727 -> 0.936, 0.839 -> 0.866, 0.754 -> 0.972 (oracle 0.972, 0.944, 0.892, 0.900). The 3-group EM has
+local optima that neither one linear start nor the likeliest of 4 restarts reliably avoids. ``select_k`` on top: at
+10/0/1 seed 0 its held-out scores were flat between K = 2 and 3 (-0.470 vs -0.474 per answer; K = 3's fit on 80% of
+the answers had ARI 0.72), so it keeps the smaller K; at 10/0.1/5 it took K = 4 (-0.298 vs -0.356 +- 0.049), whose
+fourth member holds no users (ARI 0.87 vs K = 3's 0.85). Not fixed.
 
 Rows of ``benchmarks/results/em_noise.json``: one per cell with ``env``,
 ``comparisons_per_user``, ``mistake_rate``, ``beta``, ``shares``, ``em_ari`` and
