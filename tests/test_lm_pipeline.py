@@ -125,7 +125,7 @@ def test_every_stage_end_to_end_and_resume(tmp_path: Path) -> None:
     pipeline = LMPipeline(cfg)
     for method in ("rlhf", "maxmin"):
         scores, _ = pipeline._group_scores(method)
-        expected = pipeline.pool_normalizer(scores).state_dict()
+        expected = pipeline.pool_normalizer(scores, pipeline.pool()[0]).state_dict()
         state = json.loads((MaxMinLMPPO.latest_checkpoint(pipeline.dir / "policies" / method) / "trainer.json").read_text())
         assert not state["fit_normalizer_on_first_batch"]
         np.testing.assert_allclose(state["normalizer_state"]["mean"], expected["mean"], rtol=1e-6)

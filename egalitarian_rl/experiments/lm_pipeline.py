@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from egalitarian_rl.algorithms.aggregation import GroupRewardNormalizer
 from egalitarian_rl.evaluation.metrics import win_rate
 from egalitarian_rl.experiments.config import ConfigError, YamlConfig, _check_keywords, _require, is_lm_config
 from egalitarian_rl.io import save_json_atomic, to_jsonable, write_atomic, write_text_atomic
@@ -589,16 +590,17 @@ class LMPipeline:
         inputs = {"ppo": c["train"]["ppo"], "rule": rule, "model": c["model"], "fit": self._run_id("fit"), "normalizer": "pool"}
         return _fingerprint(inputs)
 
-    def pool_normalizer(self, group_scores: Any) -> Any:
-        """Each learned score's scale: its mean and std over the base model's pool completions (what users compared).
+    @staticmethod
+    def pool_normalizer(group_scores: Callable[[list[str], list[str]], np.ndarray], pool: Any) -> GroupRewardNormalizer:
+        """Each learned score's scale: its mean and std over the base model's ``pool`` completions (what users compared).
 
         The control pipeline z-scores with the preference data's segments alike. The trainer's default, the first
         batch's statistics, rests on 16 completions: its means are off by ~0.25 standard deviations, enough to
         change which group the per-sample min picks, and it differs between the methods' runs.
-        """
-        from egalitarian_rl.algorithms.aggregation import GroupRewardNormalizer
 
-        pool, _ = self.pool()
+        :param group_scores: ``(prompts, completions) -> (n, K)`` learned scores, as the trainer gets them.
+        :param pool: the collected :class:`~egalitarian_rl.lm.text_rewards.TextPool`.
+        """
         prompts = [pool.prompts[i] for i in pool.prompt_index]
         return GroupRewardNormalizer.from_data(group_scores(prompts, pool.completions))
 
@@ -631,6 +633,7 @@ class LMPipeline:
         save_json_atomic({"fingerprint": start_key}, key_path)
         scores, names = self._group_scores(method)
         pool, _ = self.pool()
+        normalizer = self.pool_normalizer(scores, pool)
         ppo = LMPPOConfig(
             **{**cfg.train.ppo, "max_new_tokens": cfg.model.max_new_tokens, "temperature": cfg.model.temperature, "seed": cfg.seed}
         )
@@ -638,7 +641,7 @@ class LMPipeline:
         self.log(f"train: {method} ({method_rule(method, cfg.train.aggregation)} over {names}), {cfg.train.iterations} iterations")
         trainer = MaxMinLMPPO(
             self._policy(), tokenizer, self.formatted(pool.prompts), scores,
-            aggregation=method_rule(method, cfg.train.aggregation), group_names=names, config=ppo, normalizer=self.pool_normalizer(scores),
+            aggregation=method_rule(method, cfg.train.aggregation), group_names=names, config=ppo, normalizer=normalizer,
             tensorboard_log=self.dir / "tensorboard" / method, verbose=0,
         )  # fmt: skip
         trainer.learn(cfg.train.iterations, checkpoint_dir=folder, progress_bar=self.progress_bar)
