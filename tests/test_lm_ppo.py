@@ -84,6 +84,21 @@ def test_rloo_learns():
     assert after["ended"] > before["ended"]
 
 
+def test_whitened_rloo_advantages_do_not_depend_on_the_reward_scale():
+    """Whitened, a reward and the same reward times 0.5 give one update size; unwhitened (the default) they do not."""
+    rewards = np.random.default_rng(0).normal(size=(4, 4))
+    plain = make_trainer("mean", advantage="rloo", completions_per_prompt=4)
+    whitened = make_trainer("mean", advantage="rloo", completions_per_prompt=4, whiten_advantages=True)
+    loo = rewards - (rewards.sum(1, keepdims=True) - rewards) / 3
+    np.testing.assert_allclose(plain._critic_free_advantages(rewards), loo)
+    np.testing.assert_allclose(plain._critic_free_advantages(0.5 * rewards), 0.5 * loo)
+    scaled = whitened._critic_free_advantages(rewards)
+    np.testing.assert_allclose(scaled, loo / loo.std(), rtol=1e-6)
+    np.testing.assert_allclose(whitened._critic_free_advantages(0.5 * rewards), scaled, rtol=1e-6)
+    # the ranking within every prompt is the leave-one-out one
+    assert (np.argsort(scaled, 1) == np.argsort(loo, 1)).all()
+
+
 def test_grpo_step_runs_and_moves_policy():
     trainer = make_trainer("per_sample_min", advantage="grpo", completions_per_prompt=4)
     start = lm_parameters(trainer)

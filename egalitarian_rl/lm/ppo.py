@@ -92,7 +92,12 @@ class LMPPOConfig:
         adaptive coefficient steers towards (Ziegler et al.'s controller, as in TRL).
     :param kl_horizon: the adaptive controller's horizon in completions.
     :param max_grad_norm: gradient norm clip.
-    :param whiten_advantages: whiten advantages over the batch's response tokens (``"gae"``).
+    :param whiten_advantages: scale advantages to unit variance over the batch: for ``"gae"`` whitened over
+        the response tokens, for ``"rloo"`` divided by their std over the completions (their mean is 0 already).
+        ``None``: ``"gae"`` only (TRL's defaults). With ``"rloo"`` it makes every reward move the policy by
+        steps of one size, whatever its spread: a per-sample min of two z-scores spreads less than either
+        score (on IMDB, 0.75 against a single reward's 0.90 within a prompt), so unwhitened it takes smaller steps
+        at the same learning rate. ``"grpo"`` scales by each prompt's std already and ignores it.
     :param seed: seeds prompt choice, sampling and minibatch order (with the iteration number).
     """
 
@@ -113,7 +118,7 @@ class LMPPOConfig:
     target_kl: float | None = None
     kl_horizon: int = 10_000
     max_grad_norm: float = 1.0
-    whiten_advantages: bool = True
+    whiten_advantages: bool | None = None
     seed: int = 0
 
     def check(self, num_processes: int) -> None:
@@ -517,7 +522,7 @@ class MaxMinLMPPO:
             advantages[:, t] = next_advantage
             next_value = values[:, t]
         returns = advantages + values
-        if cfg.whiten_advantages:
+        if cfg.whiten_advantages is not False:
             count = self._sum(mask.sum())
             mean = self._sum((advantages * mask).sum()) / count
             var = self._sum((((advantages - mean) * mask) ** 2).sum()) / count
@@ -529,7 +534,8 @@ class MaxMinLMPPO:
         k = rewards.shape[1]
         if self.config.advantage == "rloo":
             # Leave-one-out: each completion against the mean of the prompt's k - 1 others.
-            return rewards - (rewards.sum(axis=1, keepdims=True) - rewards) / (k - 1)
+            advantages = rewards - (rewards.sum(axis=1, keepdims=True) - rewards) / (k - 1)
+            return advantages / (advantages.std() + 1e-8) if self.config.whiten_advantages else advantages
         return (rewards - rewards.mean(axis=1, keepdims=True)) / (rewards.std(axis=1, keepdims=True) + 1e-4)
 
     @property
