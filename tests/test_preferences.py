@@ -165,6 +165,15 @@ def test_truncated_file_is_rejected(tmp_path):
         PreferenceDataset.load(path)
 
 
+def test_file_with_pickled_objects_is_refused_without_unpickling(tmp_path):
+    """An .npz holding an object array (what a pickle payload needs) is refused; the message never suggests unpickling."""
+    path = tmp_path / "evil.npz"
+    np.savez(path, labels=np.array([{"run": "code"}], dtype=object))
+    with pytest.raises(PreferenceDatasetError, match="pickled objects, which are never loaded") as err:
+        PreferenceDataset.load(path)
+    assert "unsafe" not in str(err.value) and "allow_pickle" not in str(err.value)
+
+
 def test_tampered_file_is_rejected(tmp_path):
     path = _collect()[1].save(tmp_path / "prefs.npz")
     with np.load(path) as npz:

@@ -727,7 +727,7 @@ class Pipeline:
         for method in self.methods:
             loaded = []
             for seed in self.config.seeds:
-                with np.load(self.seed_dir(seed) / "policies" / f"{method}.curve.npz") as f:
+                with np.load(self.seed_dir(seed) / "policies" / f"{method}.curve.npz", allow_pickle=False) as f:
                     loaded.append((f["steps"], f["returns"]))
             steps = loaded[0][0]
             if steps.size == 0:

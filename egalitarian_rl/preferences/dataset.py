@@ -339,7 +339,11 @@ class PreferenceDataset:
         try:
             with np.load(path, allow_pickle=False) as npz:
                 arrays = {key: npz[key] for key in npz.files}
-        except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as err:
+        except ValueError as err:
+            if "allow_pickle" in str(err):  # numpy's own text would suggest loading it unsafely: never
+                raise PreferenceDatasetError(f"{path} holds pickled objects, which are never loaded: not a preference dataset") from None
+            raise PreferenceDatasetError(f"{path} is truncated or corrupt (ValueError: {err})") from None
+        except (zipfile.BadZipFile, EOFError, OSError, KeyError) as err:
             raise PreferenceDatasetError(f"{path} is truncated or corrupt ({type(err).__name__}: {err})") from None
         try:
             header = json.loads(arrays.pop("header").tobytes().decode())
