@@ -23,6 +23,10 @@ Pre-registered (run 7): seeds 20, 21 and 22, fixed in a commit before the run. C
 - 16 PPO iterations per method instead of 11: MaxMin serves two scores, and in run 6 its majority head's
   batch return had not risen by iteration 11 (seed 17: -0.17 at the start, -0.14 at iteration 10).
 
+Result (2026-12-04, 69 min wall): FAIL on the minority. MaxMin vs RLHF concise 0.490 (seeds 0.17, 0.57, 0.73),
+positive_review 0.509 (met); KL 4.4 against 5.2 (the movement gap closed). On seed 20 RLHF collapsed into the stock
+reply "Awesome." (73% of its replies), which is near both groups' optimum: the groups share one (docs/DESIGN.md).
+
 Run 6 (seeds 17-19): RLOO over 4 completions per prompt instead of GAE, lr 5e-4, the groups' learned
 scores z-scored over the pool (``LMPipeline.pool_normalizer``) instead of the first batch. Design
 trials on seed 0 before it (never reported; MaxMin vs RLHF, concise / positive_review): lr 2e-4:
