@@ -141,6 +141,19 @@ def test_linear_start_is_a_documented_setting_that_survives_save_load(tmp_path):
     loaded = EMRewardMixture.load(em.save(tmp_path / "em"))
     assert loaded.init == "linear" and loaded.linear_starts == 2
     np.testing.assert_array_equal(loaded.assign_users(data), em.assignments_)
-    for bad in ({"init": "spectral"}, {"linear_starts": 0}, {"linear_ridge": 0.0}, {"linear_anneal": 0.5}):
+    for bad in ({"init": "spectral"}, {"linear_starts": 0}, {"linear_ridge": 0.0}, {"linear_anneal": 0.5}, {"linear_features": "pixels"}):
         with pytest.raises(ValueError):
             EMRewardMixture(2, **bad)
+
+
+def test_start_on_the_inputs_recovers_the_groups_and_survives_save_load(tmp_path):
+    """``linear_features="inputs"``: heads on the members' raw inputs summed over a segment (visit counts here).
+
+    Measured (80 users, 10 answers each, seeds 0 and 1): ARI 0.88 on both (the hidden-layer start: 1.00).
+    """
+    data = fairgrid_like(per_user=10, seed=0)
+    inputs = EMRewardMixture(2, init="linear", linear_features="inputs", seed=0, **OPTIONS).fit(data)
+    assert adjusted_rand_index(data.user_groups, inputs.assignments_) >= 0.8
+    loaded = EMRewardMixture.load(inputs.save(tmp_path / "em"))
+    assert loaded.linear_features == "inputs" and loaded.hyperparameters()["linear_features"] == "inputs"
+    np.testing.assert_array_equal(loaded.assign_users(data), inputs.assignments_)

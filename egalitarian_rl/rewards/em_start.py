@@ -114,6 +114,24 @@ def segment_hidden_sums(reward: RewardMixture, table: ComparisonFeatures, member
     return SegmentHidden(hidden_sums, inverse.view(-1, 2))
 
 
+def segment_input_sums(table: ComparisonFeatures, discount: float) -> SegmentHidden:
+    """The members' raw inputs summed over each distinct segment's (discounted) steps, laid out like :func:`segment_hidden_sums`.
+
+    A head on these is a reward *linear in the inputs* (FairGrid, whose observation is a one-hot cell:
+    exactly its groups' per-cell rewards), a class the pooled reward's hidden layer need not contain when
+    that reward was fitted mostly to the majority.
+
+    :return: ``hidden_sums`` ``(S', 1, D)`` with ``D`` the members' input size, and the comparisons' ``pair_rows``.
+    """
+    step_weights = discount ** torch.arange(table.length, dtype=torch.float32)
+    needed, inverse = torch.unique(table.pairs.reshape(-1), return_inverse=True)
+    sums = torch.empty(len(needed), 1, table.input_dim)
+    for start in range(0, len(needed), table.chunk_size):
+        segments = table.segments(needed[start : start + table.chunk_size])  # (c, L, D)
+        sums[start : start + len(segments), 0] = torch.einsum("cld,l->cd", segments, step_weights)
+    return SegmentHidden(sums, inverse.view(-1, 2))
+
+
 def whiten(features: torch.Tensor, pair_rows: torch.Tensor, max_dim: int, rel_eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """Whitening of segment features by the covariance of the comparisons' differences.
 
