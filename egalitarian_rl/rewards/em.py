@@ -141,6 +141,7 @@ def _check_users_have_comparisons(dataset: PreferenceDataset, what: str) -> None
 #: What the ``"linear"`` start's heads read (``EMRewardMixture(linear_features=...)``).
 LINEAR_FEATURES = ("hidden", "inputs", "both")
 
+
 @dataclass(frozen=True)
 class Assignment:
     """One user's group, as decided from their comparisons by :meth:`EMRewardMixture.assign_with_confidence`.
