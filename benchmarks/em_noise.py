@@ -79,6 +79,19 @@ local optima that neither one linear start nor the likeliest of 4 restarts relia
 the answers had ARI 0.72), so it keeps the smaller K; at 10/0.1/5 it took K = 4 (-0.298 vs -0.356 +- 0.049), whose
 fourth member holds no users (ARI 0.87 vs K = 3's 0.85). Not fixed.
 
+Heads on the raw inputs (``--em init=linear ties=davidson mistake_rate=learn linear_features=inputs``, 2026-12-04,
+``benchmarks/results/em_noise_inputs.json``, FairGrid 80/20, all 180 runs). Why: at 5 answers with mistakes, the
+hidden-layer start explained the answers with one group of 94% and a flip rate of 0.18 (5/0.1/2 seed 0, start ARI
+0.15). The pooled reward's hidden layer, fitted mostly to the majority, hardly represents the minority's goal. On the
+inputs (FairGrid: the cells visited, exactly the groups' reward class) the start of that run reached 0.59. Over the
+grid: mean gap to the oracle 0.028 against 0.042, worst 0.137 against 0.196 (so within 0.15 in all 36 cells), within
+0.05 in 27 of the 32 cells with oracle >= 0.8 (26 before); better in 16 cells, worse in 1 (10/0/5, 0.982 vs 0.991).
+Every 5-answer cell gains (e.g. 5/0.2/1 0.663 vs 0.581, oracle 0.777), but the five with oracle >= 0.8 still miss
+0.05 (gaps 0.05-0.11). Not the default: on the tests' 16-cell toy, whose single hidden layer spans the inputs anyway,
+it is worse (4 answers 0.30-0.39 against 0.47-0.77), because the hidden start's heads carry into the members and the
+inputs start's do not. Distilling the inputs heads into the members (regressing each member's segment returns onto
+its head) fixed the toy (0.89 against 0.47) but lost on FairGrid (mean gap 0.058; 5/0.2/1 0.41), so it is not shipped.
+
 Rows of ``benchmarks/results/em_noise.json``: one per cell with ``env``,
 ``comparisons_per_user``, ``mistake_rate``, ``beta``, ``shares``, ``em_ari`` and
 ``oracle_ari`` (means over the seeds that ran), the per-seed values, K, and held-out accuracy.
