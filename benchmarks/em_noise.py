@@ -47,10 +47,10 @@ K from ``select_k``: K = 3 and ARI 1.00 (seeds 0, 1). The linear start costs ~10
 here (EM 2-4 s without it). With the default plain Bradley-Terry likelihood the linear start
 is undone by EM's first iterations (20/0.1/2: start 1.00, EM 0.06-0.28).
 
-The committed ``em_noise.json`` is the FairGrid 80/20 part of the grid with those options, all
-5 seeds (180 runs, the command in RESULTS.md): 20 and 40 answers give ARI 1.00 = oracle in every
-run; 10 answers are within 0.05 of the oracle except 10/0.2/1 (0.908 vs 0.973, +0.064); every
-5-answer cell misses (+0.07 to +0.20; e.g. 5/0.2/1 0.58 vs 0.78). EM already beats the
+``em_noise_hidden.json`` holds the FairGrid 80/20 part of the grid with those options, all 5 seeds (180
+runs; ``linear_features=hidden``, the library's default), plus 60/30/10 seed 0 at 5 and 10 answers. At 80/20,
+20 and 40 answers give ARI 1.00 = oracle in every run; 10 answers are within 0.05 of the oracle except
+10/0.2/1 (0.908 vs 0.973, +0.064); every 5-answer cell misses (+0.07 to +0.20; e.g. 5/0.2/1 0.58 vs 0.78). EM already beats the
 Bradley-Terry oracle (ties scored 0.5) in every cell; what is left is the simulator's exact tie
 rule ("equal" exactly when a group's returns tie, never flipped), which makes each "equal"
 near-certain evidence, while Davidson's tie probability is bound to the preference logit's
@@ -79,18 +79,24 @@ local optima that neither one linear start nor the likeliest of 4 restarts relia
 the answers had ARI 0.72), so it keeps the smaller K; at 10/0.1/5 it took K = 4 (-0.298 vs -0.356 +- 0.049), whose
 fourth member holds no users (ARI 0.87 vs K = 3's 0.85). Not fixed.
 
-Heads on the raw inputs (``--em init=linear ties=davidson mistake_rate=learn linear_features=inputs``, 2026-12-04,
-``benchmarks/results/em_noise_inputs.json``, FairGrid 80/20, all 180 runs). Why: at 5 answers with mistakes, the
-hidden-layer start explained the answers with one group of 94% and a flip rate of 0.18 (5/0.1/2 seed 0, start ARI
-0.15). The pooled reward's hidden layer, fitted mostly to the majority, hardly represents the minority's goal. On the
-inputs (FairGrid: the cells visited, exactly the groups' reward class) the start of that run reached 0.59. Over the
-grid: mean gap to the oracle 0.028 against 0.042, worst 0.137 against 0.196 (so within 0.15 in all 36 cells), within
-0.05 in 27 of the 32 cells with oracle >= 0.8 (26 before); better in 16 cells, worse in 1 (10/0/5, 0.982 vs 0.991).
-Every 5-answer cell gains (e.g. 5/0.2/1 0.663 vs 0.581, oracle 0.777), but the five with oracle >= 0.8 still miss
-0.05 (gaps 0.05-0.11). Not the default: on the tests' 16-cell toy, whose single hidden layer spans the inputs anyway,
-it is worse (4 answers 0.30-0.39 against 0.47-0.77), because the hidden start's heads carry into the members and the
-inputs start's do not. Distilling the inputs heads into the members (regressing each member's segment returns onto
-its head) fixed the toy (0.89 against 0.47) but lost on FairGrid (mean gap 0.058; 5/0.2/1 0.41), so it is not shipped.
+Heads on the raw inputs (``--em init=linear ties=davidson mistake_rate=learn linear_features=inputs``, 2026-12-04):
+the committed ``em_noise.json`` (the same 198 runs as ``em_noise_hidden.json``; commands in RESULTS.md). Why: at 5
+answers with mistakes, the hidden-layer start explained the answers with one group of 94% and a flip rate of 0.18
+(5/0.1/2 seed 0, start ARI 0.15). The pooled reward's hidden layer, fitted mostly to the majority, hardly represents
+the minority's goal. On the inputs (FairGrid: the cells visited, exactly the groups' reward class) the start of that
+run reached 0.59. Over the 80/20 grid: mean gap to the oracle 0.028 against 0.042, worst 0.137 against 0.196 (so
+within 0.15 in all 36 cells), within 0.05 in 27 of the 32 cells with oracle >= 0.8 (26 before); better in 16 cells,
+worse in 1 (10/0/5, 0.982 vs 0.991). Every 5-answer cell gains (e.g. 5/0.2/1 0.663 vs 0.581, oracle 0.777), but the
+five with oracle >= 0.8 still miss 0.05 (gaps 0.05-0.11). Not the default: on the tests' 16-cell toy, whose single
+hidden layer spans the inputs anyway, it is worse (4 answers 0.30-0.39 against 0.47-0.77), because the hidden
+start's heads carry into the members and the inputs start's do not. Distilling the inputs heads into the members
+(regressing each member's segment returns onto its head) fixed the toy (0.89 against 0.47) but lost on FairGrid
+(mean gap 0.058; 5/0.2/1 0.41), so it is not shipped. FairGrid 60/30/10 seed 0 (K from ``select_k``): better in 8 of
+9 cells at 10 answers (e.g. 10/0.2/1 0.906 vs 0.725, 10/0/1 0.871 vs 0.696; oracle 0.94-1.00). At 5 answers EM lands
+*above* the oracle (e.g. 5/0/5 0.890 vs 0.442): the oracle picks the likeliest group without the groups' shares as a
+prior, so with 5 answers it sends many users to the 10% group, while EM's posterior weighs the shares. With mistake
+rate 0.2 ``select_k`` still keeps K = 1 (ARI 0): the cells that miss the 0.15 line. Over all 198 runs: within 0.05
+in 33 of 41 cells with oracle >= 0.8 (27 with ``"hidden"``), within 0.15 in 50 of 54 (43), mean gap 0.028 (0.056).
 
 Rows of ``benchmarks/results/em_noise.json``: one per cell with ``env``,
 ``comparisons_per_user``, ``mistake_rate``, ``beta``, ``shares``, ``em_ari`` and
