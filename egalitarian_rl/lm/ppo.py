@@ -121,6 +121,11 @@ class LMPPOConfig:
     whiten_advantages: bool | None = None
     seed: int = 0
 
+    @property
+    def whitens(self) -> bool:
+        """Whether advantages are scaled to unit variance (``whiten_advantages``, ``None`` resolved by ``advantage``)."""
+        return self.advantage == "gae" if self.whiten_advantages is None else self.whiten_advantages
+
     def check(self, num_processes: int) -> None:
         """Raise a ValueError for inconsistent settings."""
         if self.advantage not in ("gae", "rloo", "grpo"):
@@ -522,7 +527,7 @@ class MaxMinLMPPO:
             advantages[:, t] = next_advantage
             next_value = values[:, t]
         returns = advantages + values
-        if cfg.whiten_advantages is not False:
+        if cfg.whitens:
             count = self._sum(mask.sum())
             mean = self._sum((advantages * mask).sum()) / count
             var = self._sum((((advantages - mean) * mask) ** 2).sum()) / count
@@ -535,7 +540,7 @@ class MaxMinLMPPO:
         if self.config.advantage == "rloo":
             # Leave-one-out: each completion against the mean of the prompt's k - 1 others.
             advantages = rewards - (rewards.sum(axis=1, keepdims=True) - rewards) / (k - 1)
-            return advantages / (advantages.std() + 1e-8) if self.config.whiten_advantages else advantages
+            return advantages / (advantages.std() + 1e-8) if self.config.whitens else advantages
         return (rewards - rewards.mean(axis=1, keepdims=True)) / (rewards.std(axis=1, keepdims=True) + 1e-4)
 
     @property

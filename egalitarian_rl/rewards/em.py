@@ -882,16 +882,17 @@ class EMRewardMixture:
         """
         k = self.n_components
         train = ~data.held_out
-        hidden = em_start.segment_hidden_sums(reward, data.features, [0], self.discount)
-        if self.linear_features != "hidden":
-            inputs = em_start.segment_input_sums(data.features, self.discount)
-            sums = inputs.hidden_sums if self.linear_features == "inputs" else torch.cat([hidden.hidden_sums, inputs.hidden_sums], dim=2)
-            hidden = em_start.SegmentHidden(sums, inputs.pair_rows)
-        hidden = em_start.SegmentHidden(hidden.hidden_sums, hidden.pair_rows[train])
+        parts = []
+        if self.linear_features in ("hidden", "both"):
+            parts.append(em_start.segment_hidden_sums(reward, data.features, [0], self.discount))
+        if self.linear_features in ("inputs", "both"):
+            parts.append(em_start.segment_input_sums(data.features, self.discount))
+        # Both parts list the same distinct segments in the same order, so their pair rows agree.
+        features = em_start.SegmentHidden(torch.cat([part.hidden_sums for part in parts], dim=2), parts[0].pair_rows[train])
         ties = "hurdle" if self.ties == "hurdle" else "davidson"
         settings = em_start.LinearStartSettings(n_starts=self.linear_starts, ridge=self.linear_ridge, t0=self.linear_anneal, ties=ties)
         labels, user_index = data.labels[train], data.user_index[train]
-        mixture, heads = em_start.linear_mixture_start(hidden, labels, user_index, data.n_users, k, settings, seed=seed)
+        mixture, heads = em_start.linear_mixture_start(features, labels, user_index, data.n_users, k, settings, seed=seed)
         if self.linear_features == "hidden":  # heads on the inputs have no place in the members' last layers
             members = list(range(k)) + ([k + m for m in range(k)] if self._twinned(reward) else [])
             with torch.no_grad():

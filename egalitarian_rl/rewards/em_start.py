@@ -40,6 +40,7 @@ Details:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -96,22 +97,30 @@ class SegmentHidden:
     pair_rows: torch.Tensor
 
 
-def segment_hidden_sums(reward: RewardMixture, table: ComparisonFeatures, members: list[int], discount: float) -> SegmentHidden:
-    """``H`` of members ``members`` for every distinct segment of ``table``'s comparisons, streamed in chunks."""
+def _segment_sums(table: ComparisonFeatures, discount: float, per_step: Callable[[torch.Tensor], torch.Tensor]) -> SegmentHidden:
+    """``per_step`` features ``(M, c, L, F)`` of segments ``(c, L, D)``, summed over each distinct compared segment's
+    (discounted) steps, streamed ``table.chunk_size`` segments at a time: ``hidden_sums`` ``(S', M, F)``."""
     step_weights = discount ** torch.arange(table.length, dtype=torch.float32)
     needed, inverse = torch.unique(table.pairs.reshape(-1), return_inverse=True)
-    hidden_sums: torch.Tensor | None = None
+    sums: torch.Tensor | None = None
     with torch.no_grad():
         for start in range(0, len(needed), table.chunk_size):
-            segments = table.segments(needed[start : start + table.chunk_size])  # (c, L, D)
-            c = len(segments)
-            hidden = reward.hidden(segments.reshape(-1, segments.shape[-1]), members).reshape(len(members), c, table.length, -1)
-            summed = torch.einsum("mclh,l->cmh", hidden, step_weights)
-            if hidden_sums is None:
-                hidden_sums = torch.empty(len(needed), len(members), summed.shape[-1])
-            hidden_sums[start : start + c] = summed
-    assert hidden_sums is not None
-    return SegmentHidden(hidden_sums, inverse.view(-1, 2))
+            summed = torch.einsum("mclf,l->cmf", per_step(table.segments(needed[start : start + table.chunk_size])), step_weights)
+            if sums is None:
+                sums = torch.empty(len(needed), *summed.shape[1:])
+            sums[start : start + len(summed)] = summed
+    assert sums is not None
+    return SegmentHidden(sums, inverse.view(-1, 2))
+
+
+def segment_hidden_sums(reward: RewardMixture, table: ComparisonFeatures, members: list[int], discount: float) -> SegmentHidden:
+    """``H`` of members ``members`` for every distinct segment of ``table``'s comparisons, streamed in chunks."""
+
+    def hidden(segments: torch.Tensor) -> torch.Tensor:  # (c, L, D) -> (M, c, L, h)
+        flat = reward.hidden(segments.reshape(-1, segments.shape[-1]), members)
+        return flat.reshape(len(members), len(segments), table.length, -1)
+
+    return _segment_sums(table, discount, hidden)
 
 
 def segment_input_sums(table: ComparisonFeatures, discount: float) -> SegmentHidden:
@@ -123,13 +132,7 @@ def segment_input_sums(table: ComparisonFeatures, discount: float) -> SegmentHid
 
     :return: ``hidden_sums`` ``(S', 1, D)`` with ``D`` the members' input size, and the comparisons' ``pair_rows``.
     """
-    step_weights = discount ** torch.arange(table.length, dtype=torch.float32)
-    needed, inverse = torch.unique(table.pairs.reshape(-1), return_inverse=True)
-    sums = torch.empty(len(needed), 1, table.input_dim)
-    for start in range(0, len(needed), table.chunk_size):
-        segments = table.segments(needed[start : start + table.chunk_size])  # (c, L, D)
-        sums[start : start + len(segments), 0] = torch.einsum("cld,l->cd", segments, step_weights)
-    return SegmentHidden(sums, inverse.view(-1, 2))
+    return _segment_sums(table, discount, lambda segments: segments[None])
 
 
 def whiten(features: torch.Tensor, pair_rows: torch.Tensor, max_dim: int, rel_eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
