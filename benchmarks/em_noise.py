@@ -19,6 +19,10 @@ group shares, on FairGrid and HalfCheetah-v5, and every seed:
 * **BT oracle** (``oracle_bt_ari``): the same true rewards, beta and mistake rate, but "equal"
   scored as a 0.5 soft target (the Bradley-Terry likelihood every reward model here is
   trained with): the limit of a Bradley-Terry clustering, closer to what the issue measured.
+* **tie-model oracles** (``oracle_davidson_ari``, ``oracle_hurdle_ari``): the true rewards again,
+  with "equal" scored by the tie model EM can use (Davidson or hurdle, its parameters fitted by
+  maximum likelihood on the true groups): the limit of EM's own likelihood when its rewards are
+  exactly right. They separate what the likelihood can express from what the rewards' estimation costs.
 * **held-out accuracy**: the same users answer 10 more queries on segments of a fresh rollout;
   each is predicted by the user's fitted member (per true group).
 
@@ -98,6 +102,20 @@ prior, so with 5 answers it sends many users to the 10% group, while EM's poster
 rate 0.2 ``select_k`` still keeps K = 1 (ARI 0): the cells that miss the 0.15 line. Over all 198 runs: within 0.05
 in 33 of 41 cells with oracle >= 0.8 (27 with ``"hidden"``), within 0.15 in 50 of 54 (43), mean gap 0.028 (0.056).
 
+Where the 5-answer gap comes from (the tie-model oracles, 2026-12-04, both committed JSONs): with the *true*
+rewards, Davidson's tie model gives up much of what the simulator's exact tie rule tells: at 5 answers in
+80/20 its oracle reaches 0.43-0.92 (exact rule 0.76-0.92), at beta 1 and mistake rate 0.1 0.43 against 0.76,
+because Davidson binds the tie probability's sharpness to the logit's scale, which is small at low beta. The
+hurdle model, whose sharpness is free, recovers the exact oracle in all 54 cells. EM (Davidson) is within 0.05
+of the Davidson oracle in 28 of the 29 cells where that oracle is >= 0.8 (the miss: 5/0/5, 0.863 against 0.917),
+and above it in 4 of the 6 5-answer 80/20 cells with mistakes (e.g. 5/0.1/2: 0.715 against 0.623; below at beta 5:
+0.720 vs 0.780, 0.673 vs 0.713): most of EM's remaining gap to the exact oracle is what its likelihood can express. EM with hurdle ties does not inherit the hurdle oracle's advantage:
+probes on the five 5-answer cells with oracle >= 0.8 (seeds 0-4, ``linear_features=inputs``) gave no gain from
+``ties="hurdle"``, none from EM *started at the true partition* (Davidson: it settles at 0.66-0.87, near the
+Davidson oracle; hurdle: it wanders off, 0.60-0.87), and +0.00-0.05 from a last hurdle E-step on Davidson EM's
+members (fitted sharpness ``s`` ~ 1): with 5 answers a user the learned rewards do not give true ties a
+difference near 0, which is what a sharp tie model needs.
+
 Rows of ``benchmarks/results/em_noise.json``: one per cell with ``env``,
 ``comparisons_per_user``, ``mistake_rate``, ``beta``, ``shares``, ``em_ari`` and
 ``oracle_ari`` (means over the seeds that ran), the per-seed values, K, and held-out accuracy.
@@ -135,6 +153,7 @@ from benchmarks.common import BenchmarkParser, results_dir, run_in_processes, wr
 from egalitarian_rl import envs
 from egalitarian_rl.preferences import Population, PreferenceDataset, UserGroup, collect_preferences
 from egalitarian_rl.rewards import EMRewardMixture, adjusted_rand_index, select_k
+from egalitarian_rl.rewards.bradley_terry import TieModel, noisy_log_likelihood
 
 NAME = "em_noise"
 N_USERS = 100
@@ -152,6 +171,14 @@ ISSUE_TABLE = [
     {"comparisons_per_user": 30, "mistake_rate": 0.2, "beta": 1.0, "em_ari": (0.15, 0.12), "oracle_ari": (0.58, 0.67)},
 ]
 ACCEPT_CLOSE, ACCEPT_FAR, ACCEPT_ORACLE = 0.05, 0.15, 0.8
+#: How the oracles score "equal" (:func:`oracle_log_likelihoods`); the first is the issue's oracle.
+ORACLE_TIES = ("exact", "bt", "davidson", "hurdle")
+#: Stored oracle ARI per tie scoring, in each run and row.
+ORACLE_KEYS = {"exact": "oracle_ari", "bt": "oracle_bt_ari", "davidson": "oracle_davidson_ari", "hurdle": "oracle_hurdle_ari"}
+#: What identifies a cell of the grid (a run adds its ``seed``).
+CELL_KEYS = ("env", "comparisons_per_user", "mistake_rate", "beta", "shares")
+#: Logit scale standing in for a noiseless (infinite-beta) group in the tie-model oracles.
+LARGE_BETA = 50.0
 
 
 def nearest_goal_behaviour(epsilon: float, seed: int) -> Callable[[np.ndarray], int]:
@@ -209,7 +236,7 @@ def collect(env: str, population: Population, per_user: int, seed: int, behaviou
         gym_env.close()
 
 
-def oracle_log_likelihoods(population: Population, data: PreferenceDataset, exact_ties: bool = True) -> np.ndarray:
+def oracle_log_likelihoods(population: Population, data: PreferenceDataset, ties: str = "exact") -> np.ndarray:
     """``(U, G)`` log-likelihood of each user's answers under each true group's answering model.
 
     The answering model of :meth:`UserGroup.answer`: a strict answer is right with probability
@@ -218,26 +245,101 @@ def oracle_log_likelihoods(population: Population, data: PreferenceDataset, exac
     ``equal_threshold``. Impossible answers get probability ``1e-12`` rather than 0 (floating
     point may differ in the last bit from the labeller's own computation).
 
-    :param exact_ties: ``False`` scores "equal" as the soft target 0.5 of the noisy BT
-        probability instead (the Bradley-Terry oracle).
+    :param ties: how "equal" is scored (:data:`ORACLE_TIES`). ``"exact"``: the simulator's own
+        rule above (the oracle of the issue). ``"bt"``: the soft target 0.5 of the noisy BT
+        probability (the Bradley-Terry oracle). ``"davidson"`` / ``"hurdle"``: the tie models
+        :class:`EMRewardMixture` can use (:class:`TieModel`), their parameters fitted by maximum
+        likelihood on every user's answers under their own true group: the limit of EM's *likelihood*
+        when its rewards are exactly right.
     """
-    user_ll = np.zeros((data.n_users, population.n_groups))
+    if ties not in ORACLE_TIES:
+        raise ValueError(f"ties must be one of {ORACLE_TIES}, got {ties!r}")
     index = data.user_index()
-    for g, group in enumerate(population.groups):
+    logits, strict_p = [], []
+    for group in population.groups:
         diff = group.segment_returns(data.segments_a) - group.segment_returns(data.segments_b)
-        tie = np.abs(diff) <= group.equal_threshold
+        scale = group.beta if math.isfinite(group.beta) else LARGE_BETA
+        logits.append(scale * diff)
         with np.errstate(over="ignore"):
-            p_a = 1.0 / (1.0 + np.exp(-group.beta * diff)) if math.isfinite(group.beta) else (diff > 0).astype(float)
+            p_a = 1.0 / (1.0 + np.exp(-scale * diff))
         p_a = group.mistake_rate + (1.0 - 2.0 * group.mistake_rate) * p_a
-        p_label = np.where(data.labels == 1.0, p_a, 1.0 - p_a)
-        if exact_ties:
+        if ties == "exact":
+            tie = np.abs(diff) <= group.equal_threshold
+            p_label = np.where(data.labels == 1.0, p_a, 1.0 - p_a)
             p_label = np.where(tie, (data.labels == 0.5).astype(float), np.where(data.labels == 0.5, 0.0, p_label))
-            log_p = np.log(np.clip(p_label, 1e-12, None))
+            strict_p.append(np.log(np.clip(p_label, 1e-12, None)))
         else:
             p_a = np.clip(p_a, 1e-12, 1 - 1e-12)
-            log_p = data.labels * np.log(p_a) + (1.0 - data.labels) * np.log(1.0 - p_a)
-        np.add.at(user_ll[:, g], index, log_p)
+            strict_p.append(data.labels * np.log(p_a) + (1.0 - data.labels) * np.log(1.0 - p_a))
+    if ties in ("exact", "bt"):
+        log_p = np.stack(strict_p, axis=1)
+    else:
+        log_p = _tie_model_log_likelihoods(np.stack(logits, axis=1), population, data, ties)
+    user_ll = np.zeros((data.n_users, population.n_groups))
+    np.add.at(user_ll, index, log_p)
     return user_ll
+
+
+def _tie_model_log_likelihoods(logits: np.ndarray, population: Population, data: PreferenceDataset, ties: str) -> np.ndarray:
+    """``(N, G)`` per-answer log-likelihood under each group's true logits with tie model ``ties``.
+
+    One set of tie parameters for all groups (as EM shares one), fitted by maximum likelihood on
+    every answer under its user's own group.
+    """
+    logits_t = torch.as_tensor(logits, dtype=torch.float64)
+    labels = torch.as_tensor(data.labels, dtype=torch.float64)[:, None]
+    mistakes = torch.tensor([g.mistake_rate for g in population.groups], dtype=torch.float64)
+    own = torch.as_tensor(data.user_groups[data.user_index()])
+    own_logits, own_mistakes = logits_t.gather(1, own[:, None]), mistakes[own][:, None]
+    params = torch.as_tensor(TieModel.initial(ties), dtype=torch.float64).requires_grad_(True)
+    optimizer = torch.optim.LBFGS([params], max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = -noisy_log_likelihood(own_logits, labels, own_mistakes, TieModel(ties, params)).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    fitted = TieModel(ties, params.detach())
+    with torch.no_grad():
+        return noisy_log_likelihood(logits_t, labels, mistakes[None, :], fitted).numpy()
+
+
+def oracle_aris(population: Population, data: PreferenceDataset) -> dict[str, float]:
+    """ARI of every oracle (:data:`ORACLE_KEYS`) on ``data``: each user to their likeliest true group."""
+    return {
+        key: round(adjusted_rand_index(data.user_groups, oracle_log_likelihoods(population, data, ties).argmax(1)), 4)
+        for ties, key in ORACLE_KEYS.items()
+    }
+
+
+def cell_data(
+    env: str, per_user: int, mistake_rate: float, beta: float, shares: str, seed: int, behaviour: str = "random"
+) -> tuple[Population, PreferenceDataset]:
+    """The population and the training answers of one (cell, seed): what EM and the oracles see."""
+    population = make_population(env, shares, beta, mistake_rate)
+    data = collect(env, population, per_user, seed, behaviour)
+    return population, data.for_users(data.users[data.comparisons_per_user() > 0])
+
+
+def backfill_oracles(runs: list[dict]) -> int:
+    """Add the oracles a stored run lacks (runs from before they existed), from its regenerated data.
+
+    The data are regenerated from the run's seed; its stored exact-oracle ARI must come out
+    the same, which checks that they are the same data. Returns how many runs were filled.
+    """
+    filled = 0
+    for run in runs:
+        if all(key in run for key in ORACLE_KEYS.values()):
+            continue
+        population, data = cell_data(*(run[key] for key in CELL_KEYS), run["seed"])
+        oracles = oracle_aris(population, data)
+        if oracles["oracle_ari"] != run["oracle_ari"]:
+            raise RuntimeError(f"regenerated data of run {[run[key] for key in (*CELL_KEYS, 'seed')]} differ from the stored run's")
+        run.update(oracles)
+        filled += 1
+    return filled
 
 
 def run_one(
@@ -257,12 +359,9 @@ def run_one(
     """
     if threads is not None:
         torch.set_num_threads(threads)
-    population = make_population(env, shares, beta, mistake_rate)
-    data = collect(env, population, per_user, seed, behaviour)
+    population, data = cell_data(env, per_user, mistake_rate, beta, shares, seed, behaviour)
     heldout = collect(env, population, HELDOUT_PER_USER, seed + 7919, behaviour)  # same users, fresh segments
-    data = data.for_users(data.users[data.comparisons_per_user() > 0])
-    oracle = oracle_log_likelihoods(population, data).argmax(1)
-    oracle_bt = oracle_log_likelihoods(population, data, exact_ties=False).argmax(1)
+    oracles = oracle_aris(population, data)
     options = {"use_action": False, "use_next_state": True, "seed": seed, **em_options}
     start = time.perf_counter()
     k, k_scores = population.n_groups, None
@@ -284,16 +383,12 @@ def run_one(
         # select_k's held-out log-likelihood per answer and its standard error against the best K
         "k_scores": k_scores,
         "em_ari": round(adjusted_rand_index(data.user_groups, em.assignments_), 4),
-        "oracle_ari": round(adjusted_rand_index(data.user_groups, oracle), 4),
-        "oracle_bt_ari": round(adjusted_rand_index(data.user_groups, oracle_bt), 4),
+        **oracles,
         "heldout_accuracy": {name: round(v, 4) for name, v in accuracy.per_group.items()},
         "em_shares": np.round(np.sort(em.shares_)[::-1], 3).tolist(),
         "seconds": round(seconds, 2),
         "em_hyperparameters": em.hyperparameters(),
     }
-
-
-CELL_KEYS = ("env", "comparisons_per_user", "mistake_rate", "beta", "shares")
 
 
 def summarise(runs: list[dict]) -> list[dict]:
@@ -305,16 +400,16 @@ def summarise(runs: list[dict]) -> list[dict]:
     for key, cell in sorted(cells.items(), key=lambda item: tuple(str(v) for v in item[0])):
         em_ari = [r["em_ari"] for r in cell]
         oracle_ari = [r["oracle_ari"] for r in cell]
-        oracle_bt_ari = [r["oracle_bt_ari"] for r in cell]
         groups = sorted({name for r in cell for name in r["heldout_accuracy"]})
+        # Every oracle's mean; a run stored before an oracle existed has no value for it.
+        oracles = {key: round(float(np.mean([r[key] for r in cell])), 4) for key in ORACLE_KEYS.values() if all(key in r for r in cell)}
         rows.append(
             {
                 **dict(zip(CELL_KEYS, key)),
                 "em_ari": round(float(np.mean(em_ari)), 4),
-                "oracle_ari": round(float(np.mean(oracle_ari)), 4),
-                "oracle_bt_ari": round(float(np.mean(oracle_bt_ari)), 4),
+                **oracles,
                 "gap": round(float(np.mean(oracle_ari) - np.mean(em_ari)), 4),
-                "gap_bt": round(float(np.mean(oracle_bt_ari) - np.mean(em_ari)), 4),
+                "gap_bt": round(float(oracles["oracle_bt_ari"] - np.mean(em_ari)), 4),
                 "seeds": [r["seed"] for r in cell],
                 "em_ari_seeds": em_ari,
                 "oracle_ari_seeds": oracle_ari,
@@ -327,7 +422,7 @@ def summarise(runs: list[dict]) -> list[dict]:
 
 
 def acceptance(rows: list[dict], oracle: str = "oracle_ari") -> dict:
-    """The issue's acceptance over the cells that ran, against ``oracle`` (``oracle_ari`` or ``oracle_bt_ari``)."""
+    """The issue's acceptance over the cells that ran, against ``oracle`` (a value of :data:`ORACLE_KEYS`)."""
     gap = {r_id: rows[r_id][oracle] - rows[r_id]["em_ari"] for r_id in range(len(rows))}
     close = [i for i in gap if rows[i][oracle] >= ACCEPT_ORACLE]
     return {
@@ -405,6 +500,8 @@ def main() -> None:
     if previous and previous.get("em_options", {}) != em_options:
         raise SystemExit(f"{args.output} holds runs with EM options {previous.get('em_options')}, not {em_options}: use --output")
     runs: list[dict] = previous.get("runs", [])
+    if backfill_oracles(runs):
+        save(args, runs, em_options)
     done = {tuple(r[key] for key in (*CELL_KEYS, "seed")) for r in runs}
     # Seeds innermost-last: every cell gets its first seed before any cell gets a second one,
     # so a partial run covers the grid evenly.
@@ -449,12 +546,16 @@ def save(args: argparse.Namespace, runs: list[dict], em_options: dict[str, Any])
     """Write the JSON (and, for the default output, the plot and the RESULTS.md line)."""
     rows = summarise(runs)
     accepted = acceptance(rows)
-    accepted_bt = acceptance(rows, "oracle_bt_ari")
     result = {
         "rows": rows,
         "runs": runs,
         "acceptance": accepted,
-        "acceptance_bt_oracle": accepted_bt,
+        # The same acceptance against the other oracles (what EM's likelihood could reach with exact rewards)
+        **{
+            f"acceptance_{ties}_oracle": acceptance(rows, key)
+            for ties, key in ORACLE_KEYS.items()
+            if ties != "exact" and all(key in r for r in rows)
+        },
         "issue_table": ISSUE_TABLE,
         "em_options": em_options,
         "passed": bool(rows)
@@ -466,6 +567,8 @@ def save(args: argparse.Namespace, runs: list[dict], em_options: dict[str, Any])
             "heldout_per_user": HELDOUT_PER_USER,
             "em": "EMRewardMixture(K, use_action=False, use_next_state=True, seed=seed, **em_options); K by select_k(1..4) for 60/30/10",
             "oracle": "argmax over true groups of the users' answer likelihood under the true reward, beta and mistake rate",
+            "oracles": "oracle_ari: the simulator's exact tie rule; oracle_bt_ari: 'equal' as the soft target 0.5; "
+            "oracle_davidson_ari / oracle_hurdle_ari: 'equal' scored by that tie model, its parameters fitted on the true groups",
         },
     }
     if args.no_results_md or args.output != default_output(args.quick):
@@ -474,6 +577,7 @@ def save(args: argparse.Namespace, runs: list[dict], em_options: dict[str, Any])
         return
     plot(rows, results_dir(args.quick) / f"{NAME}.png")
     gaps, gaps_bt = [r["gap"] for r in rows], [r["gap_bt"] for r in rows]
+    davidson = acceptance(rows, "oracle_davidson_ari")
     covered = ", ".join(sorted({f"{r['env']} {r['shares']}" for r in rows}))
     options = " ".join(f"{key}={value}" for key, value in em_options.items()) or "defaults"
     summary = (
@@ -482,6 +586,10 @@ def save(args: argparse.Namespace, runs: list[dict], em_options: dict[str, Any])
         f"worst {max(gaps):+.3f} (BT oracle: {np.mean(gaps_bt):+.3f}, worst {max(gaps_bt):+.3f}); "
         f"within 0.05 in {accepted['within_0.05_where_oracle_ge_0.8']}/{accepted['cells_oracle_ge_0.8']} cells with oracle >= 0.8, "
         f"within 0.15 in {accepted['within_0.15_everywhere']}/{accepted['cells']}. "
+        "Against the Davidson oracle (true rewards, 'equal' scored by Davidson's tie model, as EM scores it): "
+        f"worst gap {davidson['worst_gap']:+.3f}, "
+        f"within 0.05 in {davidson['within_0.05_where_oracle_ge_0.8']}/{davidson['cells_oracle_ge_0.8']}, "
+        f"within 0.15 in {davidson['within_0.15_everywhere']}/{davidson['cells']}. "
         f"`python -m benchmarks.em_noise {shlex.join(sys.argv[1:])}`"
     )
     write_result(NAME, result, summary, "EM within 0.05 of oracle where oracle >= 0.8; within 0.15 everywhere", quick=args.quick)
