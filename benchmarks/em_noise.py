@@ -109,12 +109,28 @@ because Davidson binds the tie probability's sharpness to the logit's scale, whi
 hurdle model, whose sharpness is free, recovers the exact oracle in all 54 cells. EM (Davidson) is within 0.05
 of the Davidson oracle in 28 of the 29 cells where that oracle is >= 0.8 (the miss: 5/0/5, 0.863 against 0.917),
 and above it in 4 of the 6 5-answer 80/20 cells with mistakes (e.g. 5/0.1/2: 0.715 against 0.623; below at beta 5:
-0.720 vs 0.780, 0.673 vs 0.713): most of EM's remaining gap to the exact oracle is what its likelihood can express. EM with hurdle ties does not inherit the hurdle oracle's advantage:
+0.720 vs 0.780, 0.673 vs 0.713): most of EM's remaining gap to the exact oracle is what its likelihood can express.
+EM with hurdle ties does not inherit the hurdle oracle's advantage:
 probes on the five 5-answer cells with oracle >= 0.8 (seeds 0-4, ``linear_features=inputs``) gave no gain from
 ``ties="hurdle"``, none from EM *started at the true partition* (Davidson: it settles at 0.66-0.87, near the
 Davidson oracle; hurdle: it wanders off, 0.60-0.87), and +0.00-0.05 from a last hurdle E-step on Davidson EM's
 members (fitted sharpness ``s`` ~ 1): with 5 answers a user the learned rewards do not give true ties a
 difference near 0, which is what a sharp tie model needs.
+
+HalfCheetah-v5 80/20 (``em_noise_hidden.json``, the library's default ``linear_features="hidden"``, all 36 cells x 5
+seeds, 2026-12-04, 21 min wall with ``--jobs 2`` beside probes): mean gap to the oracle 0.145; within 0.05 in 13 of the 21 cells
+with oracle >= 0.8, within 0.15 in 20 of 36. Without mistakes EM is within 0.07 from 10 answers; at 40 answers within
+0.04 everywhere; with mistakes at 5-20 answers it is 0.12-0.42 below (e.g. 10/0.1/1: 0.288 against 0.713). HalfCheetah
+has no "equal" answers, so there the gap is not the tie model. Probes (10/0.1/1, 10/0.2/2, 20/0.2/1, seeds 0-1): EM
+*started at the true partition* drifts to ARI 0.00-0.75 (mostly ~0.1, shares towards 50/50) with hard EM, soft EM,
+``cross_fit``, ``shared_scale`` and ``use_action=True`` alike: members fitted to 10-20 noisy answers per user do not
+tell the groups apart that the true rewards do, so the gap is the rewards' estimation, not EM's search or start.
+(``use_action=True``, which lets a member see ``calm``'s control cost, helps a little at 10/0.1/2: 0.74 / 0.60
+against 0.64 / 0.54 on seeds 0-1.) ``linear_features="inputs"`` is a FairGrid option, not a general one: on
+HalfCheetah (``calm`` is not linear in the observations) it lost the groups (10/0.1/2 seed 0: 0.10 against 0.64;
+40/0.1/2: 0.70 against 1.00). Choosing between the two starts by how much better their K heads predict held-out
+answers than one head (tried, not shipped) picked ``"inputs"`` on HalfCheetah in 1 of 7 probes, and ``"hidden"`` on FairGrid in 1 of 7:
+wrong often enough to cost more than it saves.
 
 Rows of ``benchmarks/results/em_noise.json``: one per cell with ``env``,
 ``comparisons_per_user``, ``mistake_rate``, ``beta``, ``shares``, ``em_ari`` and
