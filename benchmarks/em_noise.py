@@ -120,7 +120,7 @@ difference near 0, which is what a sharp tie model needs.
 HalfCheetah-v5 80/20 (``em_noise_hidden.json``, the library's default ``linear_features="hidden"``, all 36 cells x 5
 seeds, 2026-12-04, 21 min wall with ``--jobs 2`` beside probes): mean gap to the oracle 0.145; within 0.05 in 13 of the 21 cells
 with oracle >= 0.8, within 0.15 in 20 of 36. Without mistakes EM is within 0.08 from 10 answers on; at 40 answers within
-0.04 everywhere; with mistakes at 5-20 answers it is 0.12-0.42 below (e.g. 10/0.1/1: 0.288 against 0.713). HalfCheetah
+0.04 everywhere; with mistakes at 5-20 answers it is 0.08-0.42 below (e.g. 10/0.1/1: 0.288 against 0.713). HalfCheetah
 has no "equal" answers, so there the gap is not the tie model. Probes (10/0.1/1, 10/0.2/2, 20/0.2/1, seeds 0-1): EM
 *started at the true partition* drifts to ARI 0.00-0.75 (mostly ~0.1, shares towards 50/50) with hard EM, soft EM,
 ``cross_fit``, ``shared_scale`` and ``use_action=True`` alike: members fitted to 10-20 noisy answers per user do not
