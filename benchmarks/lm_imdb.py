@@ -11,21 +11,21 @@ paper's return-level rule) from the same start, the groups' learned scores z-sco
 statistics over the pool's 576 base completions; judged on all 48 held-out prompts (2 completions
 each) by the groups' TRUE scores.
 
-Pre-registered (run 7): seeds 20, 21 and 22, fixed in a commit before the run. Changed from run 6
-(everything else kept):
+Pre-registered (run 8): seeds 23, 24 and 25, fixed in a commit before the run. Changed from run 7
+(everything else kept): the prompts are IMDB review openings that read negative (VADER compound of the
+8 words at most -0.3, ``prompts.max_sentiment``; 3,677 of the 25,000 reviews). Why: in runs 1-7 the
+majority's score (VADER of prompt and reply together) was nearly as high for a one-word positive reply
+as for a long one, so the two groups shared an optimum, the short positive stock reply, and single-reward
+RLHF reached it on its own (run 7, seed 20: "Awesome." in 73% of its replies). After an opening that reads
+negative a reply must carry the positivity itself: on five such openings "Awesome." scores 0.09-0.32 and a
+17-word enthusiastic reply 0.93-0.94, while an 8-word one scores 0.90-0.92. The majority now wants
+positive words, the minority few words, and the max-min point (a short, dense, positive reply) differs
+from both groups' own optimum: the conflict the paper's theorem is about.
 
-- RLOO advantages divided by their std over the batch (``ppo.whiten_advantages: true``), so every
-  method's reward moves the policy by steps of one size. Run 6's majority line failed where MaxMin
-  moved less than RLHF: its per-sample min of two z-scores spreads less within a prompt than the
-  single reward does (0.75 against 0.90 on seeds 17-18's pools), so at one learning rate its steps
-  were smaller, and the seeds' majority win-rates followed the two arms' KL (seed 17: MaxMin KL 2.1
-  against RLHF's 5.2, win-rate 0.36; seed 19: 2.0 against 2.8, 0.33; seed 18: 3.8 against 2.8, 0.46).
-- 16 PPO iterations per method instead of 11: MaxMin serves two scores, and in run 6 its majority head's
-  batch return had not risen by iteration 11 (seed 17: -0.17 at the start, -0.14 at iteration 10).
-
-Result (2026-12-04, 69 min wall): FAIL on the minority. MaxMin vs RLHF concise 0.490 (seeds 0.17, 0.57, 0.73),
-positive_review 0.509 (met); KL 4.4 against 5.2 (the movement gap closed). On seed 20 RLHF collapsed into the stock
-reply "Awesome." (73% of its replies), which is near both groups' optimum: the groups share one (docs/DESIGN.md).
+Run 7 (seeds 20-22, 2026-12-04, 69 min wall): RLOO advantages scaled to unit std over the batch
+(``ppo.whiten_advantages: true``) and 16 PPO iterations instead of 11. FAIL on the minority: MaxMin vs
+RLHF concise 0.490 (seeds 0.17, 0.57, 0.73), positive_review 0.509 (met); KL 4.4 against 5.2. On seed 20
+RLHF collapsed into the stock reply "Awesome." (73% of its replies), near both groups' optimum.
 
 Run 6 (seeds 17-19): RLOO over 4 completions per prompt instead of GAE, lr 5e-4, the groups' learned
 scores z-scored over the pool (``LMPipeline.pool_normalizer``) instead of the first batch. Design
@@ -52,6 +52,8 @@ History, kept in the JSON under ``history``:
    base length (19.1) and moved less (KL 1.1 against 2.0).
 6. seeds 17-19, RLOO, lr 5e-4, pool scales: minority 0.640 (seeds 0.72, 0.54, 0.66), majority 0.384
    (seeds 0.36, 0.46, 0.33): failed on the majority. MaxMin moved less than RLHF (KL 2.6 against 3.6).
+7. seeds 20-22, whitened RLOO advantages, 16 iterations: minority 0.490 (seeds 0.17, 0.57, 0.73), majority
+   0.509: failed on the minority. RLHF reached the groups' shared optimum ("Awesome.") on seed 20.
 
 The win-rates in the JSON are the mean over seeds of each seed's win-rate over its 48 prompts
 (MaxMin seed s against RLHF seed s); every seed's own numbers are kept under ``seeds``.
@@ -61,7 +63,7 @@ Each seed runs in its own process (``--jobs``, one torch thread each) under
 The JSON is written each time a seed finishes. Three seeds in three processes share the two
 cores best (``--jobs 3``).
 
-    nohup .venv/bin/python -m benchmarks.lm_imdb --seeds 20 21 22 --jobs 3 > runs/lm_imdb.log 2>&1 &
+    nohup .venv/bin/python -m benchmarks.lm_imdb --seeds 23 24 25 --jobs 3 > runs/lm_imdb.log 2>&1 &
 
 Writes ``benchmarks/results/lm_imdb.json`` and a line in ``benchmarks/RESULTS.md``.
 
@@ -86,7 +88,7 @@ from egalitarian_rl.experiments.lm_pipeline import LMExperimentConfig, LMPipelin
 
 NAME = "lm_imdb"
 MAJORITY, MINORITY = "positive_review", "concise"
-SEEDS = (20, 21, 22)
+SEEDS = (23, 24, 25)
 EVAL_PROMPTS = 48
 #: Per-method measures of the replies averaged over seeds beside the scores.
 REPLY_MEASURES = ("kl", "mean_length_tokens", "ended_fraction", "distinct_2", "repeated_replies")
@@ -167,6 +169,18 @@ HISTORY = [
         "base 0.11). Unwhitened RLOO gave the per-sample min, which spreads less within a prompt than the single "
         "reward (0.75 against 0.90), smaller steps: MaxMin's KL 2.6 against RLHF's 3.6, and the seeds' majority "
         "win-rates followed that gap. Next run: advantages scaled to unit std, 16 iterations, seeds 20-22",
+    },
+    {
+        "seeds": [20, 21, 22],
+        "design": "run 6's design with RLOO advantages scaled to unit std over the batch and 16 PPO iterations",
+        "maxmin_win_rate_vs_rlhf": {"concise": 0.490, "positive_review": 0.509},
+        "maxmin_worst_group_win_rate_vs_rlhf": {"concise": 0.494, "positive_review": 0.410},
+        "em_ari": 1.0,
+        "passed": False,
+        "why": "the minority's win-rate missed 0.60 (seeds 0.17, 0.57, 0.73) with the majority met and the arms' movement "
+        "equal (KL 4.4 against RLHF's 5.2): on seed 20 RLHF answered 'Awesome.' to 73% of the prompts (KL 7.2), close to "
+        "the best both groups can get, since a one-word positive reply scored nearly as high for the majority as a long "
+        "one. Next run: openings that read negative (VADER <= -0.3), so positivity needs words; seeds 23-25",
     },
 ]
 

@@ -84,6 +84,7 @@ def movie_review_prompts(
     *,
     n_words: int = 8,
     source: str | None = "imdb",
+    max_sentiment: float | None = None,
     seed: int = 0,
 ) -> list[str]:
     """Prompts cut from movie reviews: the first ``n_words`` words of each (the paper's IMDB set-up).
@@ -94,15 +95,22 @@ def movie_review_prompts(
     :param n_prompts: how many, drawn without replacement with ``seed``; ``None`` for all, in file order.
     :param n_words: words kept from the start of each review.
     :param source: ``"imdb"``, ``"rotten_tomatoes"`` or ``None`` for both.
+    :param max_sentiment: keep only prompts whose VADER compound sentiment is at most this
+        (e.g. ``-0.3``: openings that read negative, 3,677 of IMDB's 25,000 at 8 words); ``None`` keeps all.
     :param seed: seeds the draw.
     """
-    texts = _movie_reviews(source)
+    prompts = [" ".join(text.replace("<br />", " ").split()[:n_words]) for text in _movie_reviews(source)]
+    if max_sentiment is not None:
+        from egalitarian_rl.envs.text_groups import sentiment
+
+        prompts = [prompt for prompt, value in zip(prompts, sentiment(prompts)) if value <= max_sentiment]
     if n_prompts is not None:
-        if not 1 <= n_prompts <= len(texts):
-            raise ValueError(f"n_prompts must be in [1, {len(texts)}] for source {source!r}, got {n_prompts}")
-        rows = np.random.default_rng(seed).choice(len(texts), size=n_prompts, replace=False)
-        texts = [texts[i] for i in rows]
-    return [" ".join(text.replace("<br />", " ").split()[:n_words]) for text in texts]
+        if not 1 <= n_prompts <= len(prompts):
+            where = f"source {source!r}" + ("" if max_sentiment is None else f" and max_sentiment {max_sentiment}")
+            raise ValueError(f"n_prompts must be in [1, {len(prompts)}] for {where}, got {n_prompts}")
+        rows = np.random.default_rng(seed).choice(len(prompts), size=n_prompts, replace=False)
+        prompts = [prompts[i] for i in rows]
+    return prompts
 
 
 class TextGenEnv(gym.Env[np.ndarray, np.int64]):

@@ -252,6 +252,13 @@ def test_movie_review_prompts():
     assert movie_review_prompts(n_words=3)[0] == "I rented I"  # IMDB's first review
     with pytest.raises(ValueError, match="no movie reviews from source 'netflix'"):
         movie_review_prompts(source="netflix")
+    # openings that read negative: a reply must carry the positivity itself
+    from egalitarian_rl.envs.text_groups import sentiment
+
+    negative = movie_review_prompts(30, n_words=8, max_sentiment=-0.3, seed=1)
+    assert len(set(negative)) == 30 and (sentiment(negative) <= -0.3).all()
+    with pytest.raises(ValueError, match="max_sentiment -0.99"):
+        movie_review_prompts(30, max_sentiment=-0.99)
 
 
 def test_evaluation_reads_the_true_scores(tokenizer, population):

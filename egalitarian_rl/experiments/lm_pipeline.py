@@ -67,6 +67,8 @@ class PromptConfig:
     :param n_words: words kept from the start of each review.
     :param n_train: prompts for collection and PPO.
     :param n_eval: held-out prompts for evaluation (disjoint from the training prompts).
+    :param max_sentiment: keep only reviews whose opening's VADER compound is at most this (``None``: all);
+        ignored with ``file``.
     :param chat_template: user message with ``{prompt}`` (the model answers in its chat
         template); ``false`` for plain continuation.
     """
@@ -76,6 +78,7 @@ class PromptConfig:
     n_words: int = 8
     n_train: int = 128
     n_eval: int = 64
+    max_sentiment: float | None = None
     chat_template: str | bool = 'Continue this movie review: "{prompt}"'
 
     def __post_init__(self) -> None:
@@ -297,7 +300,9 @@ def load_prompts(config: PromptConfig, seed: int) -> tuple[list[str], list[str]]
         prompts = [prompts[i] for i in order]
     else:
         try:
-            prompts = movie_review_prompts(needed, n_words=config.n_words, source=config.source, seed=seed)
+            prompts = movie_review_prompts(
+                needed, n_words=config.n_words, source=config.source, max_sentiment=config.max_sentiment, seed=seed
+            )
         except ValueError as err:
             raise ConfigError(f"prompts.source: {err}") from None
     return prompts[: config.n_train], prompts[config.n_train :]
