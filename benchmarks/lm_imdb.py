@@ -22,6 +22,11 @@ negative a reply must carry the positivity itself: on five such openings "Awesom
 positive words, the minority few words, and the max-min point (a short, dense, positive reply) differs
 from both groups' own optimum: the conflict the paper's theorem is about.
 
+Result (2026-12-04, 22:58-23:55 UTC, 57 min wall): FAIL on the majority. MaxMin (``per_sample_min``) vs RLHF concise
+0.679 (seeds 0.90, 0.23, 0.91, met), positive_review 0.408 (seeds 0.14, 0.39, 0.70); ``worst_group`` (secondary arm)
+0.811 / 0.506. RLHF kept longer replies (14.2 tokens) and raised positivity (base -0.47, RLHF 0.07, KL 9.7); MaxMin
+shortened them (8.9) with less positivity (-0.14), 44% of them one stock reply repeated across prompts.
+
 Run 7 (seeds 20-22, 2026-12-04, 69 min wall): RLOO advantages scaled to unit std over the batch
 (``ppo.whiten_advantages: true``) and 16 PPO iterations instead of 11. FAIL on the minority: MaxMin vs
 RLHF concise 0.490 (seeds 0.17, 0.57, 0.73), positive_review 0.509 (met); KL 4.4 against 5.2. On seed 20
