@@ -157,7 +157,6 @@ import argparse
 import ast
 import itertools
 import json
-import math
 import shlex
 import sys
 import time
@@ -192,9 +191,8 @@ ISSUE_TABLE = [
     {"comparisons_per_user": 30, "mistake_rate": 0.2, "beta": 1.0, "em_ari": (0.15, 0.12), "oracle_ari": (0.58, 0.67)},
 ]
 ACCEPT_CLOSE, ACCEPT_FAR, ACCEPT_ORACLE = 0.05, 0.15, 0.8
-#: How the oracles score "equal" (:func:`oracle_log_likelihoods`); the first is the issue's oracle.
-ORACLE_TIES = ("exact", "bt", "davidson", "hurdle")
-#: Stored oracle ARI per tie scoring, in each run and row.
+#: How the oracles score "equal" (:func:`oracle_log_likelihoods`) -> the key of their ARI in each run and
+#: row; the first is the issue's oracle.
 ORACLE_KEYS = {"exact": "oracle_ari", "bt": "oracle_bt_ari", "davidson": "oracle_davidson_ari", "hurdle": "oracle_hurdle_ari"}
 #: What identifies a cell of the grid (a run adds its ``seed``).
 CELL_KEYS = ("env", "comparisons_per_user", "mistake_rate", "beta", "shares")
@@ -266,52 +264,60 @@ def oracle_log_likelihoods(population: Population, data: PreferenceDataset, ties
     ``equal_threshold``. Impossible answers get probability ``1e-12`` rather than 0 (floating
     point may differ in the last bit from the labeller's own computation).
 
-    :param ties: how "equal" is scored (:data:`ORACLE_TIES`). ``"exact"``: the simulator's own
+    :param ties: how "equal" is scored (a key of :data:`ORACLE_KEYS`). ``"exact"``: the simulator's own
         rule above (the oracle of the issue). ``"bt"``: the soft target 0.5 of the noisy BT
         probability (the Bradley-Terry oracle). ``"davidson"`` / ``"hurdle"``: the tie models
         :class:`EMRewardMixture` can use (:class:`TieModel`), their parameters fitted by maximum
         likelihood on every user's answers under their own true group: the limit of EM's *likelihood*
         when its rewards are exactly right.
     """
-    if ties not in ORACLE_TIES:
-        raise ValueError(f"ties must be one of {ORACLE_TIES}, got {ties!r}")
-    index = data.user_index()
-    logits, strict_p = [], []
-    for group in population.groups:
-        diff = group.segment_returns(data.segments_a) - group.segment_returns(data.segments_b)
-        scale = group.beta if math.isfinite(group.beta) else LARGE_BETA
-        logits.append(scale * diff)
-        with np.errstate(over="ignore"):
-            p_a = 1.0 / (1.0 + np.exp(-scale * diff))
-        p_a = group.mistake_rate + (1.0 - 2.0 * group.mistake_rate) * p_a
+    return _oracle_log_likelihoods(population, data, _return_differences(population, data), ties)
+
+
+def _return_differences(population: Population, data: PreferenceDataset) -> np.ndarray:
+    """``(N, G)`` every group's true return of segment a minus segment b."""
+    return np.stack([g.segment_returns(data.segments_a) - g.segment_returns(data.segments_b) for g in population.groups], axis=1)
+
+
+def _oracle_log_likelihoods(population: Population, data: PreferenceDataset, diffs: np.ndarray, ties: str) -> np.ndarray:
+    """:func:`oracle_log_likelihoods` from the groups' return differences ``diffs`` ``(N, G)``."""
+    if ties not in ORACLE_KEYS:
+        raise ValueError(f"ties must be one of {tuple(ORACLE_KEYS)}, got {ties!r}")
+    groups = population.groups
+    betas = np.array([g.beta for g in groups])
+    mistakes = np.array([g.mistake_rate for g in groups])
+    labels = data.labels[:, None]
+    if ties in ("davidson", "hurdle"):
+        logits = np.where(np.isfinite(betas), betas, LARGE_BETA) * diffs
+        log_p = _tie_model_log_likelihoods(logits, mistakes, data, ties)
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):
+            p_a = np.where(np.isfinite(betas), 1.0 / (1.0 + np.exp(-betas * diffs)), (diffs > 0).astype(float))
+        p_a = mistakes + (1.0 - 2.0 * mistakes) * p_a
         if ties == "exact":
-            tie = np.abs(diff) <= group.equal_threshold
-            p_label = np.where(data.labels == 1.0, p_a, 1.0 - p_a)
-            p_label = np.where(tie, (data.labels == 0.5).astype(float), np.where(data.labels == 0.5, 0.0, p_label))
-            strict_p.append(np.log(np.clip(p_label, 1e-12, None)))
+            tie = np.abs(diffs) <= np.array([g.equal_threshold for g in groups])
+            p_label = np.where(labels == 1.0, p_a, 1.0 - p_a)
+            p_label = np.where(tie, (labels == 0.5).astype(float), np.where(labels == 0.5, 0.0, p_label))
+            log_p = np.log(np.clip(p_label, 1e-12, None))
         else:
             p_a = np.clip(p_a, 1e-12, 1 - 1e-12)
-            strict_p.append(data.labels * np.log(p_a) + (1.0 - data.labels) * np.log(1.0 - p_a))
-    if ties in ("exact", "bt"):
-        log_p = np.stack(strict_p, axis=1)
-    else:
-        log_p = _tie_model_log_likelihoods(np.stack(logits, axis=1), population, data, ties)
+            log_p = labels * np.log(p_a) + (1.0 - labels) * np.log(1.0 - p_a)
     user_ll = np.zeros((data.n_users, population.n_groups))
-    np.add.at(user_ll, index, log_p)
+    np.add.at(user_ll, data.user_index(), log_p)
     return user_ll
 
 
-def _tie_model_log_likelihoods(logits: np.ndarray, population: Population, data: PreferenceDataset, ties: str) -> np.ndarray:
-    """``(N, G)`` per-answer log-likelihood under each group's true logits with tie model ``ties``.
+def _tie_model_log_likelihoods(logits: np.ndarray, mistakes: np.ndarray, data: PreferenceDataset, ties: str) -> np.ndarray:
+    """``(N, G)`` per-answer log-likelihood under each group's true ``logits`` and flip rate ``mistakes`` ``(G,)``
+    with tie model ``ties``.
 
     One set of tie parameters for all groups (as EM shares one), fitted by maximum likelihood on
     every answer under its user's own group.
     """
-    logits_t = torch.as_tensor(logits, dtype=torch.float64)
+    logits_t, mistakes_t = torch.as_tensor(logits, dtype=torch.float64), torch.as_tensor(mistakes, dtype=torch.float64)
     labels = torch.as_tensor(data.labels, dtype=torch.float64)[:, None]
-    mistakes = torch.tensor([g.mistake_rate for g in population.groups], dtype=torch.float64)
     own = torch.as_tensor(data.user_groups[data.user_index()])
-    own_logits, own_mistakes = logits_t.gather(1, own[:, None]), mistakes[own][:, None]
+    own_logits, own_mistakes = logits_t.gather(1, own[:, None]), mistakes_t[own][:, None]
     params = torch.as_tensor(TieModel.initial(ties), dtype=torch.float64).requires_grad_(True)
     optimizer = torch.optim.LBFGS([params], max_iter=100, line_search_fn="strong_wolfe")
 
@@ -324,13 +330,14 @@ def _tie_model_log_likelihoods(logits: np.ndarray, population: Population, data:
     optimizer.step(closure)
     fitted = TieModel(ties, params.detach())
     with torch.no_grad():
-        return noisy_log_likelihood(logits_t, labels, mistakes[None, :], fitted).numpy()
+        return noisy_log_likelihood(logits_t, labels, mistakes_t[None, :], fitted).numpy()
 
 
 def oracle_aris(population: Population, data: PreferenceDataset) -> dict[str, float]:
     """ARI of every oracle (:data:`ORACLE_KEYS`) on ``data``: each user to their likeliest true group."""
+    diffs = _return_differences(population, data)  # once for all four oracles
     return {
-        key: round(adjusted_rand_index(data.user_groups, oracle_log_likelihoods(population, data, ties).argmax(1)), 4)
+        key: round(adjusted_rand_index(data.user_groups, _oracle_log_likelihoods(population, data, diffs, ties).argmax(1)), 4)
         for ties, key in ORACLE_KEYS.items()
     }
 
@@ -598,7 +605,7 @@ def save(args: argparse.Namespace, runs: list[dict], em_options: dict[str, Any])
         return
     plot(rows, results_dir(args.quick) / f"{NAME}.png")
     gaps, gaps_bt = [r["gap"] for r in rows], [r["gap_bt"] for r in rows]
-    davidson = acceptance(rows, "oracle_davidson_ari")
+    davidson = result["acceptance_davidson_oracle"]
     covered = ", ".join(sorted({f"{r['env']} {r['shares']}" for r in rows}))
     options = " ".join(f"{key}={value}" for key, value in em_options.items()) or "defaults"
     summary = (
