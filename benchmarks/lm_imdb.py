@@ -6,26 +6,28 @@ most, temperature 0.7), 60 simulated users per population (80/20 and 90/10 posit
 Bradley-Terry beta 5, 80 comparisons each), the single BT reward and a K=2 EM mixture (heads with
 64 hidden units on frozen MiniLM embeddings plus the log word count), then 16 PPO iterations (batch 16
 = 4 prompts x 4 completions, RLOO advantages scaled to unit std, LoRA r16, lr 5e-4, KL coef 0.1) for each of ``rlhf``,
-``maxmin`` (per_sample_min, the released code's rule, as on FairGrid) and ``maxmin_worst_group`` (the
-paper's return-level rule) from the same start, the groups' learned scores z-scored with their
+``maxmin`` (``worst_group``, the paper's return-level rule) and ``maxmin_per_sample_min`` (the released code's
+rule, as on FairGrid) from the same start, the groups' learned scores z-scored with their
 statistics over the pool's 576 base completions; judged on all 48 held-out prompts (2 completions
-each) by the groups' TRUE scores.
+each) by the groups' TRUE scores. Prompts: IMDB review openings that read negative (VADER compound of the
+8 words at most -0.3, ``prompts.max_sentiment``; 3,677 of the 25,000 reviews).
 
-Pre-registered (run 8): seeds 23, 24 and 25, fixed in a commit before the run. Changed from run 7
-(everything else kept): the prompts are IMDB review openings that read negative (VADER compound of the
-8 words at most -0.3, ``prompts.max_sentiment``; 3,677 of the 25,000 reviews). Why: in runs 1-7 the
-majority's score (VADER of prompt and reply together) was nearly as high for a one-word positive reply
-as for a long one, so the two groups shared an optimum, the short positive stock reply, and single-reward
-RLHF reached it on its own (run 7, seed 20: "Awesome." in 73% of its replies). After an opening that reads
-negative a reply must carry the positivity itself: on five such openings "Awesome." scores 0.09-0.32 and a
-17-word enthusiastic reply 0.93-0.94, while an 8-word one scores 0.90-0.92. The majority now wants
-positive words, the minority few words, and the max-min point (a short, dense, positive reply) differs
-from both groups' own optimum: the conflict the paper's theorem is about.
+Pre-registered (run 9): seeds 26, 27 and 28, fixed in a commit before the run. Changed from run 8
+(everything else kept): ``maxmin`` is ``worst_group`` and ``per_sample_min`` the secondary arm (runs 3-8 had
+them the other way round). Why: in run 8 per_sample_min met the minority line (0.679) but missed the
+majority's (0.408), while worst_group, the secondary arm, met both (0.811 / 0.506). Run 8 is thereby a
+design trial for the choice of rule; run 9 tests it on seeds that played no part in it.
 
-Result (2026-12-04, 22:58-23:55 UTC, 57 min wall): FAIL on the majority. MaxMin (``per_sample_min``) vs RLHF concise
-0.679 (seeds 0.90, 0.23, 0.91, met), positive_review 0.408 (seeds 0.14, 0.39, 0.70); ``worst_group`` (secondary arm)
-0.811 / 0.506. RLHF kept longer replies (14.2 tokens) and raised positivity (base -0.47, RLHF 0.07, KL 9.7); MaxMin
-shortened them (8.9) with less positivity (-0.14), 44% of them one stock reply repeated across prompts.
+Run 8 (seeds 23-25, 2026-12-04, 22:58-23:55 UTC, 57 min wall): the negative openings (changed from run 7).
+Why: in runs 1-7 the majority's score (VADER of prompt and reply together) was nearly as high for a one-word
+positive reply as for a long one, so the two groups shared an optimum, the short positive stock reply, and
+single-reward RLHF reached it on its own (run 7, seed 20: "Awesome." in 73% of its replies). After an opening
+that reads negative a reply must carry the positivity itself: on five such openings "Awesome." scores 0.09-0.32
+and a 17-word enthusiastic reply 0.93-0.94, while an 8-word one scores 0.90-0.92. FAIL on the majority.
+MaxMin (``per_sample_min``) vs RLHF concise 0.679 (seeds 0.90, 0.23, 0.91, met), positive_review 0.408 (seeds
+0.14, 0.39, 0.70); ``worst_group`` (secondary arm) 0.811 / 0.506. RLHF kept longer replies (14.2 tokens) and
+raised positivity (base -0.47, RLHF 0.07, KL 9.7); MaxMin shortened them (8.9) with less positivity (-0.14),
+44% of them one stock reply repeated across prompts.
 
 Run 7 (seeds 20-22, 2026-12-04, 69 min wall): RLOO advantages scaled to unit std over the batch
 (``ppo.whiten_advantages: true``) and 16 PPO iterations instead of 11. FAIL on the minority: MaxMin vs
@@ -59,6 +61,8 @@ History, kept in the JSON under ``history``:
    (seeds 0.36, 0.46, 0.33): failed on the majority. MaxMin moved less than RLHF (KL 2.6 against 3.6).
 7. seeds 20-22, whitened RLOO advantages, 16 iterations: minority 0.490 (seeds 0.17, 0.57, 0.73), majority
    0.509: failed on the minority. RLHF reached the groups' shared optimum ("Awesome.") on seed 20.
+8. seeds 23-25, openings that read negative: minority 0.679 (seeds 0.90, 0.23, 0.91), majority 0.408
+   (seeds 0.14, 0.39, 0.70): failed on the majority; worst_group (secondary) 0.811 / 0.506.
 
 The win-rates in the JSON are the mean over seeds of each seed's win-rate over its 48 prompts
 (MaxMin seed s against RLHF seed s); every seed's own numbers are kept under ``seeds``.
@@ -68,7 +72,7 @@ Each seed runs in its own process (``--jobs``, one torch thread each) under
 The JSON is written each time a seed finishes. Three seeds in three processes share the two
 cores best (``--jobs 3``).
 
-    nohup .venv/bin/python -m benchmarks.lm_imdb --seeds 23 24 25 --jobs 3 > runs/lm_imdb.log 2>&1 &
+    nohup .venv/bin/python -m benchmarks.lm_imdb --seeds 26 27 28 --jobs 3 > runs/lm_imdb.log 2>&1 &
 
 Writes ``benchmarks/results/lm_imdb.json`` and a line in ``benchmarks/RESULTS.md``.
 
@@ -93,7 +97,7 @@ from egalitarian_rl.experiments.lm_pipeline import LMExperimentConfig, LMPipelin
 
 NAME = "lm_imdb"
 MAJORITY, MINORITY = "positive_review", "concise"
-SEEDS = (23, 24, 25)
+SEEDS = (26, 27, 28)
 EVAL_PROMPTS = 48
 #: Per-method measures of the replies averaged over seeds beside the scores.
 REPLY_MEASURES = ("kl", "mean_length_tokens", "ended_fraction", "distinct_2", "repeated_replies")
@@ -186,6 +190,18 @@ HISTORY = [
         "equal (KL 4.4 against RLHF's 5.2): on seed 20 RLHF answered 'Awesome.' to 73% of the prompts (KL 7.2), close to "
         "the best both groups can get, since a one-word positive reply scored nearly as high for the majority as a long "
         "one. Next run: openings that read negative (VADER <= -0.3), so positivity needs words; seeds 23-25",
+    },
+    {
+        "seeds": [23, 24, 25],
+        "design": "run 7's design on IMDB openings that read negative (VADER compound of the 8 words <= -0.3)",
+        "maxmin_win_rate_vs_rlhf": {"concise": 0.679, "positive_review": 0.408},
+        "maxmin_worst_group_win_rate_vs_rlhf": {"concise": 0.811, "positive_review": 0.506},
+        "em_ari": 0.975,
+        "passed": False,
+        "why": "the majority's win-rate missed 0.45 (seeds 0.14, 0.39, 0.70) with the minority met (0.90, 0.23, 0.91): the "
+        "groups now conflicted (RLHF kept 14.2 tokens and raised positivity from -0.47 to 0.07, KL 9.7) and per_sample_min "
+        "shortened its replies (8.9 tokens) with less positivity (-0.14). worst_group, the secondary arm, met both lines "
+        "(0.811 / 0.506). Next run: maxmin = worst_group, per_sample_min secondary; seeds 26-28",
     },
 ]
 
