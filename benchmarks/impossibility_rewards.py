@@ -12,7 +12,9 @@ the majority's. On FairGrid (per-step values: majority A 1.0, C 0.8; minority B 
 minority values A at ``1 - d``, B at ``d`` and the compromise C at ``0.8 - 0.2 d``. The
 share-weighted reward with minority share ``s`` prefers A to C exactly when ``s * d < 0.25``, so a
 single reward fitted to everyone abandons the minority (it earns ``1 - d`` per step at A, 0 at
-``d = 1``) for small shares and large distances: the paper's theorem in one inequality.
+``d = 1``) for small shares and large distances: the paper's theorem in one inequality. On
+Reacher-v5 the minority's reward is ``-(1 - d) |tip - north| - d |tip - south|``: its best point is
+the north goal for ``d < 1/2`` (the groups then want the same place) and the south goal above it.
 
 Every function is named ``<domain>_minority_d<p>_<q>`` for ``d = p / q`` (``fairgrid_minority_d1_3``
 is ``d = 1/3``, ``halfcheetah_minority_d1_1`` is ``d = 1``) and resolved on first access by the
@@ -33,7 +35,7 @@ from typing import Any
 
 import numpy as np
 from egalitarian_rl.envs.gridworld import GROUPS as FAIRGRID_GROUPS
-from egalitarian_rl.envs.mujoco import HALF_CHEETAH_GROUPS
+from egalitarian_rl.envs.mujoco import HALF_CHEETAH_GROUPS, REACHER_GROUPS
 
 from egalitarian_rl.preferences.population import GroupRewardLibrary
 from egalitarian_rl.preferences.segments import Transitions
@@ -55,9 +57,11 @@ class Domain:
     library: GroupRewardLibrary
 
 
-#: The sweep's domains: FairGrid (majority goal A vs minority goal B) and HalfCheetah-v5 (fast vs calm).
+#: The sweep's domains: FairGrid (majority goal A vs minority goal B), Reacher-v5 (fingertip at the
+#: north vs the south point: FairGrid's conflict on a MuJoCo arm) and HalfCheetah-v5 (fast vs calm).
 DOMAINS: dict[str, Domain] = {
     "fairgrid": Domain("fairgrid", "majority", "minority", FAIRGRID_GROUPS),
+    "reacher": Domain("reacher", "north", "south", REACHER_GROUPS),
     "halfcheetah": Domain("halfcheetah", "fast", "calm", HALF_CHEETAH_GROUPS),
 }
 _NAME = re.compile(r"^(?P<domain>[a-z0-9]+)_minority_d(?P<p>\d+)_(?P<q>\d+)$")

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
-SHIPPED_CONFIGS = ("fairgrid", "halfcheetah", "hopper", "fairgrid_online", "halfcheetah_online", "imdb", "imdb_quick")
+SHIPPED_CONFIGS = ("fairgrid", "halfcheetah", "hopper", "reacher", "fairgrid_online", "halfcheetah_online", "imdb", "imdb_quick")
 
 
 def _config_path(name_or_path: str) -> Path:

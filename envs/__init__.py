@@ -47,6 +47,7 @@ _GROUP_LIBRARIES = {
     "HalfCheetah-v5": "egalitarian_rl.envs.mujoco:HALF_CHEETAH_GROUPS",
     "Hopper-v5": "egalitarian_rl.envs.mujoco:WALKER_GROUPS",
     "Walker2d-v5": "egalitarian_rl.envs.mujoco:WALKER_GROUPS",
+    "Reacher-v5": "egalitarian_rl.envs.mujoco:REACHER_GROUPS",
     "CartPole-v1": "egalitarian_rl.envs.classic:CARTPOLE_GROUPS",
     TEXTGEN_ID: "egalitarian_rl.envs.text_groups:TEXT_GROUPS",
 }

@@ -16,7 +16,9 @@ HalfCheetah-v5 ``info`` (measured, gymnasium 1.4): ``x_position``,
 (``-0.1 * |a|^2``, float32; ``|a|^2 <= 6``, about 2 per step under uniform
 random actions). Hopper-v5 and Walker2d-v5 add ``z_distance_from_origin`` and
 ``reward_survive`` (1.0 while healthy, 0.0 on the step that makes the robot
-unhealthy, which ends the episode by default).
+unhealthy, which ends the episode by default). Reacher-v5's groups read the
+fingertip's position from the observation (measured: ``obs[4:6] + obs[8:10]``, the
+env's target plus the fingertip's offset from it, equals ``get_body_com("fingertip")``).
 """
 
 from __future__ import annotations
@@ -111,3 +113,41 @@ WALKER_GROUPS = GroupRewardLibrary(
     {"fast": walker_fast, "steady": walker_steady, "upright": walker_upright},
     info_keys=("x_velocity", "reward_survive"),
 )
+
+
+# --- Reacher-v5 -------------------------------------------------------------------------------
+
+#: The goals (x, y in metres; the arm reaches 0.01-0.21 m from its base at the origin) of the
+#: Reacher groups: one above and one below the x-axis, 0.3 m apart, both 0.16 m from the base.
+#: The point halfway between, (0.05, 0), is reachable too: there both groups are 0.15 m from
+#: their goal, the max-min compromise.
+NORTH_GOAL = (0.05, 0.15)
+SOUTH_GOAL = (0.05, -0.15)
+
+
+def fingertip_distance(t: Transitions, goal: tuple[float, float]) -> np.ndarray:
+    """Metres from the fingertip after the step (``next_obs[4:6] + next_obs[8:10]``) to ``goal``.
+
+    Reacher's own target (random each episode, part of the observation) plays no part: the
+    groups want the fingertip at their fixed point, like FairGrid's goals A and B.
+    """
+    tip_x = t.next_obs[..., 4] + t.next_obs[..., 8]
+    tip_y = t.next_obs[..., 5] + t.next_obs[..., 9]
+    return ((tip_x - goal[0]) ** 2 + (tip_y - goal[1]) ** 2) ** 0.5
+
+
+def reacher_north(t: Transitions) -> np.ndarray:
+    """Fingertip at :data:`NORTH_GOAL`: ``-distance`` (m) per step. Best value 0."""
+    return -fingertip_distance(t, NORTH_GOAL)
+
+
+def reacher_south(t: Transitions) -> np.ndarray:
+    """Fingertip at :data:`SOUTH_GOAL`: ``-distance`` (m) per step. Best value 0."""
+    return -fingertip_distance(t, SOUTH_GOAL)
+
+
+#: Reacher-v5 ``north`` vs ``south``: a MuJoCo arm with FairGrid's conflict (two goals, a
+#: compromise between them). Each group's optimum costs the other 0.3 m per step; the
+#: midpoint costs both 0.15 m. Episodes are 50 steps, so PPO learns a fixed reach in tens of
+#: thousands of steps: the cheap MuJoCo domain of ``benchmarks/impossibility.py``.
+REACHER_GROUPS = GroupRewardLibrary({"north": reacher_north, "south": reacher_south})

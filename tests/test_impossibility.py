@@ -96,3 +96,42 @@ def test_tiny_sweep_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert set(written["passes"]) >= {"fairgrid/worst_group_maxmin>=rlhf", "fairgrid/rlhf_minority_falls_with_share"}
     assert written["passes"]["fairgrid/rlhf_minority_falls_with_share"] is None  # one share: nothing to compare
     assert len(written["points"][0]["em_ari"]) == 2
+
+
+def test_reacher_groups_read_the_fingertip_and_mix() -> None:
+    """The Reacher groups' fingertip is the simulator's; each group's reward is 0 at its goal; d mixes them."""
+    import gymnasium as gym
+    from egalitarian_rl.envs.mujoco import NORTH_GOAL, SOUTH_GOAL, reacher_north, reacher_south
+
+    env = gym.make("Reacher-v5")
+    obs, _ = env.reset(seed=3)
+    tips, next_obs = [], []
+    for _ in range(20):
+        obs, *_ = env.step(env.action_space.sample())
+        next_obs.append(obs)
+        tips.append(env.unwrapped.get_body_com("fingertip")[:2].copy())
+    next_obs, tips = np.array(next_obs), np.array(tips)
+    t = Transitions(obs=next_obs, acts=np.zeros((20, 2)), next_obs=next_obs, infos={})
+    np.testing.assert_allclose(-reacher_north(t), np.linalg.norm(tips - np.array(NORTH_GOAL), axis=1), atol=1e-6)
+    np.testing.assert_allclose(-reacher_south(t), np.linalg.norm(tips - np.array(SOUTH_GOAL), axis=1), atol=1e-6)
+    # A fingertip exactly at the north goal (the target at the origin, so obs[8:10] is the tip itself).
+    at_north = np.zeros((1, 10))
+    at_north[0, 8:10] = NORTH_GOAL
+    t = Transitions(obs=at_north, acts=np.zeros((1, 2)), next_obs=at_north, infos={})
+    assert reacher_north(t)[0] == 0.0 and reacher_south(t)[0] == pytest.approx(-0.3)
+    assert impossibility_rewards.reacher_minority_d1_3(t)[0] == pytest.approx(-0.1)  # (1/3) * 0.3 m
+
+
+def test_a_run_keeps_the_other_domains_stored_points(tmp_path: Path) -> None:
+    """Running one domain keeps another complete domain's points (with their own command); partial ones are dropped."""
+    point = {"domain": "fairgrid", "minority_share": 0.2, "distance": 1.0, "seeds": [0, 1]}
+    row = {"domain": "fairgrid", "minority_share": 0.2, "distance": 1.0, "method": "rlhf", "group": "minority"}
+    stored = {"command": "old command", "complete": True, "grid": {"domains": ["fairgrid"]}, "points": [point], "rows": [row]}
+    path = tmp_path / "impossibility.json"
+    path.write_text(json.dumps(stored))
+    kept = impossibility.stored_points(path, exclude=["reacher"])
+    assert kept == [{"command": "old command", **point, "rows": [row]}]
+    assert impossibility.stored_points(path, exclude=["fairgrid"]) == []
+    path.write_text(json.dumps({**stored, "complete": False, "complete_domains": []}))
+    assert impossibility.stored_points(path, exclude=["reacher"]) == []
+    assert impossibility.stored_points(tmp_path / "missing.json", exclude=[]) == []
