@@ -145,7 +145,7 @@ def test_every_command_has_help(command):
     assert result.returncode == 0 and "usage: egalitarian-rl" in result.stdout
 
 
-@pytest.mark.parametrize("name", ["fairgrid", "halfcheetah"])
+@pytest.mark.parametrize("name", ["fairgrid", "halfcheetah", "hopper", "reacher"])
 def test_shipped_configs_are_valid(name):
     from egalitarian_rl.experiments import ExperimentConfig, Pipeline
 
