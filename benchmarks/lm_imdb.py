@@ -18,6 +18,12 @@ them the other way round). Why: in run 8 per_sample_min met the minority line (0
 majority's (0.408), while worst_group, the secondary arm, met both (0.811 / 0.506). Run 8 is thereby a
 design trial for the choice of rule; run 9 tests it on seeds that played no part in it.
 
+Result (2026-12-05, 00:27-01:43 UTC, 76 min wall beside a MuJoCo sweep): FAIL on the majority. MaxMin
+(``worst_group``) vs RLHF concise 0.731 (seeds 0.77, 0.68, 0.74, met), positive_review 0.399 (seeds 0.09, 0.53,
+0.58); ``per_sample_min`` 0.762 / 0.352; EM ARI 1.00. On seed 26 RLHF drifted to KL 9.9 while ``worst_group`` moved
+2.0 nats (majority 0.09); on seeds 27-28 the arms moved about as far and the majority got 0.53 and 0.58. Over runs
+8-9, the arm-seeds where RLHF ended 5-8 nats further than MaxMin gave the majority 0.07-0.39, the others 0.40-0.70.
+
 Run 8 (seeds 23-25, 2026-12-04, 22:58-23:55 UTC, 57 min wall): the negative openings (changed from run 7).
 Why: in runs 1-7 the majority's score (VADER of prompt and reply together) was nearly as high for a one-word
 positive reply as for a long one, so the two groups shared an optimum, the short positive stock reply, and
