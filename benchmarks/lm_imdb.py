@@ -5,24 +5,28 @@ Runs the shipped ``imdb`` config (:mod:`egalitarian_rl.experiments.lm_pipeline`)
 most, temperature 0.7), 60 simulated users per population (80/20 and 90/10 positive_review/concise,
 Bradley-Terry beta 5, 80 comparisons each), the single BT reward and a K=2 EM mixture (heads with
 64 hidden units on frozen MiniLM embeddings plus the log word count), then 16 PPO iterations (batch 16
-= 4 prompts x 4 completions, RLOO advantages scaled to unit std, LoRA r16, lr 5e-4, KL coef 0.1) for each of ``rlhf``,
+= 4 prompts x 4 completions, RLOO advantages scaled to unit std, LoRA r16, lr 5e-4, KL coefficient starting at 0.1
+and steered towards 6 nats per completion) for each of ``rlhf``,
 ``maxmin`` (``worst_group``, the paper's return-level rule) and ``maxmin_per_sample_min`` (the released code's
 rule, as on FairGrid) from the same start, the groups' learned scores z-scored with their
 statistics over the pool's 576 base completions; judged on all 48 held-out prompts (2 completions
 each) by the groups' TRUE scores. Prompts: IMDB review openings that read negative (VADER compound of the
 8 words at most -0.3, ``prompts.max_sentiment``; 3,677 of the 25,000 reviews).
 
-Pre-registered (run 9): seeds 26, 27 and 28, fixed in a commit before the run. Changed from run 8
-(everything else kept): ``maxmin`` is ``worst_group`` and ``per_sample_min`` the secondary arm (runs 3-8 had
-them the other way round). Why: in run 8 per_sample_min met the minority line (0.679) but missed the
-majority's (0.408), while worst_group, the secondary arm, met both (0.811 / 0.506). Run 8 is thereby a
-design trial for the choice of rule; run 9 tests it on seeds that played no part in it.
+Pre-registered (run 10): seeds 29, 30 and 31, fixed in a commit before the run. Changed from run 9
+(everything else kept): every arm's KL coefficient is adaptive (``ppo.target_kl: 6.0``, ``kl_horizon: 16``;
+Ziegler et al.'s proportional controller, TRL's IMDB target), so the arms are compared at one KL budget
+instead of one coefficient. Why: in runs 8-9 the majority's win-rate followed how far each arm drifted. On the
+5 of 12 MaxMin arm-seeds where RLHF ended 5-8 nats further from the base model it was 0.07-0.39; on the 7 within
+3 nats it was 0.40-0.70, with the minority at 0.49-0.98.
 
-Result (2026-12-05, 00:27-01:43 UTC, 76 min wall beside a MuJoCo sweep): FAIL on the majority. MaxMin
-(``worst_group``) vs RLHF concise 0.731 (seeds 0.77, 0.68, 0.74, met), positive_review 0.399 (seeds 0.09, 0.53,
-0.58); ``per_sample_min`` 0.762 / 0.352; EM ARI 1.00. On seed 26 RLHF drifted to KL 9.9 while ``worst_group`` moved
-2.0 nats (majority 0.09); on seeds 27-28 the arms moved about as far and the majority got 0.53 and 0.58. Over runs
-8-9, the arm-seeds where RLHF ended 5-8 nats further than MaxMin gave the majority 0.07-0.39, the others 0.40-0.70.
+Run 9 (seeds 26-28, 2026-12-05, 00:27-01:43 UTC, 76 min wall beside a MuJoCo sweep): ``maxmin`` = ``worst_group``
+(the paper's rule) and ``per_sample_min`` the secondary arm, the other way round from runs 3-8, because in run 8
+``worst_group`` met both lines (0.811 / 0.506) and ``per_sample_min`` only the minority's. FAIL on the majority.
+MaxMin (``worst_group``) vs RLHF concise 0.731 (seeds 0.77, 0.68, 0.74, met), positive_review 0.399 (seeds 0.09,
+0.53, 0.58); ``per_sample_min`` 0.762 / 0.352; EM ARI 1.00. On seed 26 RLHF drifted to KL 9.9 while
+``worst_group`` moved 2.0 nats (majority 0.09); on seeds 27-28 the arms moved about as far and the majority got
+0.53 and 0.58.
 
 Run 8 (seeds 23-25, 2026-12-04, 22:58-23:55 UTC, 57 min wall): the negative openings (changed from run 7).
 Why: in runs 1-7 the majority's score (VADER of prompt and reply together) was nearly as high for a one-word
@@ -69,6 +73,8 @@ History, kept in the JSON under ``history``:
    0.509: failed on the minority. RLHF reached the groups' shared optimum ("Awesome.") on seed 20.
 8. seeds 23-25, openings that read negative: minority 0.679 (seeds 0.90, 0.23, 0.91), majority 0.408
    (seeds 0.14, 0.39, 0.70): failed on the majority; worst_group (secondary) 0.811 / 0.506.
+9. seeds 26-28, ``maxmin`` = worst_group: minority 0.731 (seeds 0.77, 0.68, 0.74), majority 0.399 (seeds 0.09,
+   0.53, 0.58): failed on the majority; per_sample_min (secondary) 0.762 / 0.352. Decided by drift.
 
 The win-rates in the JSON are the mean over seeds of each seed's win-rate over its 48 prompts
 (MaxMin seed s against RLHF seed s); every seed's own numbers are kept under ``seeds``.
@@ -78,7 +84,7 @@ Each seed runs in its own process (``--jobs``, one torch thread each) under
 The JSON is written each time a seed finishes. Three seeds in three processes share the two
 cores best (``--jobs 3``).
 
-    nohup .venv/bin/python -m benchmarks.lm_imdb --seeds 26 27 28 --jobs 3 > runs/lm_imdb.log 2>&1 &
+    nohup .venv/bin/python -m benchmarks.lm_imdb --seeds 29 30 31 --jobs 3 > runs/lm_imdb.log 2>&1 &
 
 Writes ``benchmarks/results/lm_imdb.json`` and a line in ``benchmarks/RESULTS.md``.
 
@@ -103,7 +109,7 @@ from egalitarian_rl.experiments.lm_pipeline import LMExperimentConfig, LMPipelin
 
 NAME = "lm_imdb"
 MAJORITY, MINORITY = "positive_review", "concise"
-SEEDS = (26, 27, 28)
+SEEDS = (29, 30, 31)
 EVAL_PROMPTS = 48
 #: Per-method measures of the replies averaged over seeds beside the scores.
 REPLY_MEASURES = ("kl", "mean_length_tokens", "ended_fraction", "distinct_2", "repeated_replies")
@@ -208,6 +214,19 @@ HISTORY = [
         "groups now conflicted (RLHF kept 14.2 tokens and raised positivity from -0.47 to 0.07, KL 9.7) and per_sample_min "
         "shortened its replies (8.9 tokens) with less positivity (-0.14). worst_group, the secondary arm, met both lines "
         "(0.811 / 0.506). Next run: maxmin = worst_group, per_sample_min secondary; seeds 26-28",
+    },
+    {
+        "seeds": [26, 27, 28],
+        "design": "run 8's design with maxmin = worst_group (the paper's rule) and per_sample_min the secondary arm",
+        "maxmin_win_rate_vs_rlhf": {"concise": 0.731, "positive_review": 0.399},
+        "maxmin_per_sample_min_win_rate_vs_rlhf": {"concise": 0.762, "positive_review": 0.352},
+        "em_ari": 1.0,
+        "passed": False,
+        "why": "the majority's win-rate missed 0.45 (seeds 0.09, 0.53, 0.58) with the minority met (0.77, 0.68, 0.74). "
+        "The seeds split by drift: on seed 26 RLHF went to KL 9.9 (positivity 0.46, 22.7 tokens) while worst_group moved "
+        "2.0 nats; on seeds 27-28 the arms moved about as far. Over runs 8-9 the MaxMin arm-seeds where RLHF ended 5-8 "
+        "nats further gave the majority 0.07-0.39, the rest 0.40-0.70. Next run: every arm's KL coefficient steered to "
+        "6 nats (target_kl 6, kl_horizon 16); seeds 29-31",
     },
 ]
 
