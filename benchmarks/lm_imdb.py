@@ -20,6 +20,13 @@ instead of one coefficient. Why: in runs 8-9 the majority's win-rate followed ho
 5 of 12 MaxMin arm-seeds where RLHF ended 5-8 nats further from the base model it was 0.07-0.39; on the 7 within
 3 nats it was 0.40-0.70, with the minority at 0.49-0.98.
 
+Result (2026-12-05, 01:51-02:48 UTC, 57 min wall): FAIL on both lines. MaxMin (``worst_group``) vs RLHF concise
+0.342 (seeds 0.24, 0.03, 0.76), positive_review 0.200 (seeds 0.28, 0.08, 0.24); ``per_sample_min`` 0.710 / 0.462;
+EM ARI 1.00; held-out accuracy on the concise users single 0.41, mixture 0.74. The controller cut every arm's
+coefficient by up to 20% an iteration while its KL was below 6 (RLHF seed 29: 0.1 -> 0.026 by iteration 7), so the
+brake was gone before the budget was reached: RLHF ended at KL 9.2 with 94-95% of its replies one stock reply on
+seeds 29-30, ``per_sample_min`` at KL 21.4 on seed 29.
+
 Run 9 (seeds 26-28, 2026-12-05, 00:27-01:43 UTC, 76 min wall beside a MuJoCo sweep): ``maxmin`` = ``worst_group``
 (the paper's rule) and ``per_sample_min`` the secondary arm, the other way round from runs 3-8, because in run 8
 ``worst_group`` met both lines (0.811 / 0.506) and ``per_sample_min`` only the minority's. FAIL on the majority.
