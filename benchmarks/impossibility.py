@@ -69,6 +69,10 @@ collection, fits and evaluation do not depend on them.
   steps, 6 min CPU per 5-seed point, about 1.5 h CPU for the 15 points (about 0.8 h with
   ``--jobs 2`` on two free cores). Wall at this load: 39 min per point, about 10 h for the grid per
   process (about 5 h with ``--jobs 2``). The whole quick run took 18 min wall.
+- Reacher-v5 (the committed run, 2026-12-05, 75 seed runs at 50,000 steps, ``--jobs 2`` under ``nice``): per seed
+  about 10 s CPU for collect + fit + evaluate and 24 s per policy on a free core (37-39 s while two language-model
+  runs shared the cores), about 1 h CPU for the 15 points. Wall 00:38-03:07 UTC, most of it beside two
+  pre-registered IMDB runs; about 30 min on two free cores.
 - HalfCheetah-v5 (one seed at 2,048 steps, one rollout per policy): 43 s CPU for collect + fit +
   evaluate, 3.4 s per policy -> about 12 min CPU per seed at 200,000 steps, about 1 h per point,
   about 15 h CPU for the grid in one process (7-8 h with ``--jobs 2`` on two free cores). This is
