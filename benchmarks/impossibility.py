@@ -511,18 +511,15 @@ def stored_points(path: Path, exclude: Sequence[str]) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     stored = json.loads(path.read_text())
-    points = [p for p in stored.get("points", []) if p["domain"] not in exclude]
-    complete = stored.get("complete_domains", [] if not stored.get("complete") else list(stored["grid"]["domains"]))
-    points = [p for p in points if p["domain"] in complete]
-    kept = []
-    for point in points:
-        rows = [
-            r
-            for r in stored["rows"]
-            if (r["domain"], r["minority_share"], r["distance"]) == (point["domain"], point["minority_share"], point["distance"])
-        ]
-        kept.append({"command": stored["command"], **point, "rows": rows})
-    return kept
+    complete = stored.get("complete_domains", stored["grid"]["domains"] if stored.get("complete") else [])
+    rows: dict[tuple, list[dict[str, Any]]] = {}
+    for row in stored["rows"]:
+        rows.setdefault((row["domain"], row["minority_share"], row["distance"]), []).append(row)
+    return [
+        {"command": stored["command"], **point, "rows": rows[(point["domain"], point["minority_share"], point["distance"])]}
+        for point in stored.get("points", [])
+        if point["domain"] in complete and point["domain"] not in exclude
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
