@@ -4,22 +4,24 @@ Runs the shipped ``imdb`` config (:mod:`egalitarian_rl.experiments.lm_pipeline`)
 96 training prompts x 6 base-model completions (asked for one short sentence; 32 new tokens at
 most, temperature 0.7), 60 simulated users per population (80/20 and 90/10 positive_review/concise,
 Bradley-Terry beta 5, 80 comparisons each), the single BT reward and a K=2 EM mixture (heads with
-64 hidden units on frozen MiniLM embeddings plus the log word count), then 16 PPO iterations (batch 16
-= 4 prompts x 4 completions, RLOO advantages scaled to unit std, LoRA r16, lr 5e-4, KL coefficient starting at 0.1
-and steered towards 6 nats per completion) for each of ``rlhf``,
+64 hidden units on frozen MiniLM embeddings plus the log word count), then PPO (batch 16
+= 4 prompts x 4 completions, RLOO advantages scaled to unit std, LoRA r16, lr 5e-4, KL coefficient 0.1) until the
+mean KL of the last 3 batches reaches 5 nats per completion or 24 iterations are done, for each of ``rlhf``,
 ``maxmin`` (``worst_group``, the paper's return-level rule) and ``maxmin_per_sample_min`` (the released code's
 rule, as on FairGrid) from the same start, the groups' learned scores z-scored with their
 statistics over the pool's 576 base completions; judged on all 48 held-out prompts (2 completions
 each) by the groups' TRUE scores. Prompts: IMDB review openings that read negative (VADER compound of the
 8 words at most -0.3, ``prompts.max_sentiment``; 3,677 of the 25,000 reviews).
 
-Pre-registered (run 10): seeds 29, 30 and 31, fixed in a commit before the run. Changed from run 9
-(everything else kept): every arm's KL coefficient is adaptive (``ppo.target_kl: 6.0``, ``kl_horizon: 16``;
-Ziegler et al.'s proportional controller, TRL's IMDB target), so the arms are compared at one KL budget
-instead of one coefficient. Why: in runs 8-9 the majority's win-rate followed how far each arm drifted. On the
-5 of 12 MaxMin arm-seeds where RLHF ended 5-8 nats further from the base model it was 0.07-0.39; on the 7 within
-3 nats it was 0.40-0.70, with the minority at 0.49-0.98.
+Pre-registered (run 11): seeds 32, 33 and 34, fixed in a commit before the run. Changed from run 9 (everything
+else kept; run 10's adaptive controller is gone): the KL coefficient is fixed at 0.1 again and each arm stops once
+the mean KL of its last 3 batches reaches 5 nats per completion (``ppo.kl_budget: 5.0``, ``kl_budget_window: 3``),
+with at most 24 iterations instead of 16, so that the arms are judged at about one distance from the base model.
+A budget that only stops training cannot loosen the brake as run 10's controller did. Why: in runs 8-9 the majority's
+win-rate followed how far each arm drifted (see run 10), and run 10 did not equalise it.
 
+Run 10 (seeds 29-31), pre-registered to compare the arms at one KL budget through every arm's adaptive KL coefficient
+(``ppo.target_kl: 6.0``, ``kl_horizon: 16``; Ziegler et al.'s proportional controller, TRL's IMDB target).
 Result (2026-12-05, 01:51-02:48 UTC, 57 min wall): FAIL on both lines. MaxMin (``worst_group``) vs RLHF concise
 0.342 (seeds 0.24, 0.03, 0.76), positive_review 0.200 (seeds 0.28, 0.08, 0.24); ``per_sample_min`` 0.710 / 0.462;
 EM ARI 1.00; held-out accuracy on the concise users single 0.41, mixture 0.74. The controller cut every arm's
@@ -91,7 +93,7 @@ Each seed runs in its own process (``--jobs``, one torch thread each) under
 The JSON is written each time a seed finishes. Three seeds in three processes share the two
 cores best (``--jobs 3``).
 
-    nohup .venv/bin/python -m benchmarks.lm_imdb --seeds 29 30 31 --jobs 3 > runs/lm_imdb.log 2>&1 &
+    nohup .venv/bin/python -m benchmarks.lm_imdb --seeds 32 33 34 --jobs 3 > runs/lm_imdb.log 2>&1 &
 
 Writes ``benchmarks/results/lm_imdb.json`` and a line in ``benchmarks/RESULTS.md``.
 
@@ -116,10 +118,10 @@ from egalitarian_rl.experiments.lm_pipeline import LMExperimentConfig, LMPipelin
 
 NAME = "lm_imdb"
 MAJORITY, MINORITY = "positive_review", "concise"
-SEEDS = (29, 30, 31)
+SEEDS = (32, 33, 34)
 EVAL_PROMPTS = 48
 #: Per-method measures of the replies averaged over seeds beside the scores.
-REPLY_MEASURES = ("kl", "mean_length_tokens", "ended_fraction", "distinct_2", "repeated_replies")
+REPLY_MEASURES = ("iterations", "kl", "mean_length_tokens", "ended_fraction", "distinct_2", "repeated_replies")
 #: Earlier pre-registered runs of this benchmark and why the design changed after them.
 HISTORY = [
     {
@@ -234,6 +236,19 @@ HISTORY = [
         "2.0 nats; on seeds 27-28 the arms moved about as far. Over runs 8-9 the MaxMin arm-seeds where RLHF ended 5-8 "
         "nats further gave the majority 0.07-0.39, the rest 0.40-0.70. Next run: every arm's KL coefficient steered to "
         "6 nats (target_kl 6, kl_horizon 16); seeds 29-31",
+    },
+    {
+        "seeds": [29, 30, 31],
+        "design": "run 9's design with every arm's KL coefficient adaptive (target_kl 6, kl_horizon 16)",
+        "maxmin_win_rate_vs_rlhf": {"concise": 0.342, "positive_review": 0.200},
+        "maxmin_per_sample_min_win_rate_vs_rlhf": {"concise": 0.710, "positive_review": 0.462},
+        "em_ari": 1.0,
+        "passed": False,
+        "why": "both lines missed (worst_group seeds: concise 0.24, 0.03, 0.76; positive_review 0.28, 0.08, 0.24). While "
+        "an arm's KL was below 6 the controller cut its coefficient by up to 20% an iteration (RLHF seed 29: 0.1 -> 0.026 "
+        "by iteration 7), so the brake was gone before the budget was reached: RLHF ended at KL 9.2 with 94-95% of its "
+        "replies one stock reply on seeds 29-30, per_sample_min at KL 21.4 on seed 29. Next run: a budget that only "
+        "stops (kl_budget 5, coefficient fixed at 0.1); seeds 32-34",
     },
 ]
 
@@ -360,7 +375,9 @@ def write(config: LMExperimentConfig, per_seed: dict[int, dict[str, Any]], plann
                 "heldout_accuracy": run["heldout_accuracy"],
                 "reward_fit": run["reward_fit"],
                 "warnings": run["warnings"],
-                "methods": {m: {"groups": row["groups"], "kl": row["kl"]} for m, row in run["methods"].items()},
+                "methods": {
+                    m: {"groups": row["groups"], "kl": row["kl"], "iterations": row.get("iterations")} for m, row in run["methods"].items()
+                },
             }
             for seed, run in per_seed.items()
         },
@@ -382,8 +399,16 @@ def write(config: LMExperimentConfig, per_seed: dict[int, dict[str, Any]], plann
     # the other MaxMin arm (maxmin_<rule>), reported beside the pre-registered one
     other = next((m for m in methods if m.startswith("maxmin_")), None)
     other_groups = methods[other]["groups"] if other else None
+    ppo = config.train.ppo
+    budget = (
+        f"PPO until {ppo['kl_budget']:g} nats (at most {config.train.iterations} it; mean it/method "
+        + ", ".join(f"{m} {row['iterations']:.1f}" for m, row in methods.items() if m != "base")
+        + "), "
+        if ppo.get("kl_budget")
+        else f"{config.train.iterations} PPO it/method, "
+    )
     summary = (
-        f"SmolLM2-135M, seeds {done}, {config.train.iterations} PPO it/method, 80/20 {MAJORITY}/{MINORITY}, {EVAL_PROMPTS} held-out "
+        f"SmolLM2-135M, seeds {done}, {budget}80/20 {MAJORITY}/{MINORITY}, {EVAL_PROMPTS} held-out "
         f"prompts x {config.evaluate.completions_per_prompt} completions/seed: maxmin ({config.train.aggregation}) "
         f"win-rate vs RLHF {MINORITY} {maxmin[MINORITY]['win_rate_vs_rlhf']:.3f} "
         f"(s.e. over seeds {maxmin[MINORITY]['win_rate_seed_se']:.2f}, over prompts {maxmin[MINORITY]['win_rate_se']:.2f}; "

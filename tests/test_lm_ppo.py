@@ -261,3 +261,24 @@ def test_resume_after_interruption_continues_from_saved_iteration(tmp_path):
     assert resumed.history == uninterrupted.history
     for name, p in resumed.model.named_parameters():
         torch.testing.assert_close(p, dict(uninterrupted.model.named_parameters())[name])
+
+
+def test_kl_budget_stops_training_and_a_resumed_run_stays_stopped(tmp_path):
+    """Training stops at the first iteration whose last ``kl_budget_window`` batches average >= the budget."""
+    budget = {"learning_rate": 3e-4, "kl_budget": 1.2, "kl_budget_window": 2}  # the KL grows ~0.15 nats an iteration
+    trainer = make_trainer("mean", **budget)
+    trainer.learn(30, checkpoint_dir=tmp_path)
+    kls = [row["charts/kl"] for row in trainer.history]
+    window_means = [np.mean(kls[i - 1 : i + 1]) for i in range(1, len(kls))]
+    assert 2 < trainer.iteration < 30, kls
+    assert window_means[-1] >= 1.2 and all(mean < 1.2 for mean in window_means[:-1]), kls
+    assert MaxMinLMPPO.latest_checkpoint(tmp_path).name == f"iteration_{trainer.iteration:06d}"
+
+    resumed = make_trainer("mean", **budget)
+    resumed.learn(30, checkpoint_dir=tmp_path)  # the checkpoint's budget is spent: nothing more to train
+    assert resumed.iteration == trainer.iteration and resumed.history == trainer.history
+
+    with pytest.raises(ValueError, match="kl_budget must be None or > 0"):
+        make_trainer(kl_budget=0.0)
+    with pytest.raises(ValueError, match="kl_budget_window must be >= 1"):
+        make_trainer(kl_budget=1.0, kl_budget_window=0)

@@ -733,6 +733,7 @@ class LMPipeline:
                 }
             methods[method] = {
                 "groups": groups,
+                "iterations": self.iterations_trained(method),
                 "kl": float(np.mean(sample["kl"])),
                 "mean_length_tokens": float(np.mean(sample["length"])),
                 "ended_fraction": float(np.mean(sample["ended"])),
@@ -752,6 +753,15 @@ class LMPipeline:
             "reward_fit": fit,
             "warnings": self.gaming_warnings(methods),
         }
+
+    def iterations_trained(self, method: str) -> int:
+        """PPO iterations behind ``method``'s policy: ``train.iterations``, or fewer where ``ppo.kl_budget`` stopped it."""
+        if method == "base":
+            return 0
+        from egalitarian_rl.lm.ppo import MaxMinLMPPO
+
+        folder = MaxMinLMPPO.latest_checkpoint(self.dir / "policies" / method)
+        return int(json.loads((folder / "trainer.json").read_text())["iteration"]) if folder else 0
 
     def true_reward_accuracy(self) -> dict[str, dict[str, float]]:
         """Per population, the held-out accuracy of the users' TRUE scores (the ceiling under their noise)."""
@@ -806,7 +816,8 @@ class LMPipeline:
             "",
             f"Model {cfg.model.name} (LoRA r={cfg.model.lora_r}, temperature {cfg.model.temperature}, "
             f"{cfg.model.max_new_tokens} new tokens); trained for {metrics['trained_for']}; "
-            f"{cfg.train.iterations} PPO iterations per method, PPO settings {cfg.train.ppo}; seed {cfg.seed}.",
+            f"at most {cfg.train.iterations} PPO iterations per method (fewer where `kl_budget` stopped it), "
+            f"PPO settings {cfg.train.ppo}; seed {cfg.seed}.",
             f"Held-out prompts: {len(self.evaluate()['prompts'])}. Scores are the groups' TRUE scores "
             "(positive = VADER compound of the reply, positive_review = of the prompt and reply together, "
             "concise = -words/20); win-rates are paired by prompt, ties half.",
@@ -838,15 +849,15 @@ class LMPipeline:
 def format_tables(metrics: dict[str, Any], groups: Sequence[str]) -> str:
     """Markdown tables: every method's true scores, win-rates vs rlhf, KL, length, ending rate, distinct
     bigrams and repeated replies; then each population's EM ARI and held-out accuracy per group, single vs mixture."""
-    columns = " | KL to base | tokens | ended | distinct-2 | repeated |"
+    columns = " | iterations | KL to base | tokens | ended | distinct-2 | repeated |"
     lines = [
         "| method | " + " | ".join(f"{g} score | {g} win vs rlhf" for g in groups) + columns,
-        "|---|" + "---|---|" * len(groups) + "---|---|---|---|---|",
+        "|---|" + "---|---|" * len(groups) + "---|---|---|---|---|---|",
     ]
     for method, row in metrics["methods"].items():
         cells = [f"{row['groups'][g]['mean_score']:.3f} | {row['groups'][g]['win_rate_vs_rlhf']:.2f}" for g in groups]
         shape = f"{row['mean_length_tokens']:.1f} | {row['ended_fraction']:.2f} | {row['distinct_2']:.2f} | {row['repeated_replies']:.2f}"
-        tail = f" | {row['kl']:.2f} | {shape} |"
+        tail = f" | {row.get('iterations', '')} | {row['kl']:.2f} | {shape} |"
         lines.append(f"| {method} | " + " | ".join(cells) + tail)
     lines += ["", "## Rewards learned from the simulated users", ""]
     lines += [

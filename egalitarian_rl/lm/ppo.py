@@ -91,6 +91,12 @@ class LMPPOConfig:
     :param target_kl: None for a fixed coefficient; else the KL (nats per completion) that an
         adaptive coefficient steers towards (Ziegler et al.'s controller, as in TRL).
     :param kl_horizon: the adaptive controller's horizon in completions.
+    :param kl_budget: None trains for every iteration :meth:`MaxMinLMPPO.learn` is given; else training stops
+        early once the mean KL (nats per completion) of the last ``kl_budget_window`` batches reaches it, so
+        methods trained with one budget are judged at about one distance from the reference. Unlike
+        ``target_kl`` it never loosens the penalty; a method that moves slowly trains for every iteration.
+    :param kl_budget_window: batches averaged for ``kl_budget`` (one batch's KL is noisy: on IMDB with 16
+        completions, consecutive batches of one policy differed by up to 4 nats).
     :param max_grad_norm: gradient norm clip.
     :param whiten_advantages: scale advantages to unit variance over the batch: for ``"gae"`` whitened over
         the response tokens, for ``"rloo"`` divided by their std over the completions (their mean is 0 already).
@@ -117,6 +123,8 @@ class LMPPOConfig:
     kl_coef: float = 0.1
     target_kl: float | None = None
     kl_horizon: int = 10_000
+    kl_budget: float | None = None
+    kl_budget_window: int = 3
     max_grad_norm: float = 1.0
     whiten_advantages: bool | None = None
     seed: int = 0
@@ -132,7 +140,9 @@ class LMPPOConfig:
             raise ValueError(f"advantage must be 'gae', 'rloo' or 'grpo', got {self.advantage!r}")
         if self.advantage != "gae" and self.completions_per_prompt < 2:
             raise ValueError(f"advantage={self.advantage!r} compares completions of one prompt: completions_per_prompt must be >= 2")
-        positive = ("batch_size", "completions_per_prompt", "minibatch_size", "n_epochs", "max_new_tokens", "kl_horizon")
+        positive = (
+            "batch_size", "completions_per_prompt", "minibatch_size", "n_epochs", "max_new_tokens", "kl_horizon", "kl_budget_window"
+        )  # fmt: skip
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -146,6 +156,8 @@ class LMPPOConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.kl_coef < 0 or (self.target_kl is not None and not self.target_kl > 0):
             raise ValueError(f"need kl_coef >= 0 and target_kl None or > 0, got {self.kl_coef}, {self.target_kl}")
+        if self.kl_budget is not None and not self.kl_budget > 0:
+            raise ValueError(f"kl_budget must be None or > 0, got {self.kl_budget}")
 
 
 class PolicyWithValueHead(nn.Module):
@@ -638,9 +650,9 @@ class MaxMinLMPPO:
         checkpoint_every: int = 1,
         progress_bar: bool = False,
     ) -> MaxMinLMPPO:
-        """Train until ``total_iterations`` iterations are done (counting those of a resumed run).
+        """Train until ``total_iterations`` iterations are done (counting those of a resumed run) or ``kl_budget`` is spent.
 
-        :param total_iterations: iterations (one batch of completions and one PPO update each) in all.
+        :param total_iterations: iterations (one batch of completions and one PPO update each) in all, at most.
         :param checkpoint_dir: saves a checkpoint here every ``checkpoint_every`` iterations and at the
             end; if it already holds one, training resumes from it (after a kill, say).
         :param checkpoint_every: iterations between checkpoints.
@@ -654,16 +666,25 @@ class MaxMinLMPPO:
             disable=not progress_bar or not self.accelerator.is_main_process,
             desc="MaxMinLMPPO",
         )
-        while self.iteration < total_iterations:
+        while self.iteration < total_iterations and not self.kl_budget_spent:
             stats = self.train_iteration()
             bar.update(1)
             bar.set_postfix(
                 {name: f"{stats[f'charts/score_{name}']:.3g}" for name in self.group_names} | {"kl": f"{stats['charts/kl']:.2f}"}
             )
-            if checkpoint_dir is not None and (self.iteration % checkpoint_every == 0 or self.iteration == total_iterations):
+            last = self.iteration == total_iterations or self.kl_budget_spent
+            if checkpoint_dir is not None and (self.iteration % checkpoint_every == 0 or last):
                 self.save(checkpoint_dir)
         bar.close()
         return self
+
+    @property
+    def kl_budget_spent(self) -> bool:
+        """Whether the mean KL of the last ``kl_budget_window`` batches reached ``kl_budget`` (never, without one)."""
+        cfg = self.config
+        if cfg.kl_budget is None or len(self.history) < cfg.kl_budget_window:
+            return False
+        return float(np.mean([row["charts/kl"] for row in self.history[-cfg.kl_budget_window :]])) >= cfg.kl_budget
 
     # ------------------------------------------------------------------ persistence
     def _trainable_state(self) -> dict[str, torch.Tensor]:
