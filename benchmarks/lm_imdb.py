@@ -20,6 +20,14 @@ with at most 24 iterations instead of 16, so that the arms are judged at about o
 A budget that only stops training cannot loosen the brake as run 10's controller did. Why: in runs 8-9 the majority's
 win-rate followed how far each arm drifted (see run 10), and run 10 did not equalise it.
 
+Result (2026-12-05, 03:26-04:21 UTC, 55 min wall): PASS on every line. MaxMin (``worst_group``) vs RLHF concise
+0.740 (seeds 0.56, 0.89, 0.77), positive_review 0.482 (seeds 0.40, 0.50, 0.54); ``per_sample_min`` 0.609 / 0.474;
+EM ARI 1.00; held-out accuracy on the concise users single 0.50, mixture 0.73. The budget matched the arms: held-out
+KL rlhf 7.2, worst_group 7.2, per_sample_min 7.5 (the last batch before the stop jumps, so the judged policies sit
+1-3 nats above the 5-nat budget); iterations rlhf 8-13, worst_group 13-19, per_sample_min 11-22. Every arm leans on
+stock replies: replies repeated verbatim across prompts rlhf 43%, worst_group 70%, per_sample_min 65% (seed 32: all
+arms 70-84%, "Awesome." among them); the reports flag it.
+
 Run 10 (seeds 29-31), pre-registered to compare the arms at one KL budget through every arm's adaptive KL coefficient
 (``ppo.target_kl: 6.0``, ``kl_horizon: 16``; Ziegler et al.'s proportional controller, TRL's IMDB target).
 Result (2026-12-05, 01:51-02:48 UTC, 57 min wall): FAIL on both lines. MaxMin (``worst_group``) vs RLHF concise
