@@ -13,7 +13,12 @@ statistics over the pool's 576 base completions; judged on all 48 held-out promp
 each) by the groups' TRUE scores. Prompts: IMDB review openings that read negative (VADER compound of the
 8 words at most -0.3, ``prompts.max_sentiment``; 3,677 of the 25,000 reviews).
 
-Pre-registered (run 11): seeds 32, 33 and 34, fixed in a commit before the run. Changed from run 9 (everything
+Pre-registered (run 12, a replication): run 11's design unchanged on new seeds 35, 36 and 37, fixed in a commit
+before the run, with run 11's seeds resumed from their saved stages (``--seeds 32 33 34 35 36 37``), so
+``lm_imdb.json`` holds all six. Why: run 11 is the first of eleven designs to pass, so a pass could be luck. The issue
+counts as met only if both win-rate lines hold on seeds 35-37 alone (from ``seeds`` in the JSON) and on all six.
+
+Run 11: seeds 32, 33 and 34, fixed in a commit before the run. Changed from run 9 (everything
 else kept; run 10's adaptive controller is gone): the KL coefficient is fixed at 0.1 again and each arm stops once
 the mean KL of its last 3 batches reaches 5 nats per completion (``ppo.kl_budget: 5.0``, ``kl_budget_window: 3``),
 with at most 24 iterations instead of 16, so that the arms are judged at about one distance from the base model.
@@ -101,7 +106,7 @@ Each seed runs in its own process (``--jobs``, one torch thread each) under
 The JSON is written each time a seed finishes. Three seeds in three processes share the two
 cores best (``--jobs 3``).
 
-    nohup .venv/bin/python -m benchmarks.lm_imdb --seeds 32 33 34 --jobs 3 > runs/lm_imdb.log 2>&1 &
+    nohup .venv/bin/python -m benchmarks.lm_imdb --seeds 32 33 34 35 36 37 --jobs 3 > runs/lm_imdb.log 2>&1 &
 
 Writes ``benchmarks/results/lm_imdb.json`` and a line in ``benchmarks/RESULTS.md``.
 
@@ -126,7 +131,7 @@ from egalitarian_rl.experiments.lm_pipeline import LMExperimentConfig, LMPipelin
 
 NAME = "lm_imdb"
 MAJORITY, MINORITY = "positive_review", "concise"
-SEEDS = (32, 33, 34)
+SEEDS = (32, 33, 34, 35, 36, 37)
 EVAL_PROMPTS = 48
 #: Per-method measures of the replies averaged over seeds beside the scores.
 REPLY_MEASURES = ("iterations", "kl", "mean_length_tokens", "ended_fraction", "distinct_2", "repeated_replies")
