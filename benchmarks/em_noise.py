@@ -380,9 +380,11 @@ def run_one(
     em_options: dict[str, Any],
     behaviour: str = "random",
     threads: int | None = None,
+    k_options: dict[str, Any] | None = None,
 ) -> dict:
     """One (cell, seed): data, oracle, K, EM fit, held-out accuracy.
 
+    :param k_options: :func:`~egalitarian_rl.rewards.select_k` options for the cells whose K is chosen (``criterion``, ...).
     :param threads: torch threads for this process (``None``: leave as is); worker processes start with torch's default.
     """
     if threads is not None:
@@ -392,12 +394,14 @@ def run_one(
     oracles = oracle_aris(population, data)
     options = {"use_action": False, "use_next_state": True, "seed": seed, **em_options}
     start = time.perf_counter()
-    k, k_scores = population.n_groups, None
+    k, k_scores, em = population.n_groups, None, None
     if len(SHARES[shares]) > 2:
-        selection = select_k(data, range(1, 5), **options)
+        selection = select_k(data, range(1, 5), **(k_options or {}), **options)
         k = selection.k
         k_scores = {str(c): [round(selection.scores[c], 4), round(selection.standard_errors[c], 4)] for c in selection.scores}
-    em = EMRewardMixture(k, **options).fit(data)
+        if selection.criterion == "heldout_users":  # its model of the chosen K is fitted on all of data already
+            em = selection.models[k]
+    em = em or EMRewardMixture(k, **options).fit(data)
     seconds = time.perf_counter() - start
     accuracy = em.accuracy(heldout.for_users(data.users))
     return {
@@ -510,6 +514,9 @@ def main() -> None:
     parser.add_argument("--shares", nargs="+", default=list(SHARES), choices=list(SHARES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--em", nargs="*", default=[], metavar="KEY=VALUE", help="EMRewardMixture options (e.g. noise_model=None)")
+    parser.add_argument(
+        "--select-k", nargs="*", default=[], metavar="KEY=VALUE", help="select_k options for 60/30/10 (e.g. criterion=heldout_users)"
+    )
     parser.add_argument("--output", type=Path, default=None, help="default: benchmarks/results/em_noise.json (--quick: results/quick/)")
     parser.add_argument("--fresh", action="store_true", help="ignore the runs already in the output file")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
@@ -520,6 +527,7 @@ def main() -> None:
     args.output = args.output or default_output(args.quick)
     torch.set_num_threads(args.threads)
     em_options = _parse_options(args.em)
+    k_options = _parse_options(args.select_k)
     if args.issue_table:
         print_issue_table(em_options)
         return
@@ -527,24 +535,28 @@ def main() -> None:
     previous = json.loads(args.output.read_text()) if args.output.exists() and not args.fresh else {}
     if previous and previous.get("em_options", {}) != em_options:
         raise SystemExit(f"{args.output} holds runs with EM options {previous.get('em_options')}, not {em_options}: use --output")
+    if previous and previous.get("select_k_options", {}) != k_options:
+        raise SystemExit(
+            f"{args.output} holds runs with select_k options {previous.get('select_k_options', {})}, not {k_options}: use --output"
+        )
     runs: list[dict] = previous.get("runs", [])
     if backfill_oracles(runs):
-        save(args, runs, em_options)
+        save(args, runs, em_options, k_options)
     done = {tuple(r[key] for key in (*CELL_KEYS, "seed")) for r in runs}
     # Seeds innermost-last: every cell gets its first seed before any cell gets a second one,
     # so a partial run covers the grid evenly.
     grid = itertools.product(args.seeds, args.envs, args.shares, args.comparisons, args.mistake_rates, args.betas)
     calls = [
-        (env, per_user, mistake_rate, beta, shares, seed, em_options, "random", args.threads)
+        (env, per_user, mistake_rate, beta, shares, seed, em_options, "random", args.threads, k_options)
         for seed, env, shares, per_user, mistake_rate, beta in grid
         if (env, per_user, mistake_rate, beta, shares, seed) not in done
     ]
     for _, run in run_in_processes(run_one, calls, args.jobs):
         runs.append(run)
         print(json.dumps(run), flush=True)
-        save(args, runs, em_options)
+        save(args, runs, em_options, k_options)
     if runs:  # also when every run was already stored: the JSON, plot and RESULTS.md line follow this code
-        save(args, runs, em_options)
+        save(args, runs, em_options, k_options)
 
 
 def print_issue_table(em_options: dict[str, Any]) -> None:
@@ -570,7 +582,7 @@ def default_output(quick: bool) -> Path:
     return results_dir(quick) / f"{NAME}.json"
 
 
-def save(args: argparse.Namespace, runs: list[dict], em_options: dict[str, Any]) -> None:
+def save(args: argparse.Namespace, runs: list[dict], em_options: dict[str, Any], k_options: dict[str, Any]) -> None:
     """Write the JSON (and, for the default output, the plot and the RESULTS.md line)."""
     rows = summarise(runs)
     accepted = acceptance(rows)
@@ -586,6 +598,7 @@ def save(args: argparse.Namespace, runs: list[dict], em_options: dict[str, Any])
         },
         "issue_table": ISSUE_TABLE,
         "em_options": em_options,
+        "select_k_options": k_options,
         "passed": bool(rows)
         and accepted["within_0.05_where_oracle_ge_0.8"] == accepted["cells_oracle_ge_0.8"]
         and accepted["within_0.15_everywhere"] == accepted["cells"],
@@ -593,7 +606,8 @@ def save(args: argparse.Namespace, runs: list[dict], em_options: dict[str, Any])
             "n_users": N_USERS,
             "segment_length": SEGMENT_LENGTH,
             "heldout_per_user": HELDOUT_PER_USER,
-            "em": "EMRewardMixture(K, use_action=False, use_next_state=True, seed=seed, **em_options); K by select_k(1..4) for 60/30/10",
+            "em": "EMRewardMixture(K, use_action=False, use_next_state=True, seed=seed, **em_options); "
+            "K by select_k(1..4, **select_k_options) for 60/30/10",
             "oracle": "argmax over true groups of the users' answer likelihood under the true reward, beta and mistake rate",
             "oracles": "oracle_ari: the simulator's exact tie rule; oracle_bt_ari: 'equal' as the soft target 0.5; "
             "oracle_davidson_ari / oracle_hurdle_ari: 'equal' scored by that tie model, its parameters fitted on the true groups",
@@ -608,8 +622,9 @@ def save(args: argparse.Namespace, runs: list[dict], em_options: dict[str, Any])
     davidson = result["acceptance_davidson_oracle"]
     covered = ", ".join(sorted({f"{r['env']} {r['shares']}" for r in rows}))
     options = " ".join(f"{key}={value}" for key, value in em_options.items()) or "defaults"
+    k_chosen_by = " ".join(f"{key}={value}" for key, value in k_options.items()) or "criterion=heldout"
     summary = (
-        f"{covered}, EM {options}: "
+        f"{covered}, EM {options}, select_k {k_chosen_by}: "
         f"{len(runs)} runs in {len(rows)} cells (partial grid unless 720): oracle - EM ARI mean {np.mean(gaps):+.3f}, "
         f"worst {max(gaps):+.3f} (BT oracle: {np.mean(gaps_bt):+.3f}, worst {max(gaps_bt):+.3f}); "
         f"within 0.05 in {accepted['within_0.05_where_oracle_ge_0.8']}/{accepted['cells_oracle_ge_0.8']} cells with oracle >= 0.8, "

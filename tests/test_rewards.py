@@ -420,6 +420,20 @@ def test_select_k_heldout_and_bic(two_group_data):
     assert bic.scores[2] < bic.scores[1] and bic.scores[2] < bic.scores[3]
 
 
+def test_select_k_by_heldout_users(two_group_data):
+    """Users held out whole, scored by the mixture's marginal likelihood of all their answers: two groups, K = 2."""
+    train, _ = two_group_data
+    options = dict(use_next_state=True, use_state=False, use_action=False, hidden_sizes=(4,), batch_size=32, final_epochs=20, max_iter=5)
+    selection = select_k(train, range(1, 4), criterion="heldout_users", n_folds=3, **options)
+    assert selection.k == 2 and set(selection.scores) == {1, 2, 3}, selection.scores
+    assert selection.scores[2] > selection.scores[1] + 2 * selection.standard_errors[1]
+    model = selection.models[2]  # refitted on every user
+    assert set(model.users_) == set(train.users)
+    assert adjusted_rand_index(train.user_groups, model.assign_users(train)) == 1.0
+    with pytest.raises(ValueError, match="n_folds must be in 2"):
+        select_k(train, range(1, 3), criterion="heldout_users", n_folds=1, **options)
+
+
 # ----------------------------------------------------------------------------- metrics
 def test_accuracy_excludes_ties_and_counts_predicted_ties_as_half():
     data = make_dataset(n_users=2, per_user=3, seed=0)
