@@ -18,6 +18,13 @@ before the run, with run 11's seeds resumed from their saved stages (``--seeds 3
 ``lm_imdb.json`` holds all six. Why: run 11 is the first of eleven designs to pass, so a pass could be luck. The issue
 counts as met only if both win-rate lines hold on seeds 35-37 alone (from ``seeds`` in the JSON) and on all six.
 
+Result (2026-12-05, 04:22-05:38 UTC, 76 min wall, beside a test run): NOT REPLICATED, FAIL. MaxMin (``worst_group``)
+vs RLHF on seeds 35-37 alone: concise 0.421 (seeds 0.60, 0.26, 0.40), positive_review 0.356 (seeds 0.48, 0.19, 0.40);
+all six seeds: 0.580 / 0.419. ``per_sample_min`` (secondary): 0.690 / 0.434 alone, 0.650 / 0.454 over six. EM ARI
+1.00; held-out concise accuracy single 0.51, mixture 0.73 (six seeds). ``worst_group`` moved slowly on these seeds
+(21-24 iterations; on seed 36 it never reached the budget: held-out KL 3.5 against RLHF's 6.5, win-rates 0.26 / 0.19),
+so the budget equalised the arms only where both reached it.
+
 Run 11: seeds 32, 33 and 34, fixed in a commit before the run. Changed from run 9 (everything
 else kept; run 10's adaptive controller is gone): the KL coefficient is fixed at 0.1 again and each arm stops once
 the mean KL of its last 3 batches reaches 5 nats per completion (``ppo.kl_budget: 5.0``, ``kl_budget_window: 3``),
