@@ -1372,6 +1372,10 @@ def select_k(
     With 5 answers a user, ``"heldout"`` scores one held-out answer with a group posterior from the
     other four, and on FairGrid 60/30/10 kept K = 1 (ARI 0) where K >= 2 recovered the groups.
     It costs ``n_folds`` fits per K. The same one-standard-error rule (paired over users) picks K.
+    Measured there (``benchmarks/results/em_noise_heldout_users.json``, partial): no better than ``"heldout"``
+    overall. On seed 1's no-mistake, beta-1 cell it kept K = 2 (ARI 0.36) where ``"heldout"`` kept K = 1 (ARI 0);
+    on seed 0 it kept K = 1 (ARI 0) in two cells where ``"heldout"`` kept K >= 2 (ARI 0.58, 0.69): the users'
+    marginal likelihoods differ by less than their standard error at 5 answers. So it is not the default.
 
     ``"bic"``: each K is fitted on all data and scored by ``-2 * mixture LL + p * ln(N)``,
     ``p`` = all network parameters. With neural rewards ``p`` is large, so BIC favours small K
