@@ -811,13 +811,15 @@ class LMPipeline:
         """The report's text."""
         cfg = self.config
         groups = self.group_names
+        iterations = f"{cfg.train.iterations} PPO iterations per method"
+        if cfg.train.ppo.get("kl_budget") is not None:
+            iterations = f"at most {iterations} (fewer where `kl_budget` stopped it)"
         lines = [
             f"# {cfg.name}: MaxMin-RLHF vs single-reward RLHF on text",
             "",
             f"Model {cfg.model.name} (LoRA r={cfg.model.lora_r}, temperature {cfg.model.temperature}, "
             f"{cfg.model.max_new_tokens} new tokens); trained for {metrics['trained_for']}; "
-            f"at most {cfg.train.iterations} PPO iterations per method (fewer where `kl_budget` stopped it), "
-            f"PPO settings {cfg.train.ppo}; seed {cfg.seed}.",
+            f"{iterations}, PPO settings {cfg.train.ppo}; seed {cfg.seed}.",
             f"Held-out prompts: {len(self.evaluate()['prompts'])}. Scores are the groups' TRUE scores "
             "(positive = VADER compound of the reply, positive_review = of the prompt and reply together, "
             "concise = -words/20); win-rates are paired by prompt, ties half.",
