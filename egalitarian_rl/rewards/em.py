@@ -1372,10 +1372,11 @@ def select_k(
     With 5 answers a user, ``"heldout"`` scores one held-out answer with a group posterior from the
     other four, and on FairGrid 60/30/10 kept K = 1 (ARI 0) where K >= 2 recovered the groups.
     It costs ``n_folds`` fits per K. The same one-standard-error rule (paired over users) picks K.
-    Measured there (``benchmarks/results/em_noise_heldout_users.json``, partial): no better than ``"heldout"``
-    overall. On seed 1's no-mistake, beta-1 cell it kept K = 2 (ARI 0.36) where ``"heldout"`` kept K = 1 (ARI 0);
-    on seed 0 it kept K = 1 (ARI 0) in two cells where ``"heldout"`` kept K >= 2 (ARI 0.58, 0.69): the users'
-    marginal likelihoods differ by less than their standard error at 5 answers. So it is not the default.
+    Measured there (``benchmarks/results/em_noise_heldout_users.json``: the 9 five-answer 60/30/10 cells, seeds 0-1):
+    a little better than ``"heldout"``, not a fix. K = 1 (ARI 0) in 6 of 18 runs against 10, mean ARI 0.36 against
+    0.32, within 0.15 of the oracle in 4 of 9 cells against 3. It also lost where ``"heldout"`` kept K >= 2 (seed 0,
+    no mistakes, beta 1: K = 1 against 0.69). At 5 answers the users' marginal likelihoods differ by about their
+    standard error. So it is not the default.
 
     ``"bic"``: each K is fitted on all data and scored by ``-2 * mixture LL + p * ln(N)``,
     ``p`` = all network parameters. With neural rewards ``p`` is large, so BIC favours small K
