@@ -401,7 +401,8 @@ def run_one(
         k_scores = {str(c): [round(selection.scores[c], 4), round(selection.standard_errors[c], 4)] for c in selection.scores}
         if selection.criterion == "heldout_users":  # its model of the chosen K is fitted on all of data already
             em = selection.models[k]
-    em = em or EMRewardMixture(k, **options).fit(data)
+    if em is None:
+        em = EMRewardMixture(k, **options).fit(data)
     seconds = time.perf_counter() - start
     accuracy = em.accuracy(heldout.for_users(data.users))
     return {

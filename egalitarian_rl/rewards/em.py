@@ -1081,6 +1081,12 @@ class EMRewardMixture:
         _check_users_have_comparisons(dataset, "EMRewardMixture")
         return self._user_ll(reward, self._scoring_data(reward, dataset)).numpy()
 
+    def user_marginal_log_likelihoods(self, dataset: PreferenceDataset) -> np.ndarray:
+        """``(U,)`` each user's log-likelihood of all their comparisons under the mixture, ``log sum_k shares_k p_k(answers)``."""
+        ll = self.user_log_likelihoods(dataset)
+        assert self.shares_ is not None
+        return np.logaddexp.reduce(ll + np.log(np.clip(self.shares_, 1e-12, None)), axis=1)
+
     def predict_proba(self, dataset: PreferenceDataset, prior: bool = True) -> np.ndarray:
         """``(U, K)`` posterior group probabilities of ``dataset.users`` given their comparisons.
 
@@ -1404,8 +1410,7 @@ def select_k(
         for k in ks:
             model = EMRewardMixture(k, **em_kwargs).fit(dataset)
             assert model.reward is not None and model.shares_ is not None
-            ll = model.user_log_likelihoods(dataset) + np.log(np.clip(model.shares_, 1e-12, None))
-            mixture_ll = float(np.logaddexp.reduce(ll, axis=1).sum())
+            mixture_ll = float(model.user_marginal_log_likelihoods(dataset).sum())
             result.scores[k] = -2.0 * mixture_ll + n_parameters(model.reward) * math.log(len(dataset))
             result.models[k] = model
         result.k = min(ks, key=lambda k: result.scores[k])
@@ -1460,9 +1465,7 @@ def _select_k_by_heldout_users(
         scores = []
         for fold in folds:
             model = EMRewardMixture(k, **em_kwargs).fit(dataset.for_users(np.setdiff1d(dataset.users, fold)))
-            assert model.shares_ is not None
-            ll = model.user_log_likelihoods(dataset.for_users(fold))
-            scores.append(np.logaddexp.reduce(ll + np.log(np.clip(model.shares_, 1e-12, None)), axis=1))
+            scores.append(model.user_marginal_log_likelihoods(dataset.for_users(fold)))
         per_user[k] = np.concatenate(scores)
         result.scores[k] = float(per_user[k].sum() / len(dataset))
     _one_standard_error_rule(result, per_user, len(dataset), se_factor)
