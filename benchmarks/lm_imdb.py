@@ -13,17 +13,23 @@ statistics over the pool's 576 base completions; judged on all 48 held-out promp
 each) by the groups' TRUE scores. Prompts: IMDB review openings that read negative (VADER compound of the
 8 words at most -0.3, ``prompts.max_sentiment``; 3,677 of the 25,000 reviews).
 
-Pre-registered (run 12, a replication): run 11's design unchanged on new seeds 35, 36 and 37, fixed in a commit
-before the run, with run 11's seeds resumed from their saved stages (``--seeds 32 33 34 35 36 37``), so
-``lm_imdb.json`` holds all six. Why: run 11 is the first of eleven designs to pass, so a pass could be luck. The issue
-counts as met only if both win-rate lines hold on seeds 35-37 alone (from ``seeds`` in the JSON) and on all six.
+Pre-registered (run 13): seeds 38, 39 and 40 (new), fixed in a commit before the run. Changed from runs 11-12
+(everything else kept): ``maxmin`` is ``worst_group`` trained on the running average of its selections
+(``train.aggregation_kwargs: {average: true, warmup: 4}``: the worst group is still chosen by the batch's mean learned
+reward, as in the paper, but each iteration trains on the share of iterations so far at which each group was the worst,
+the first 4 on equal weights; the same variant that reaches the max-min point on FairGrid, ``worst_group_average`` in
+``benchmarks/fairgrid_maxmin.py``), and every arm may train up to 32 iterations (was 24) before its 5-nat KL budget
+stops it. Why: in run 12 plain ``worst_group`` switched its whole weight between the groups from one iteration to the
+next, its updates partly undid each other, and it moved too slowly to reach the budget (21-24 iterations; seed 36 ended
+at KL 3.5 against RLHF's 6.5 and lost both groups); per seed, the KL gap to RLHF ordered the outcome. Averaged weights
+move by O(1/t), so the update direction is steady, and 32 iterations leave room for a slow arm to reach the budget.
+``per_sample_min`` stays the secondary arm. The issue counts as met only if both win-rate lines hold on seeds 38-40;
+runs 11-12 (the six-seed plain-``worst_group`` result, 0.580 / 0.419) move to ``history``.
 
-Result (2026-12-05, 04:22-05:38 UTC, 76 min wall, beside a test run): NOT REPLICATED, FAIL. MaxMin (``worst_group``)
-vs RLHF on seeds 35-37 alone: concise 0.421 (seeds 0.60, 0.26, 0.40), positive_review 0.356 (seeds 0.48, 0.19, 0.40);
-all six seeds: 0.580 / 0.419. ``per_sample_min`` (secondary): 0.690 / 0.434 alone, 0.650 / 0.454 over six. EM ARI
-1.00; held-out concise accuracy single 0.51, mixture 0.73 (six seeds). ``worst_group`` moved slowly on these seeds
-(21-24 iterations; on seed 36 it never reached the budget: held-out KL 3.5 against RLHF's 6.5, win-rates 0.26 / 0.19),
-so the budget equalised the arms only where both reached it.
+Run 12 (a replication): run 11's design unchanged on new seeds 35, 36 and 37, fixed in a commit
+before the run, with run 11's seeds resumed from their saved stages (``--seeds 32 33 34 35 36 37``). Why: run 11 is the
+first of eleven designs to pass, so a pass could be luck. The issue counted as met only if both win-rate lines held on
+seeds 35-37 alone and on all six.
 
 Run 11: seeds 32, 33 and 34, fixed in a commit before the run. Changed from run 9 (everything
 else kept; run 10's adaptive controller is gone): the KL coefficient is fixed at 0.1 again and each arm stops once
@@ -104,6 +110,12 @@ History, kept in the JSON under ``history``:
    (seeds 0.14, 0.39, 0.70): failed on the majority; worst_group (secondary) 0.811 / 0.506.
 9. seeds 26-28, ``maxmin`` = worst_group: minority 0.731 (seeds 0.77, 0.68, 0.74), majority 0.399 (seeds 0.09,
    0.53, 0.58): failed on the majority; per_sample_min (secondary) 0.762 / 0.352. Decided by drift.
+10. seeds 29-31, every arm's KL coefficient adaptive (target 6 nats): minority 0.342, majority 0.200: failed; the
+    controller cut the brake before the budget was reached and the arms collapsed into stock replies.
+11. seeds 32-34, a 5-nat KL budget that only stops (at most 24 iterations): minority 0.740 (seeds 0.56, 0.89, 0.77),
+    majority 0.482 (seeds 0.40, 0.50, 0.54): passed; per_sample_min 0.609 / 0.474.
+12. seeds 35-37, run 11 replicated: minority 0.421 (seeds 0.60, 0.26, 0.40), majority 0.356 (seeds 0.48, 0.19,
+    0.40): failed (six seeds 0.580 / 0.419); plain worst_group did not reach the budget on seed 36.
 
 The win-rates in the JSON are the mean over seeds of each seed's win-rate over its 48 prompts
 (MaxMin seed s against RLHF seed s); every seed's own numbers are kept under ``seeds``.
@@ -113,7 +125,7 @@ Each seed runs in its own process (``--jobs``, one torch thread each) under
 The JSON is written each time a seed finishes. Three seeds in three processes share the two
 cores best (``--jobs 3``).
 
-    nohup .venv/bin/python -m benchmarks.lm_imdb --seeds 32 33 34 35 36 37 --jobs 3 > runs/lm_imdb.log 2>&1 &
+    nohup .venv/bin/python -m benchmarks.lm_imdb --seeds 38 39 40 --jobs 3 > runs/lm_imdb.log 2>&1 &
 
 Writes ``benchmarks/results/lm_imdb.json`` and a line in ``benchmarks/RESULTS.md``.
 
@@ -138,7 +150,7 @@ from egalitarian_rl.experiments.lm_pipeline import LMExperimentConfig, LMPipelin
 
 NAME = "lm_imdb"
 MAJORITY, MINORITY = "positive_review", "concise"
-SEEDS = (32, 33, 34, 35, 36, 37)
+SEEDS = (38, 39, 40)
 EVAL_PROMPTS = 48
 #: Per-method measures of the replies averaged over seeds beside the scores.
 REPLY_MEASURES = ("iterations", "kl", "mean_length_tokens", "ended_fraction", "distinct_2", "repeated_replies")
@@ -270,6 +282,33 @@ HISTORY = [
         "replies one stock reply on seeds 29-30, per_sample_min at KL 21.4 on seed 29. Next run: a budget that only "
         "stops (kl_budget 5, coefficient fixed at 0.1); seeds 32-34",
     },
+    {
+        "seeds": [32, 33, 34],
+        "design": "run 9's design with the KL coefficient fixed at 0.1 and every arm stopped once the mean KL of its "
+        "last 3 batches reaches 5 nats (kl_budget 5), at most 24 iterations",
+        "maxmin_win_rate_vs_rlhf": {"concise": 0.740, "positive_review": 0.482},
+        "maxmin_per_sample_min_win_rate_vs_rlhf": {"concise": 0.609, "positive_review": 0.474},
+        "em_ari": 1.0,
+        "passed": True,
+        "why": "passed every line (worst_group seeds: concise 0.56, 0.89, 0.77; positive_review 0.40, 0.50, 0.54); "
+        "held-out KL rlhf 7.2, worst_group 7.2, per_sample_min 7.5; every arm leaned on stock replies (43-70% repeated). "
+        "A first pass after ten designs could be luck: replicated on seeds 35-37 (run 12)",
+    },
+    {
+        "seeds": [35, 36, 37],
+        "design": "run 11's design unchanged (a replication), run 11's seeds resumed so the JSON held all six",
+        "maxmin_win_rate_vs_rlhf": {"concise": 0.421, "positive_review": 0.356},
+        "maxmin_per_sample_min_win_rate_vs_rlhf": {"concise": 0.690, "positive_review": 0.434},
+        "six_seed_maxmin_win_rate_vs_rlhf": {"concise": 0.580, "positive_review": 0.419},
+        "six_seed_maxmin_per_sample_min_win_rate_vs_rlhf": {"concise": 0.650, "positive_review": 0.454},
+        "em_ari": 1.0,
+        "passed": False,
+        "why": "not replicated (worst_group seeds: concise 0.60, 0.26, 0.40; positive_review 0.48, 0.19, 0.40). Plain "
+        "worst_group moved slowly (21-24 iterations, RLHF 14-19): on seed 36 it never reached the budget (KL 3.5 against "
+        "RLHF's 6.5) and lost both groups. Per seed over the six, worst_group's KL minus RLHF's ordered the outcome "
+        "(+1.0: 0.54 / 0.77 ... -3.0: 0.19 / 0.26). Next run: worst_group on averaged selections (a steady direction) "
+        "and at most 32 iterations; seeds 38-40",
+    },
 ]
 
 
@@ -308,6 +347,11 @@ def quick_config(seed: int) -> LMExperimentConfig:
         raw[section] = {**raw[section], **values}
     raw["seed"], raw["out_dir"] = seed, str(runs_dir(f"runs/imdb_seed_{seed}", quick=True))
     return LMExperimentConfig.from_dict(raw)
+
+
+def maxmin_rule(config: LMExperimentConfig) -> str:
+    """``maxmin``'s rule as the reports name it, with its arguments: ``worst_group average=True warmup=4``."""
+    return " ".join([config.train.aggregation, *(f"{k}={v}" for k, v in config.train.aggregation_kwargs.items())])
 
 
 def run_seed(seed: int, quick: bool = False) -> dict[str, Any]:
@@ -403,7 +447,7 @@ def write(config: LMExperimentConfig, per_seed: dict[int, dict[str, Any]], plann
         },
         "paper": "GPT-2 on IMDB (Chakraborty et al. 2024): MaxMin +16% average win-rate, +33% for the minority",
         "note": (
-            f"maxmin ({config.train.aggregation}), the evaluation and the seeds {list(SEEDS)} were fixed before this run; "
+            f"maxmin ({maxmin_rule(config)}), the evaluation and the seeds {list(SEEDS)} were fixed before this run; "
             "seeds 0 and 10 (design trials, including seed 0's lr 5e-4 and 1e-3 trials and run 6's RLOO trials), "
             "the lr-1e-3 trial retraining of "
             "seeds 7 and 9, and the earlier runs' seeds (under history) are not included. "
@@ -429,7 +473,7 @@ def write(config: LMExperimentConfig, per_seed: dict[int, dict[str, Any]], plann
     )
     summary = (
         f"SmolLM2-135M, seeds {done}, {budget}80/20 {MAJORITY}/{MINORITY}, {EVAL_PROMPTS} held-out "
-        f"prompts x {config.evaluate.completions_per_prompt} completions/seed: maxmin ({config.train.aggregation}) "
+        f"prompts x {config.evaluate.completions_per_prompt} completions/seed: maxmin ({maxmin_rule(config)}) "
         f"win-rate vs RLHF {MINORITY} {maxmin[MINORITY]['win_rate_vs_rlhf']:.3f} "
         f"(s.e. over seeds {maxmin[MINORITY]['win_rate_seed_se']:.2f}, over prompts {maxmin[MINORITY]['win_rate_se']:.2f}; "
         f"seeds {seed_rates}) / {MAJORITY} {maxmin[MAJORITY]['win_rate_vs_rlhf']:.3f}"
@@ -455,7 +499,7 @@ def write_quick(config: LMExperimentConfig, per_seed: dict[int, dict[str, Any]])
     result = {"config": config.to_dict() | {"seed": sorted(per_seed)}, **merged, "passed": all(acceptance(merged).values())}
     summary = (
         f"--quick (imdb_quick made smaller): {config.model.name}, seeds {sorted(per_seed)}, {config.train.iterations} PPO it/method, "
-        f"{config.prompts.n_eval} held-out prompts: maxmin ({config.train.aggregation}) win-rate vs RLHF {MINORITY} {minority:.2f} / "
+        f"{config.prompts.n_eval} held-out prompts: maxmin ({maxmin_rule(config)}) win-rate vs RLHF {MINORITY} {minority:.2f} / "
         f"{MAJORITY} {majority:.2f}; EM ARI {merged['em_ari']:.2f}. `python -m benchmarks.lm_imdb --quick`"
     )
     write_result(NAME, result, summary, TARGET, quick=True)

@@ -67,6 +67,7 @@ def test_is_lm_config_tells_the_two_kinds_apart() -> None:
         ({"train": {"methods": ["maxmin"]}}, "'rlhf' is required"),
         ({"train": {"methods": ["rlhf", "maxmin_nope"]}}, "methods: 'maxmin_nope'"),
         ({"train": {"ppo": {"seed": 3}}}, r"train\.ppo\.seed: set by the pipeline"),
+        ({"train": {"aggregation_kwargs": {"avg": True}}}, r"train\.aggregation_kwargs: aggregation 'worst_group' got unexpected"),
         ({"train": {"ppo": {"kl_cof": 0.1}}}, r"train\.ppo\.kl_cof: unknown setting"),
         ({"collect": {"populations": [{"positive": 0.8, "terse": 0.2}]}}, r"collect\.populations\[0\]: unknown text group"),
         ({"collect": {"populations": [{"positive": 0.8, "concise": 0.3}]}}, "shares must sum to 1"),

@@ -189,6 +189,9 @@ class LMTrainConfig:
     :param methods: ``rlhf`` (required: the baseline), ``maxmin`` (rule ``aggregation``) and
         ``maxmin_<rule>`` for other rules (``maxmin_per_sample_min``, ``maxmin_softmin``, ...).
     :param aggregation: the rule of ``maxmin``: ``worst_group`` (the paper's algorithm), ``per_sample_min``, ...
+    :param aggregation_kwargs: the ``maxmin`` rule's arguments, e.g. ``{average: true, warmup: 4}`` for
+        ``worst_group`` trained on the running average of its selections (as the control pipeline's
+        ``train.aggregation_kwargs``). The ``maxmin_<rule>`` methods use their rule's defaults.
     :param iterations: PPO iterations per method.
     :param ppo: :class:`~egalitarian_rl.lm.LMPPOConfig` fields shared by every method
         (``batch_size``, ``kl_coef``, ``target_kl``, ``learning_rate``, ...); ``max_new_tokens``,
@@ -197,6 +200,7 @@ class LMTrainConfig:
 
     methods: list[str] = field(default_factory=lambda: ["rlhf", "maxmin", "maxmin_per_sample_min"])
     aggregation: str = "worst_group"
+    aggregation_kwargs: dict[str, Any] = field(default_factory=dict)
     iterations: int = 16
     ppo: dict[str, Any] = field(default_factory=dict)
 
@@ -214,6 +218,10 @@ class LMTrainConfig:
                     make_aggregation(method_rule(method, self.aggregation))
                 except ValueError as err:
                     raise ConfigError(f"methods: {method!r}: {err}") from None
+        try:
+            make_aggregation(self.aggregation, **self.aggregation_kwargs)
+        except ValueError as err:
+            raise ConfigError(f"aggregation_kwargs: {err}") from None
         known = {f.name for f in fields(LMPPOConfig)}
         set_here = {"max_new_tokens", "temperature", "seed"}
         for key in self.ppo:
@@ -593,7 +601,14 @@ class LMPipeline:
         rule = method_rule(method, self.config.train.aggregation)
         # "normalizer": checkpoints from before the scales came from the pool (first-batch statistics) never resume.
         inputs = {"ppo": c["train"]["ppo"], "rule": rule, "model": c["model"], "fit": self._run_id("fit"), "normalizer": "pool"}
+        rule_kwargs = self._rule_kwargs(method)
+        if rule_kwargs:  # only when set, so checkpoints trained before the setting existed still resume
+            inputs["rule_kwargs"] = rule_kwargs
         return _fingerprint(inputs)
+
+    def _rule_kwargs(self, method: str) -> dict[str, Any]:
+        """The rule's arguments: ``train.aggregation_kwargs`` for ``maxmin``, none for the other methods."""
+        return dict(self.config.train.aggregation_kwargs) if method == "maxmin" else {}
 
     @staticmethod
     def pool_normalizer(group_scores: Callable[[list[str], list[str]], np.ndarray], pool: Any) -> GroupRewardNormalizer:
@@ -643,10 +658,11 @@ class LMPipeline:
             **{**cfg.train.ppo, "max_new_tokens": cfg.model.max_new_tokens, "temperature": cfg.model.temperature, "seed": cfg.seed}
         )
         _, tokenizer = self.base_model()
-        self.log(f"train: {method} ({method_rule(method, cfg.train.aggregation)} over {names}), {cfg.train.iterations} iterations")
+        rule, rule_kwargs = method_rule(method, cfg.train.aggregation), self._rule_kwargs(method)
+        self.log(f"train: {method} ({rule}{rule_kwargs or ''} over {names}), at most {cfg.train.iterations} iterations")
         trainer = MaxMinLMPPO(
             self._policy(), tokenizer, self.formatted(pool.prompts), scores,
-            aggregation=method_rule(method, cfg.train.aggregation), group_names=names, config=ppo, normalizer=normalizer,
+            aggregation=rule, aggregation_kwargs=rule_kwargs, group_names=names, config=ppo, normalizer=normalizer,
             tensorboard_log=self.dir / "tensorboard" / method, verbose=0,
         )  # fmt: skip
         trainer.learn(cfg.train.iterations, checkpoint_dir=folder, progress_bar=self.progress_bar)
