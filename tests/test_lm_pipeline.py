@@ -151,3 +151,12 @@ def test_every_stage_end_to_end_and_resume(tmp_path: Path) -> None:
     stages = [line.split(":")[0] for line in lines if not line.startswith(" ")]
     assert "collect" not in stages and "fit" not in stages
     assert stages.count("train") == 2 and "evaluate" in stages
+
+    # The maxmin rule's arguments reach its trainer (and only its): maxmin starts afresh, rlhf is kept.
+    lines.clear()
+    averaged = config(tmp_path, train={"iterations": 2, "aggregation_kwargs": {"average": True, "warmup": 1}})
+    LMPipeline(averaged, log=lines.append).run()
+    trained = [line for line in lines if line.startswith("train:")]
+    assert len(trained) == 1 and trained[0].startswith("train: maxmin (worst_group{'average': True, 'warmup': 1}")
+    state = json.loads((MaxMinLMPPO.latest_checkpoint(pipeline.dir / "policies" / "maxmin") / "trainer.json").read_text())
+    assert state["aggregation_config"] == {"average": True, "warmup": 1, "num_groups": 2}
