@@ -62,6 +62,7 @@ ifeq ($(QUICK),1)
 	$(call quick-bench,fairgrid_maxmin)
 	$(call quick-bench,halfcheetah_maxmin)
 	$(call quick-bench,mujoco --jobs 2)
+	$(call quick-bench,maxmin_point)
 	$(call quick-bench,impossibility --jobs 2)
 	$(call quick-bench,em_noise)
 	$(call quick-bench,active_queries)
@@ -75,6 +76,7 @@ else
 	$(BIN)/python -m benchmarks.fairgrid_maxmin --seeds 0 1 2 3 4 --rules per_sample_min worst_group worst_group_average
 	$(BIN)/python -m benchmarks.halfcheetah_maxmin
 	$(BIN)/python -m benchmarks.mujoco --jobs 2
+	$(BIN)/python -m benchmarks.maxmin_point
 	$(BIN)/python -m benchmarks.impossibility --jobs 2
 	$(BIN)/python -m benchmarks.em_noise
 	$(BIN)/python -m benchmarks.active_queries

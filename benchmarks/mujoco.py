@@ -49,12 +49,13 @@ benchmark needs about 35 min for Hopper and about 70 for HalfCheetah on one core
 ``--jobs 2``). It fails the majority line: MaxMin's hopper stands still on every seed (steady 979,
 fast 21), while single-reward RLHF ends anywhere from steady (seed 0: fast 36, steady 963) to
 fast (seed 1: 414 / 161), so MaxMin wins the minority in 9 of 9 seed pairs and the majority in 0.
-Neither rule found the slow forward shuffle that would serve both (see ``envs/mujoco.py``).
+That is near the max-min point itself: ``benchmarks/maxmin_point.py`` puts it at 0.097 m/s under MaxMinPPO's
+z-scoring (``fast`` 97 per episode), which beats RLHF's majority on one seed of three (majority win-rate at most 0.33).
 HalfCheetah-v5 was not run in that session; its 3-seed 200k-step numbers are in
 ``halfcheetah_maxmin.json``: MaxMin's majority keeps 25% of RLHF's forward return, so its majority
 win-rate would be far below 0.40. For a forward runner ``calm = reward_ctrl - |v|``: beyond saving
-control cost, every unit of return the minority gains costs the majority the same (estimated from
-those numbers; not measured by this benchmark).
+control cost, every unit of return the minority gains costs the majority the same; the max-min point is at
+most 0.405 m/s (``fast`` 405 per episode, ``benchmarks/maxmin_point.py``) against RLHF's 1318 on average.
 
     .venv/bin/python -m benchmarks.mujoco --quick --jobs 2   # a few minutes, runs/quick/bench_mujoco
 

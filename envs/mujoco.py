@@ -102,10 +102,12 @@ def walker_upright(t: Transitions) -> np.ndarray:
 #: fall ends ``steady``'s stream of +1s. A single reward fitted to the 80/20 answers is mostly
 #: speed, and its policy dives. Measured (true returns fast / steady, seed 0, 50k PPO steps,
 #: normalised observations): oracle_fast 221 / -93, oracle_steady 0 / 999, single-reward RLHF
-#: 141 / 111, MaxMin 14 / 986 (worst_group) and 16 / 984 (per_sample_min). A better compromise
-#: exists in principle, a slow forward shuffle for the whole episode (speed ``v`` for 1000 steps
-#: gives ``fast`` ``1000 v`` and ``steady`` ``1000 (1 - v)``, beating the dive for both groups at
-#: ``v`` near 0.15), but neither rule found it at that budget: MaxMin stands still.
+#: 141 / 111, MaxMin 14 / 986 (worst_group) and 16 / 984 (per_sample_min). A slow forward shuffle
+#: for the whole episode (speed ``v`` for 1000 steps gives ``fast`` ``1000 v`` and ``steady``
+#: ``1000 (1 - v)``) is where the groups' z-scored returns are equal: at ``v`` = 0.097 with the
+#: random-action statistics MaxMinPPO z-scores with (``benchmarks/maxmin_point.py``), i.e. ``fast``
+#: 97 per episode. So MaxMin standing still (``fast`` 13-29) is near its max-min point, and that
+#: point gives the majority less than RLHF's dive on most seeds (36, 414, 334 at 100k steps).
 #: ``fast`` vs ``upright`` does not make a second body either (design trial 2026-11-25, seed 0, 100k
 #: steps, ``worst_group``, true returns fast / upright): single-reward RLHF 595 / 271 serves both
 #: groups (its forward hop stays upright enough), and MaxMin 217 / 142 is worse for both.

@@ -4,6 +4,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks import common, wrapper_overhead
@@ -48,3 +49,16 @@ def test_make_bench_quick_runs_every_benchmark() -> None:
     recipe = REPO.joinpath("Makefile").read_text().split("\nbench:", 1)[1].split("\n\n", 1)[0]
     quick, full = recipe.split("\nelse\n", 1)
     assert re.findall(r"benchmarks\.(\w+)", full) == re.findall(r"quick-bench,(\w+)", quick)
+
+
+def test_maxmin_point_equalises_the_groups_z_scored_step_rewards() -> None:
+    from benchmarks.maxmin_point import equalising_speed
+
+    rng = np.random.default_rng(0)
+    rewards = {"majority": rng.normal(-0.2, 0.4, 1000), "minority": rng.normal(0.6, 0.4, 1000)}
+    speed = equalising_speed("Hopper-v5", rewards)  # fast = u, steady = 1 - u for a healthy hopper going forward
+    z_major = (speed - rewards["majority"].mean()) / rewards["majority"].std()
+    z_minor = (1 - speed - rewards["minority"].mean()) / rewards["minority"].std()
+    assert 0 < speed < 1 and z_major == pytest.approx(z_minor)
+    # calm = -u at best on HalfCheetah: a minority already better off standing still than the majority moving fast
+    assert equalising_speed("HalfCheetah-v5", {"majority": rewards["majority"], "minority": rewards["majority"] + 5}) == 0.0

@@ -1,0 +1,132 @@
+"""Where the max-min point of ``benchmarks/mujoco.py``'s groups lies, and the majority win-rate it allows at most.
+
+MaxMinPPO z-scores each group's reward with its mean and standard deviation over the preference
+data's segments (uniformly random actions), then maximises the worst group's z-scored return. On
+both bodies the two groups' true step rewards are linear in the forward speed ``v`` of a body
+that stays healthy and goes forward:
+
+- Hopper-v5: ``fast = v``, ``steady = 1 - v`` (``reward_survive - |v|``);
+- HalfCheetah-v5: ``fast = v``, ``calm = reward_ctrl - v``, at most ``-v`` (no control cost).
+
+So the two z-scored returns of an episode depend only on the distance it covers, ``sum_t v_t``,
+and the max-min policy covers exactly the distance at which they are equal: ``T * u`` with
+``z_fast(u) = z_minority(u)``, ``T = 1000`` steps. (Falling early or moving backwards lowers both
+groups' returns, so neither helps; on HalfCheetah any control cost lowers ``calm`` and moves the
+point to a slower ``u``, so ``T * u`` is an upper bound there.) This assumes the learned rewards are
+affine in the true ones, which z-scoring then removes.
+
+The majority's return at the max-min point, ``T * u``, is then compared with single-reward
+RLHF's majority return on each of the committed seeds (``results/mujoco.json``, where the env
+has been run): even the exact max-min policy wins a seed pair only against an RLHF seed slower
+than it, which bounds the majority's win-rate over seed pairs from above. A bound below 0.40
+means the acceptance line cannot be met by the max-min solution for these groups.
+
+    .venv/bin/python -m benchmarks.maxmin_point
+
+Writes ``benchmarks/results/maxmin_point.json`` and a line in ``benchmarks/RESULTS.md``.
+``--quick``: 2,000 random steps instead of 50,000.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from benchmarks.common import HERE, BenchmarkParser, write_result
+from benchmarks.mujoco import ENVS, MAJORITY_TARGET
+
+NAME = "maxmin_point"
+EPISODE_STEPS = 1000
+RANDOM_STEPS, QUICK_RANDOM_STEPS = 50_000, 2_000
+
+
+def random_action_rewards(env_id: str, n_steps: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """The two groups' true step rewards under uniformly random actions (as the preference segments are recorded)."""
+    env = gym.make(env_id)
+    env.action_space.seed(seed)
+    env.reset(seed=seed)
+    speed, survive, control = [], [], []
+    for _ in range(n_steps):
+        _, _, terminated, truncated, info = env.step(env.action_space.sample())
+        speed.append(info["x_velocity"])
+        survive.append(info.get("reward_survive", 1.0))
+        control.append(info.get("reward_ctrl", 0.0))
+        if terminated or truncated:
+            env.reset()
+    env.close()
+    v, s, c = (np.asarray(x, dtype=np.float64) for x in (speed, survive, control))
+    minority = s - np.abs(v) if env_id.startswith("Hopper") else c - np.abs(v)
+    return {"majority": v, "minority": minority}
+
+
+def equalising_speed(env_id: str, rewards: dict[str, np.ndarray]) -> float:
+    """The forward speed ``u >= 0`` at which the groups' z-scored step rewards are equal (the max-min point)."""
+    m_major, s_major = rewards["majority"].mean(), rewards["majority"].std()
+    m_minor, s_minor = rewards["minority"].mean(), rewards["minority"].std()
+    intercept = 1.0 if env_id.startswith("Hopper") else 0.0  # minority's step reward at u = 0: survive bonus or nothing
+    # (u - m_major) / s_major = (intercept - u - m_minor) / s_minor, solved for u
+    speed = ((intercept - m_minor) / s_minor + m_major / s_major) / (1.0 / s_major + 1.0 / s_minor)
+    return max(float(speed), 0.0)
+
+
+def rlhf_majority_returns(env_id: str) -> list[float] | None:
+    """Single-reward RLHF's majority return per seed in the committed ``results/mujoco.json`` (None: env not run)."""
+    path = HERE / "results" / "mujoco.json"
+    if not path.exists():
+        return None
+    env = json.loads(path.read_text())["envs"].get(env_id)
+    return None if env is None else env["methods"]["rlhf"]["groups"][env["majority"]]["seed_mean_returns"]
+
+
+def analyse(env_id: str, n_steps: int) -> dict[str, Any]:
+    _, majority, minority = ENVS[env_id]
+    rewards = random_action_rewards(env_id, n_steps)
+    speed = equalising_speed(env_id, rewards)
+    majority_return = EPISODE_STEPS * speed
+    row: dict[str, Any] = {
+        "groups": {"majority": majority, "minority": minority},
+        "random_action_stats": {g: {"mean": float(r.mean()), "std": float(r.std())} for g, r in rewards.items()},
+        "equalising_speed": speed,
+        "majority_return_at_maxmin_point": majority_return,
+    }
+    rlhf = rlhf_majority_returns(env_id)
+    if rlhf is not None:
+        wins = [1.0 if majority_return > r else 0.5 if majority_return == r else 0.0 for r in rlhf]
+        row |= {"rlhf_majority_returns": rlhf, "majority_win_rate_bound": float(np.mean(wins))}
+    return row
+
+
+def main() -> None:
+    parser = BenchmarkParser(__doc__.split("\n")[0], quick=f"{QUICK_RANDOM_STEPS} random steps per env")
+    args = parser.parse_args()
+    n_steps = QUICK_RANDOM_STEPS if args.quick else RANDOM_STEPS
+    envs = {env_id: analyse(env_id, n_steps) for env_id in ENVS}
+    bounds = [row["majority_win_rate_bound"] for row in envs.values() if "majority_win_rate_bound" in row]
+    result = {
+        "envs": envs,
+        "random_steps": n_steps,
+        "episode_steps": EPISODE_STEPS,
+        "passed": bool(bounds) and min(bounds) >= MAJORITY_TARGET,
+    }
+    cells = []
+    for env_id, row in envs.items():
+        cell = (
+            f"{env_id} {row['groups']['majority']}/{row['groups']['minority']}: max-min at {row['equalising_speed']:.3f} m/s, "
+            f"majority return {row['majority_return_at_maxmin_point']:.0f}"
+        )
+        if "rlhf_majority_returns" in row:
+            rlhf = ", ".join(f"{r:.0f}" for r in row["rlhf_majority_returns"])
+            cell += f" vs RLHF seeds {rlhf}: majority win-rate at most {row['majority_win_rate_bound']:.2f}"
+        cells.append(cell)
+    summary = "; ".join(cells) + " (`python -m benchmarks.maxmin_point`)"
+    write_result(
+        NAME, result, summary, f"majority win-rate bound >= {MAJORITY_TARGET:.2f} (else the mujoco line is out of reach)", quick=args.quick
+    )
+    print(json.dumps(envs, indent=2))
+
+
+if __name__ == "__main__":
+    main()
