@@ -13,7 +13,13 @@ statistics over the pool's 576 base completions; judged on all 48 held-out promp
 each) by the groups' TRUE scores. Prompts: IMDB review openings that read negative (VADER compound of the
 8 words at most -0.3, ``prompts.max_sentiment``; 3,677 of the 25,000 reviews).
 
-Pre-registered (run 13): seeds 38, 39 and 40 (new), fixed in a commit before the run. Changed from runs 11-12
+Pre-registered (run 14, a replication): run 13's design unchanged on new seeds 41, 42 and 43, fixed in a commit
+before the run, with run 13's seeds resumed from their saved stages (``--seeds 38 39 40 41 42 43``), so
+``lm_imdb.json`` holds all six. Why: run 11 passed and did not replicate (run 12), so run 13's pass is tested the same
+way. The issue counts as met only if both win-rate lines hold on seeds 41-43 alone (from ``seeds`` in the JSON) and on
+all six.
+
+Run 13: seeds 38, 39 and 40 (new), fixed in a commit before the run. Changed from runs 11-12
 (everything else kept): ``maxmin`` is ``worst_group`` trained on the running average of its selections
 (``train.aggregation_kwargs: {average: true, warmup: 4}``: the worst group is still chosen by the batch's mean learned
 reward, as in the paper, but each iteration trains on the share of iterations so far at which each group was the worst,
@@ -25,6 +31,14 @@ at KL 3.5 against RLHF's 6.5 and lost both groups); per seed, the KL gap to RLHF
 move by O(1/t), so the update direction is steady, and 32 iterations leave room for a slow arm to reach the budget.
 ``per_sample_min`` stays the secondary arm. The issue counts as met only if both win-rate lines hold on seeds 38-40;
 runs 11-12 (the six-seed plain-``worst_group`` result, 0.580 / 0.419) move to ``history``.
+
+Result (2026-12-05, 06:20-07:27 UTC, 67 min wall, two short Hopper trials beside it): PASS on every line. MaxMin
+(``worst_group`` on averaged selections) vs RLHF concise 0.883 (seeds 0.96, 0.98, 0.71), positive_review 0.556 (seeds
+0.43, 0.73, 0.51); ``per_sample_min`` 0.826 / 0.441; EM ARI 1.00; held-out concise accuracy single 0.52, mixture
+0.75. The averaged rule reached the budget in 10-18 iterations (RLHF 8-22, ``per_sample_min`` 15-32; on seed 40
+``per_sample_min`` never reached it, KL 4.0, and lost both groups, 0.51 / 0.30). Held-out KL rlhf 6.1, maxmin 6.7.
+Caveat: MaxMin wins with short replies that lean on stock phrases ("Awesome movie review."): 44-71% of its replies
+repeat verbatim across prompts (RLHF 0-24%, long and sycophantic); the reports flag both.
 
 Run 12 (a replication): run 11's design unchanged on new seeds 35, 36 and 37, fixed in a commit
 before the run, with run 11's seeds resumed from their saved stages (``--seeds 32 33 34 35 36 37``). Why: run 11 is the
@@ -125,7 +139,7 @@ Each seed runs in its own process (``--jobs``, one torch thread each) under
 The JSON is written each time a seed finishes. Three seeds in three processes share the two
 cores best (``--jobs 3``).
 
-    nohup .venv/bin/python -m benchmarks.lm_imdb --seeds 38 39 40 --jobs 3 > runs/lm_imdb.log 2>&1 &
+    nohup .venv/bin/python -m benchmarks.lm_imdb --seeds 38 39 40 41 42 43 --jobs 3 > runs/lm_imdb.log 2>&1 &
 
 Writes ``benchmarks/results/lm_imdb.json`` and a line in ``benchmarks/RESULTS.md``.
 
@@ -150,7 +164,7 @@ from egalitarian_rl.experiments.lm_pipeline import LMExperimentConfig, LMPipelin
 
 NAME = "lm_imdb"
 MAJORITY, MINORITY = "positive_review", "concise"
-SEEDS = (38, 39, 40)
+SEEDS = (38, 39, 40, 41, 42, 43)
 EVAL_PROMPTS = 48
 #: Per-method measures of the replies averaged over seeds beside the scores.
 REPLY_MEASURES = ("iterations", "kl", "mean_length_tokens", "ended_fraction", "distinct_2", "repeated_replies")
