@@ -121,7 +121,7 @@ def main() -> None:
             rlhf = ", ".join(f"{r:.0f}" for r in row["rlhf_majority_returns"])
             cell += f" vs RLHF seeds {rlhf}: majority win-rate at most {row['majority_win_rate_bound']:.2f}"
         cells.append(cell)
-    summary = "; ".join(cells) + " (`python -m benchmarks.maxmin_point`)"
+    summary = "; ".join(cells) + f" (`python -m benchmarks.maxmin_point{' --quick' if args.quick else ''}`)"
     write_result(
         NAME, result, summary, f"majority win-rate bound >= {MAJORITY_TARGET:.2f} (else the mujoco line is out of reach)", quick=args.quick
     )
