@@ -19,6 +19,14 @@ before the run, with run 13's seeds resumed from their saved stages (``--seeds 3
 way. The issue counts as met only if both win-rate lines hold on seeds 41-43 alone (from ``seeds`` in the JSON) and on
 all six.
 
+Result (2026-12-05, 07:28-08:40 UTC, 72 min wall, a fresh-clone ``make test`` and ``make demo`` beside it): NOT
+REPLICATED, FAIL on the majority. MaxMin (averaged ``worst_group``) vs RLHF on seeds 41-43 alone: concise 0.671 (seeds
+0.92, 0.51, 0.59), positive_review 0.255 (seeds 0.33, 0.18, 0.26); all six seeds 0.777 / 0.405. ``per_sample_min``:
+0.682 / 0.329 alone, 0.754 / 0.385 over six. EM ARI 1.00; held-out concise accuracy single 0.51, mixture 0.76 (six
+seeds). The minority's line holds on every subset; the majority's does not. On seeds 42-43 MaxMin ended 1.5-2.4 nats
+closer to the base model than RLHF (held-out KL 4.4 / 4.5 against 6.8 / 5.9) and lost the majority (0.18 / 0.26); on
+seed 41 it matched RLHF's drift (8.2 against 7.9) and still lost it (0.33).
+
 Run 13: seeds 38, 39 and 40 (new), fixed in a commit before the run. Changed from runs 11-12
 (everything else kept): ``maxmin`` is ``worst_group`` trained on the running average of its selections
 (``train.aggregation_kwargs: {average: true, warmup: 4}``: the worst group is still chosen by the batch's mean learned
