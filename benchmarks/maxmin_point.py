@@ -37,10 +37,26 @@ import numpy as np
 
 from benchmarks.common import HERE, BenchmarkParser, write_result
 from benchmarks.mujoco import ENVS, MAJORITY_TARGET
+from egalitarian_rl import envs
+from egalitarian_rl.preferences.segments import Transitions
 
 NAME = "maxmin_point"
 EPISODE_STEPS = 1000
 RANDOM_STEPS, QUICK_RANDOM_STEPS = 50_000, 2_000
+#: The ``info`` entries the groups read, at a healthy step without control cost (``x_velocity`` is set per speed).
+HEALTHY_STEP = {"x_velocity": 0.0, "reward_survive": 1.0, "reward_ctrl": 0.0}
+INFO_KEYS = tuple(HEALTHY_STEP)
+
+
+def _group_rewards(env_id: str, infos: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The majority's and minority's true step rewards (the library's own group functions, ``envs/mujoco.py``) on ``infos``."""
+    _, majority, minority = ENVS[env_id]
+    library = envs.group_library(env_id)
+    n = len(infos["x_velocity"])
+    steps = Transitions(np.zeros((n, 1)), np.zeros((n, 1)), np.zeros((n, 1)), infos)  # these groups read infos only
+    return {
+        role: np.asarray(library.rewards[name](steps), dtype=np.float64) for role, name in (("majority", majority), ("minority", minority))
+    }
 
 
 def random_action_rewards(env_id: str, n_steps: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -48,27 +64,32 @@ def random_action_rewards(env_id: str, n_steps: int, seed: int = 0) -> dict[str,
     env = gym.make(env_id)
     env.action_space.seed(seed)
     env.reset(seed=seed)
-    speed, survive, control = [], [], []
+    infos: dict[str, list[float]] = {key: [] for key in INFO_KEYS}
     for _ in range(n_steps):
         _, _, terminated, truncated, info = env.step(env.action_space.sample())
-        speed.append(info["x_velocity"])
-        survive.append(info.get("reward_survive", 1.0))
-        control.append(info.get("reward_ctrl", 0.0))
+        for key in INFO_KEYS:
+            infos[key].append(info.get(key, HEALTHY_STEP[key]))  # HalfCheetah has no survival bonus
         if terminated or truncated:
             env.reset()
     env.close()
-    v, s, c = (np.asarray(x, dtype=np.float64) for x in (speed, survive, control))
-    minority = s - np.abs(v) if env_id.startswith("Hopper") else c - np.abs(v)
-    return {"majority": v, "minority": minority}
+    return _group_rewards(env_id, {key: np.asarray(values) for key, values in infos.items()})
 
 
 def equalising_speed(env_id: str, rewards: dict[str, np.ndarray]) -> float:
-    """The forward speed ``u >= 0`` at which the groups' z-scored step rewards are equal (the max-min point)."""
-    m_major, s_major = rewards["majority"].mean(), rewards["majority"].std()
-    m_minor, s_minor = rewards["minority"].mean(), rewards["minority"].std()
-    intercept = 1.0 if env_id.startswith("Hopper") else 0.0  # minority's step reward at u = 0: survive bonus or nothing
-    # (u - m_major) / s_major = (intercept - u - m_minor) / s_minor, solved for u
-    speed = ((intercept - m_minor) / s_minor + m_major / s_major) / (1.0 / s_major + 1.0 / s_minor)
+    """The forward speed ``u >= 0`` at which the groups' z-scored step rewards are equal (the max-min point).
+
+    Each group's step reward for a healthy body at speed ``u`` without control cost is a line in ``u``, read
+    off its reward function at ``u = 0`` and ``u = 1``; ``rewards`` gives the z-scores' means and stds.
+    """
+    at = {
+        u: _group_rewards(env_id, {**{k: np.array([v]) for k, v in HEALTHY_STEP.items()}, "x_velocity": np.array([u])}) for u in (0.0, 1.0)
+    }
+    intercept = {role: at[0.0][role][0] for role in rewards}
+    slope = {role: at[1.0][role][0] - intercept[role] for role in rewards}
+    mean, std = {role: r.mean() for role, r in rewards.items()}, {role: r.std() for role, r in rewards.items()}
+    # (a_maj + b_maj u - m_maj) / s_maj = (a_min + b_min u - m_min) / s_min, solved for u
+    gap = (intercept["minority"] - mean["minority"]) / std["minority"] - (intercept["majority"] - mean["majority"]) / std["majority"]
+    speed = gap / (slope["majority"] / std["majority"] - slope["minority"] / std["minority"])
     return max(float(speed), 0.0)
 
 
