@@ -74,6 +74,7 @@ def test_is_lm_config_tells_the_two_kinds_apart() -> None:
         ({"collect": {"completions_per_prompt": 1}}, r"collect\.completions_per_prompt: must be >= 2"),
         ({"reward": {"em": {"n_inits": 2}}}, r"reward\.em\.n_inits: unknown setting"),
         ({"model": {"temperature": "hot"}}, r"model\.temperature: expected float"),
+        ({"evaluate": {"match_kl": True}}, r"evaluate\.match_kl: needs validation prompts"),
     ],
 )
 def test_bad_config_is_one_clear_error(raw: dict, message: str) -> None:
@@ -160,3 +161,41 @@ def test_every_stage_end_to_end_and_resume(tmp_path: Path) -> None:
     assert len(trained) == 1 and trained[0].startswith("train: maxmin (worst_group{'average': True, 'warmup': 1}")
     state = json.loads((MaxMinLMPPO.latest_checkpoint(pipeline.dir / "policies" / "maxmin") / "trainer.json").read_text())
     assert state["aggregation_config"] == {"average": True, "warmup": 1, "num_groups": 2}
+
+
+@pytest.mark.slow
+def test_match_kl_judges_every_method_at_the_smallest_last_kl(tmp_path: Path) -> None:
+    cfg = config(
+        tmp_path,
+        prompts={"n_train": 8, "n_eval": 4},
+        train={"iterations": 3, "ppo": {"batch_size": 4, "minibatch_size": 4, "n_epochs": 1, "learning_rate": 3e-2}},
+        evaluate={"max_prompts": 2, "match_kl": True, "validation_completions": 2},
+    )
+    pipeline = LMPipeline(cfg, log=lambda _: None)
+    _, metrics = pipeline.run()
+    chosen = pipeline.kl_matched()
+    for method in pipeline.methods:
+        snapshots = MaxMinLMPPO.snapshots(pipeline.dir / "policies" / method / "snapshots")
+        assert sorted(snapshots) == list(range(1, pipeline.iterations_trained(method) + 1))  # every iteration kept
+    # The target is a distance every method reached: the smallest last-iteration validation KL.
+    last = {m: pipeline.validation_kl(m, chosen[m]["last_iteration"]) for m in pipeline.methods}
+    target = min(last.values())
+    assert all(row["target"] == pytest.approx(target) for row in chosen.values())
+    closest = min(last, key=last.get)
+    assert chosen[closest]["iteration"] == chosen[closest]["last_iteration"]
+    for method, row in chosen.items():
+        # No snapshot measured on the way back from the last iteration is nearer the target than the judged one.
+        measured = [pipeline.validation_kl(method, i) for i in range(row["iteration"], row["last_iteration"] + 1)]
+        assert abs(row["validation_kl"] - target) <= min(abs(kl - target) for kl in measured) + 1e-9
+        assert metrics["methods"][method]["judged_iteration"] == row["iteration"]
+    # At this learning rate the methods end far apart, so one is judged before its last iteration, and what was
+    # judged is that iteration's snapshot: sampling it again gives the stored completions.
+    earlier = [m for m, row in chosen.items() if row["iteration"] < row["last_iteration"]]
+    assert earlier
+    evaluation = pipeline.evaluate()
+    prompts = [evaluation["prompts"][i] for i in evaluation["prompt_index"]]
+    judged = pipeline._load_policy(earlier[0], chosen[earlier[0]]["iteration"])
+    again = pipeline.sample(judged, pipeline.formatted(prompts), (3, cfg.evaluate.sample_seed), with_kl=True)
+    assert again["texts"] == evaluation["methods"][earlier[0]]["texts"]
+    assert metrics["methods"][earlier[0]]["kl"] == pytest.approx(float(np.mean(again["kl"])), rel=1e-4)
+    assert "validation prompts is nearest" in (tmp_path / "run" / "report.md").read_text()

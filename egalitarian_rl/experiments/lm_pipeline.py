@@ -235,16 +235,29 @@ class LMEvaluateConfig:
     :param max_prompts: judge only the first this many held-out prompts (``null``: all ``prompts.n_eval``).
     :param sample_seed: sampling seed (the same for every method).
     :param n_examples: prompts shown with every method's completion in the report.
-    :param kl_warning: KL (nats per completion) above which the report warns of reward gaming."""
+    :param kl_warning: KL (nats per completion) above which the report warns of reward gaming.
+    :param match_kl: judge every method at one distance from the base model: training keeps every iteration's
+        policy, and each method is judged at the iteration whose KL on the *validation* prompts (the held-out
+        prompts after the first ``max_prompts``, never judged) is nearest the smallest last-iteration validation
+        KL among the methods. ``false``: every method at its last iteration. Why: methods that stop at different
+        distances are not compared "with the same KL" (on IMDB runs 11-14, MaxMin's majority win-rate rose
+        by ~0.06 per nat that MaxMin ended further from the base model than RLHF, across 24 arm-seed pairs).
+    :param validation_prompts: held-out prompts after the judged ones that ``match_kl`` measures KL on.
+    :param validation_completions: completions per validation prompt when measuring a policy's KL."""
 
     completions_per_prompt: int = 1
     max_prompts: int | None = None
     sample_seed: int = 12345
     n_examples: int = 4
     kl_warning: float = 8.0
+    match_kl: bool = False
+    validation_prompts: int = 16
+    validation_completions: int = 2
 
     def __post_init__(self) -> None:
         _require(self.completions_per_prompt >= 1, "completions_per_prompt", f"must be >= 1, got {self.completions_per_prompt}")
+        _require(self.validation_completions >= 1, "validation_completions", f"must be >= 1, got {self.validation_completions}")
+        _require(self.validation_prompts >= 1, "validation_prompts", f"must be >= 1, got {self.validation_prompts}")
 
 
 @dataclass
@@ -265,6 +278,14 @@ class LMExperimentConfig(YamlConfig):
     reward: TextRewardConfig = field(default_factory=TextRewardConfig)
     train: LMTrainConfig = field(default_factory=LMTrainConfig)
     evaluate: LMEvaluateConfig = field(default_factory=LMEvaluateConfig)
+
+    def __post_init__(self) -> None:
+        judged = self.prompts.n_eval if self.evaluate.max_prompts is None else self.evaluate.max_prompts
+        _require(
+            not self.evaluate.match_kl or judged < self.prompts.n_eval,
+            "evaluate.match_kl",
+            f"needs validation prompts: held-out prompts beyond evaluate.max_prompts ({judged} of prompts.n_eval {self.prompts.n_eval})",
+        )
 
     @property
     def group_names(self) -> tuple[str, ...]:
@@ -366,9 +387,12 @@ class LMPipeline:
             return {"reward": c["reward"], "collect": self._run_id("collect")}
         if stage == "train":
             # A method's own settings only: adding another method to the config redoes nothing here.
-            return {"start": self._start_key(method), "iterations": self.config.train.iterations}
+            snapshots = {"snapshots": True} if self.config.evaluate.match_kl else {}
+            return {"start": self._start_key(method), "iterations": self.config.train.iterations, **snapshots}
         judged = {key: c["evaluate"][key] for key in ("completions_per_prompt", "max_prompts", "sample_seed")}
-        policy = self._run_id("train", method) if method != "base" else {"lora_r": None}
+        policy: Any = self._run_id("train", method) if method != "base" else {"lora_r": None}
+        if self.config.evaluate.match_kl and method != "base":
+            policy = {"run": policy, "iteration": self.kl_matched()[method]["iteration"]}
         return {"evaluate": judged, "prompts": c["prompts"], "seed": c["seed"], "sampling": self._sampling(), "policy": policy}
 
     def _sampling(self) -> dict[str, Any]:
@@ -665,29 +689,92 @@ class LMPipeline:
             aggregation=rule, aggregation_kwargs=rule_kwargs, group_names=names, config=ppo, normalizer=normalizer,
             tensorboard_log=self.dir / "tensorboard" / method, verbose=0,
         )  # fmt: skip
-        trainer.learn(cfg.train.iterations, checkpoint_dir=folder, progress_bar=self.progress_bar)
+        snapshots = folder / "snapshots" if cfg.evaluate.match_kl else None
+        trainer.learn(cfg.train.iterations, checkpoint_dir=folder, snapshot_dir=snapshots, progress_bar=self.progress_bar)
         save_json_atomic(to_jsonable(trainer.history), folder / "history.json")
         self._mark("train", method)
         return folder
 
     # ------------------------------------------------------------------ 4. evaluate
-    def _load_policy(self, method: str) -> Any:
-        """The trained policy of ``method`` from its checkpoint (the base model for ``"base"``)."""
+    def _load_policy(self, method: str, iteration: int | None = None) -> Any:
+        """The trained policy of ``method`` (the base model for ``"base"``).
+
+        :param iteration: that iteration's snapshot (``evaluate.match_kl``); ``None``: the last checkpoint.
+        """
         from safetensors.torch import load_file
 
         from egalitarian_rl.lm.ppo import MaxMinLMPPO
 
         if method == "base":
             return self._policy()
-        checkpoint = MaxMinLMPPO.latest_checkpoint(self.dir / "policies" / method)
-        if checkpoint is None:
-            raise FileNotFoundError(f"no checkpoint of {method!r} under {self.dir / 'policies' / method}; run the train stage")
+        folder = self.dir / "policies" / method
+        if iteration is None:
+            checkpoint = MaxMinLMPPO.latest_checkpoint(folder)
+            if checkpoint is None:
+                raise FileNotFoundError(f"no checkpoint of {method!r} under {folder}; run the train stage")
+            weights = checkpoint / "policy.safetensors"
+        else:
+            weights = MaxMinLMPPO.snapshots(folder / "snapshots").get(iteration)
+            if weights is None:
+                raise FileNotFoundError(f"no snapshot of {method!r} at iteration {iteration} under {folder / 'snapshots'}")
         model = self._policy()
         own = dict(model.named_parameters())
         with torch.no_grad():
-            for name, tensor in load_file(str(checkpoint / "policy.safetensors")).items():
+            for name, tensor in load_file(str(weights)).items():
                 own[name].copy_(tensor)
         return model.eval()
+
+    def _validation_prompts(self) -> list[str]:
+        """The held-out prompts ``evaluate.match_kl`` measures KL on: up to ``validation_prompts`` after the judged ones."""
+        cfg = self.config.evaluate
+        return self.pool()[1][cfg.max_prompts :][: cfg.validation_prompts]
+
+    def validation_kl(self, method: str, iteration: int) -> float:
+        """Mean KL to the base model (nats per completion) of ``method``'s snapshot at ``iteration`` on the
+        validation prompts (held out, never judged); measured once and kept in ``evaluation/validation_kl.json``."""
+        path = self.dir / "evaluation" / "validation_kl.json"
+        cache = json.loads(path.read_text()) if path.exists() else {}
+        cfg = self.config.evaluate
+        measured_on = f"{cfg.validation_prompts}x{cfg.validation_completions}:{cfg.sample_seed}"
+        key = f"{method}@{iteration}:{self._run_id('train', method)}:{measured_on}"
+        if key not in cache:
+            prompts = [p for p in self._validation_prompts() for _ in range(cfg.validation_completions)]
+            self._threads()
+            sample = self.sample(self._load_policy(method, iteration), self.formatted(prompts), (4, cfg.sample_seed), with_kl=True)
+            cache[key] = float(np.mean(sample["kl"]))
+            save_json_atomic(cache, path)
+        return cache[key]
+
+    def kl_matched(self) -> dict[str, dict[str, Any]]:
+        """``evaluate.match_kl``: per trained method, the iteration it is judged at and its validation KL.
+
+        The target is the smallest last-iteration validation KL among the methods (a distance every method
+        reached). From its last iteration backwards, each method's validation KL is measured until it falls to
+        the target or below; of that iteration and the one after it, the one nearer the target is judged.
+        :return: method -> ``iteration``, ``validation_kl``, ``last_iteration``, ``target``.
+        """
+        from egalitarian_rl.lm.ppo import MaxMinLMPPO
+
+        for method in self.methods:
+            self.train(method)
+        available = {m: sorted(MaxMinLMPPO.snapshots(self.dir / "policies" / m / "snapshots")) for m in self.methods}
+        for method, iterations in available.items():
+            if not iterations or iterations[-1] != self.iterations_trained(method):
+                raise FileNotFoundError(
+                    f"evaluate.match_kl: {method!r} has no snapshot of every iteration under {self.dir / 'policies' / method}; "
+                    "train it again (--force train)"
+                )
+        target = min(self.validation_kl(m, iterations[-1]) for m, iterations in available.items())
+        chosen = {}
+        for method, iterations in available.items():
+            kl: dict[int, float] = {}
+            for iteration in reversed(iterations):
+                kl[iteration] = self.validation_kl(method, iteration)
+                if kl[iteration] <= target:
+                    break
+            best = min(kl, key=lambda i: (abs(kl[i] - target), i))
+            chosen[method] = {"iteration": best, "validation_kl": kl[best], "last_iteration": iterations[-1], "target": target}
+        return chosen
 
     def evaluate(self, seed: int | None = None, method: str | None = None) -> dict[str, Any]:
         """Every method's (and the base model's) completions of the held-out prompts, true scores and KL.
@@ -722,7 +809,10 @@ class LMPipeline:
             return json.loads(path.read_text())
         self._threads()
         self.log(f"evaluate: {method} on {len(set(prompts))} held-out prompts")
-        sample = self.sample(self._load_policy(method), self.formatted(prompts), (3, self.config.evaluate.sample_seed), with_kl=True)
+        iteration = self.kl_matched()[method]["iteration"] if self.config.evaluate.match_kl and method != "base" else None
+        sample = self.sample(
+            self._load_policy(method, iteration), self.formatted(prompts), (3, self.config.evaluate.sample_seed), with_kl=True
+        )
         sample["scores"] = score_texts(self.group_names, sample["texts"], prompts=prompts).tolist()
         save_json_atomic(to_jsonable(sample), path)
         self._mark("evaluate", method)
@@ -750,6 +840,7 @@ class LMPipeline:
             methods[method] = {
                 "groups": groups,
                 "iterations": self.iterations_trained(method),
+                **self._judged_at(method),
                 "kl": float(np.mean(sample["kl"])),
                 "mean_length_tokens": float(np.mean(sample["length"])),
                 "ended_fraction": float(np.mean(sample["ended"])),
@@ -769,6 +860,15 @@ class LMPipeline:
             "reward_fit": fit,
             "warnings": self.gaming_warnings(methods),
         }
+
+    def _judged_at(self, method: str) -> dict[str, Any]:
+        """With ``evaluate.match_kl``: the iteration ``method`` is judged at and its validation KL (else nothing)."""
+        if not self.config.evaluate.match_kl:
+            return {}
+        if method == "base":
+            return {"judged_iteration": 0, "validation_kl": 0.0}
+        chosen = self.kl_matched()[method]
+        return {"judged_iteration": chosen["iteration"], "validation_kl": chosen["validation_kl"]}
 
     def iterations_trained(self, method: str) -> int:
         """PPO iterations behind ``method``'s policy: ``train.iterations``, or fewer where ``ppo.kl_budget`` stopped it."""
@@ -830,6 +930,12 @@ class LMPipeline:
         iterations = f"{cfg.train.iterations} PPO iterations per method"
         if cfg.train.ppo.get("kl_budget") is not None:
             iterations = f"at most {iterations} (fewer where `kl_budget` stopped it)"
+        if cfg.evaluate.match_kl:
+            target = next(iter(self.kl_matched().values()))["target"]
+            iterations += (
+                f"; each method judged at the iteration whose KL on {len(self._validation_prompts())} validation prompts is nearest "
+                f"{target:.2f} nats, the smallest last-iteration KL among the methods (`evaluate.match_kl`)"
+            )
         lines = [
             f"# {cfg.name}: MaxMin-RLHF vs single-reward RLHF on text",
             "",
@@ -875,7 +981,11 @@ def format_tables(metrics: dict[str, Any], groups: Sequence[str]) -> str:
     for method, row in metrics["methods"].items():
         cells = [f"{row['groups'][g]['mean_score']:.3f} | {row['groups'][g]['win_rate_vs_rlhf']:.2f}" for g in groups]
         shape = f"{row['mean_length_tokens']:.1f} | {row['ended_fraction']:.2f} | {row['distinct_2']:.2f} | {row['repeated_replies']:.2f}"
-        tail = f" | {row.get('iterations', '')} | {row['kl']:.2f} | {shape} |"
+        # "judged of trained" when evaluate.match_kl judged an earlier iteration than the last
+        iterations = row.get("iterations", "")
+        if "judged_iteration" in row and row["judged_iteration"] != iterations:
+            iterations = f"{row['judged_iteration']} of {iterations}"
+        tail = f" | {iterations} | {row['kl']:.2f} | {shape} |"
         lines.append(f"| {method} | " + " | ".join(cells) + tail)
     lines += ["", "## Rewards learned from the simulated users", ""]
     lines += [

@@ -648,6 +648,7 @@ class MaxMinLMPPO:
         *,
         checkpoint_dir: str | os.PathLike[str] | None = None,
         checkpoint_every: int = 1,
+        snapshot_dir: str | os.PathLike[str] | None = None,
         progress_bar: bool = False,
     ) -> MaxMinLMPPO:
         """Train until ``total_iterations`` iterations are done (counting those of a resumed run) or ``kl_budget`` is spent.
@@ -656,6 +657,8 @@ class MaxMinLMPPO:
         :param checkpoint_dir: saves a checkpoint here every ``checkpoint_every`` iterations and at the
             end; if it already holds one, training resumes from it (after a kill, say).
         :param checkpoint_every: iterations between checkpoints.
+        :param snapshot_dir: also keep the policy of every iteration here (:meth:`save_snapshot`), so that
+            methods can later be compared at one KL from the base model, not only at their last iteration.
         :param progress_bar: show a tqdm bar (main process only).
         """
         if checkpoint_dir is not None and self.latest_checkpoint(checkpoint_dir) is not None:
@@ -673,6 +676,8 @@ class MaxMinLMPPO:
                 {name: f"{stats[f'charts/score_{name}']:.3g}" for name in self.group_names} | {"kl": f"{stats['charts/kl']:.2f}"}
             )
             last = self.iteration == total_iterations or self.kl_budget_spent
+            if snapshot_dir is not None:
+                self.save_snapshot(snapshot_dir)
             if checkpoint_dir is not None and (self.iteration % checkpoint_every == 0 or last):
                 self.save(checkpoint_dir)
         bar.close()
@@ -742,6 +747,25 @@ class MaxMinLMPPO:
                     shutil.rmtree(old, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         return folder
+
+    def save_snapshot(self, folder: str | os.PathLike[str]) -> Path:
+        """Write this iteration's policy weights (adapters, or all trainable weights) to ``folder/iteration_<n>.safetensors``.
+
+        Only the policy (no optimizer or trainer state: a snapshot is judged, not resumed); written
+        atomically, and unlike checkpoints every one is kept. :meth:`snapshots` lists them.
+        """
+        path = Path(folder) / f"iteration_{self.iteration:06d}.safetensors"
+        if self.accelerator.is_main_process:
+            tensors = self._trainable_state()
+            write_atomic(path, lambda handle: handle.write(safetensors_save(tensors)))
+        self.accelerator.wait_for_everyone()
+        return path
+
+    @staticmethod
+    def snapshots(folder: str | os.PathLike[str]) -> dict[int, Path]:
+        """Iteration -> file of every snapshot :meth:`save_snapshot` wrote to ``folder``, in order."""
+        files = sorted(Path(folder).glob("iteration_*.safetensors"))
+        return {int(f.name.removeprefix("iteration_").removesuffix(".safetensors")): f for f in files}
 
     @staticmethod
     def latest_checkpoint(path: str | os.PathLike[str]) -> Path | None:
