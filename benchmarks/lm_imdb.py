@@ -13,7 +13,23 @@ statistics over the pool's 576 base completions; judged on all 48 held-out promp
 each) by the groups' TRUE scores. Prompts: IMDB review openings that read negative (VADER compound of the
 8 words at most -0.3, ``prompts.max_sentiment``; 3,677 of the 25,000 reviews).
 
-Pre-registered (run 14, a replication): run 13's design unchanged on new seeds 41, 42 and 43, fixed in a commit
+Pre-registered (run 15): run 13's design, with every arm judged at one KL from the base model
+(``evaluate.match_kl``), on six new seeds 44-49 judged together (``--seeds 44 45 46 47 48 49 --jobs 3``), fixed in a
+commit before the run. Training is unchanged (each arm stops once the mean KL of its last 3 training batches reaches 5
+nats, at most 32 iterations) but keeps every iteration's policy; each arm is then judged at the iteration whose KL on
+16 validation prompts (held out after the 48 judged ones, never judged; 2 completions each) is nearest the smallest
+last-iteration validation KL of the three arms. Why: the issue asks for the arms "from the same start with the same
+KL", and the training-batch budget stopped them 1-2 nats apart on held-out prompts (run 14: MaxMin 4.4 / 4.5 against
+RLHF's 6.8 / 5.9 on seeds 42-43). Over runs 11-14 (24 arm-seed pairs, both MaxMin rules; per-seed values in the
+``lm_imdb.json`` committed with runs 12 and 14, 4bfb5be and 47e36d8) the majority's win-rate rose by 0.063 per nat of
+the arm's held-out KL minus RLHF's (r 0.69; the minority's by 0.069, r 0.50); at equal KL the fit gives majority 0.45
+(bootstrap over seeds 0.39-0.50) and minority 0.73: the majority's line is a coin flip at equal KL, which this run
+measures directly instead of by regression.
+Rule fixed before the run: the issue counts as met only if both win-rate lines hold as the mean over all six seeds;
+the six seeds take about 2 x 75 min here, so the run may span two sessions (``lm_imdb.json`` marks
+``all_planned_seeds`` false until all six are in). ``lm_imdb.json``'s earlier runs are under ``history``.
+
+Run 14 (a replication): run 13's design unchanged on new seeds 41, 42 and 43, fixed in a commit
 before the run, with run 13's seeds resumed from their saved stages (``--seeds 38 39 40 41 42 43``), so
 ``lm_imdb.json`` holds all six. Why: run 11 passed and did not replicate (run 12), so run 13's pass is tested the same
 way. The issue counts as met only if both win-rate lines hold on seeds 41-43 alone (from ``seeds`` in the JSON) and on
@@ -172,10 +188,14 @@ from egalitarian_rl.experiments.lm_pipeline import LMExperimentConfig, LMPipelin
 
 NAME = "lm_imdb"
 MAJORITY, MINORITY = "positive_review", "concise"
-SEEDS = (38, 39, 40, 41, 42, 43)
+SEEDS = (44, 45, 46, 47, 48, 49)
 EVAL_PROMPTS = 48
+#: Held-out prompts after the judged ones on which ``evaluate.match_kl`` measures each snapshot's KL (never judged).
+VALIDATION_PROMPTS = 16
 #: Per-method measures of the replies averaged over seeds beside the scores.
-REPLY_MEASURES = ("iterations", "kl", "mean_length_tokens", "ended_fraction", "distinct_2", "repeated_replies")
+REPLY_MEASURES = (
+    "iterations", "judged_iteration", "kl", "validation_kl", "mean_length_tokens", "ended_fraction", "distinct_2", "repeated_replies",
+)  # fmt: skip
 #: Earlier pre-registered runs of this benchmark and why the design changed after them.
 HISTORY = [
     {
@@ -331,6 +351,33 @@ HISTORY = [
         "(+1.0: 0.54 / 0.77 ... -3.0: 0.19 / 0.26). Next run: worst_group on averaged selections (a steady direction) "
         "and at most 32 iterations; seeds 38-40",
     },
+    {
+        "seeds": [38, 39, 40],
+        "design": "run 12's design with maxmin = worst_group on the running average of its selections (aggregation_kwargs "
+        "{average: true, warmup: 4}) and at most 32 iterations",
+        "maxmin_win_rate_vs_rlhf": {"concise": 0.883, "positive_review": 0.556},
+        "maxmin_per_sample_min_win_rate_vs_rlhf": {"concise": 0.826, "positive_review": 0.441},
+        "em_ari": 1.0,
+        "passed": True,
+        "why": "passed every line (worst_group averaged seeds: concise 0.96, 0.98, 0.71; positive_review 0.43, 0.73, 0.51); "
+        "it reached the budget in 10-18 iterations; held-out KL rlhf 6.1, maxmin 6.7; MaxMin's replies short and 44-71% "
+        "repeated across prompts. Replicated on seeds 41-43 (run 14)",
+    },
+    {
+        "seeds": [41, 42, 43],
+        "design": "run 13's design unchanged (a replication), run 13's seeds resumed so the JSON held all six",
+        "maxmin_win_rate_vs_rlhf": {"concise": 0.671, "positive_review": 0.255},
+        "maxmin_per_sample_min_win_rate_vs_rlhf": {"concise": 0.682, "positive_review": 0.329},
+        "six_seed_maxmin_win_rate_vs_rlhf": {"concise": 0.777, "positive_review": 0.405},
+        "six_seed_maxmin_per_sample_min_win_rate_vs_rlhf": {"concise": 0.754, "positive_review": 0.385},
+        "em_ari": 1.0,
+        "passed": False,
+        "why": "not replicated, the majority missed (worst_group averaged seeds: concise 0.92, 0.51, 0.59; positive_review "
+        "0.33, 0.18, 0.26). On seeds 42-43 MaxMin ended 1.5-2.4 nats closer to the base model than RLHF (held-out KL 4.4 / "
+        "4.5 against 6.8 / 5.9). Over runs 11-14 (24 arm-seed pairs of both MaxMin rules) the majority's win-rate rose by "
+        "0.063 per nat of the arm's held-out KL minus RLHF's (r 0.69); at equal KL the line gives 0.45 (seed bootstrap "
+        "0.39-0.50). Next run: every arm judged at one KL (evaluate.match_kl), six new seeds 44-49",
+    },
 ]
 
 
@@ -359,6 +406,9 @@ def seed_config(seed: int) -> LMExperimentConfig:
     config.seed = seed
     config.out_dir = f"runs/imdb_seed_{seed}"
     config.evaluate.max_prompts = EVAL_PROMPTS
+    config.evaluate.validation_prompts = VALIDATION_PROMPTS
+    if config.prompts.n_eval < EVAL_PROMPTS + VALIDATION_PROMPTS:
+        raise ValueError(f"imdb.yaml's prompts.n_eval must be >= {EVAL_PROMPTS + VALIDATION_PROMPTS} (judged + validation prompts)")
     return config
 
 
@@ -424,7 +474,8 @@ def aggregate(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
             }
         methods[method] = {
             "groups": groups,
-            **{key: float(np.mean([row[key] for row in rows])) for key in REPLY_MEASURES},
+            # judged_iteration / validation_kl exist only with evaluate.match_kl (not in --quick)
+            **{key: float(np.mean([row[key] for row in rows])) for key in REPLY_MEASURES if key in rows[0]},
         }
     accuracy = {fit: mean_over_seeds([run["heldout_accuracy"][fit] for run in runs]) for fit in runs[0]["heldout_accuracy"]}
     return {"methods": methods, "em_ari": float(np.mean([run["em_ari"] for run in runs])), "heldout_accuracy": accuracy}
@@ -462,7 +513,8 @@ def write(config: LMExperimentConfig, per_seed: dict[int, dict[str, Any]], plann
                 "reward_fit": run["reward_fit"],
                 "warnings": run["warnings"],
                 "methods": {
-                    m: {"groups": row["groups"], "kl": row["kl"], "iterations": row.get("iterations")} for m, row in run["methods"].items()
+                    m: {key: row.get(key) for key in ("groups", "kl", "iterations", "judged_iteration", "validation_kl")}
+                    for m, row in run["methods"].items()
                 },
             }
             for seed, run in per_seed.items()
