@@ -413,8 +413,10 @@ def run_one(
     if len(SHARES[shares]) > 2:
         selection = select_k(data, range(1, 5), **(k_options or {}), **options)
         k = selection.k
-        k_scores = {str(c): [round(selection.scores[c], 4), round(selection.standard_errors[c], 4)] for c in selection.scores}
-        if selection.criterion == "heldout_users":  # its model of the chosen K is fitted on all of data already
+        # per K: the score and its standard error (held-out criteria) or the shuffled copies' largest gain (permutation)
+        spread = selection.noise_gains if selection.criterion == "permutation" else selection.standard_errors
+        k_scores = {str(c): [round(selection.scores[c], 4), round(spread.get(c, 0.0), 4)] for c in selection.scores}
+        if selection.criterion in ("heldout_users", "permutation"):  # its model of the chosen K is fitted on all of data already
             em = selection.models[k]
     if em is None:
         em = EMRewardMixture(k, **options).fit(data)

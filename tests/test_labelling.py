@@ -245,14 +245,14 @@ class Server:
                 self.kill()
 
 
-def request(url: str, token: str | None = None, body: bytes | None = None) -> tuple[int, Any]:
+def request(url: str, token: str | None = None, body: bytes | None = None, timeout: float = 30.0) -> tuple[int, Any]:
     """``(status, parsed JSON or text)`` of a GET (or a POST when ``body`` is given), never raising on HTTP errors."""
     headers = {"Content-Type": "application/json"}
     if token is not None:
         headers["X-Token"] = token
     req = urllib.request.Request(url, data=body, headers=headers, method="POST" if body is not None else "GET")
     try:
-        with urllib.request.urlopen(req, timeout=30) as response:
+        with urllib.request.urlopen(req, timeout=timeout) as response:
             status, raw = response.status, response.read()
     except urllib.error.HTTPError as err:
         status, raw = err.code, err.read()
@@ -418,7 +418,8 @@ def test_two_annotators_label_in_a_real_browser_and_em_runs_on_the_export(campai
     mixture = EMRewardMixture(**FAST_EM).fit(data)
     assert mixture.assignments_.shape == (2,) and np.isclose(mixture.shares_.sum(), 1.0)
     # The admin's "fit EM now" runs EM inside the server on the same answers.
-    status, page = request(f"{server.url}/admin/{tokens['admin']}/fit", body=b"")
+    # EM runs inside the request: on a loaded 2-core machine it took over 30 s, so the wait is longer here.
+    status, page = request(f"{server.url}/admin/{tokens['admin']}/fit", body=b"", timeout=300.0)
     assert status == 200 and "Last fit on" in page
 
 

@@ -434,6 +434,22 @@ def test_select_k_by_heldout_users(two_group_data):
         select_k(train, range(1, 3), criterion="heldout_users", n_folds=1, **options)
 
 
+def test_select_k_by_permutation_finds_two_groups_and_only_one_where_there_is_one():
+    """Users' answers dealt at random show what an extra head gains from noise: two real groups beat that by far,
+    one group does not (the shuffled copies gain as much), with 6 answers a user."""
+    options = dict(use_next_state=True, use_state=False, use_action=False, hidden_sizes=(4,), batch_size=32, final_epochs=10, max_iter=3)
+    two = make_dataset(n_users=40, per_user=6, seed=1)
+    selection = select_k(two, range(1, 4), criterion="permutation", n_permutations=3, **options)
+    assert selection.k == 2 and set(selection.scores) == {1, 2, 3}, (selection.scores, selection.noise_gains)
+    assert selection.scores[2] - selection.scores[1] > selection.noise_gains[2] + 10.0
+    assert adjusted_rand_index(two.user_groups, selection.models[2].assignments_) >= 0.8  # fitted on every user
+    one = make_dataset(n_users=40, per_user=6, seed=1, population=Population([UserGroup("up", lambda t: t.next_obs[..., 0], 1.0)]))
+    single = select_k(one, range(1, 4), criterion="permutation", n_permutations=3, **options)
+    assert single.k == 1 and single.models[1].n_components == 1, (single.scores, single.noise_gains)
+    with pytest.raises(ValueError, match="n_permutations must be >= 1"):
+        select_k(two, range(1, 3), criterion="permutation", n_permutations=0, **options)
+
+
 # ----------------------------------------------------------------------------- metrics
 def test_accuracy_excludes_ties_and_counts_predicted_ties_as_half():
     data = make_dataset(n_users=2, per_user=3, seed=0)

@@ -82,7 +82,7 @@ import os
 import time
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -1333,10 +1333,11 @@ class KSelection:
     """Result of :func:`select_k`.
 
     :param k: the chosen number of components.
-    :param criterion: ``"heldout"``, ``"heldout_users"`` or ``"bic"``.
+    :param criterion: one of :data:`CRITERIA`.
     :param scores: K -> score (held-out: mean log-likelihood per held-out comparison, higher is
-        better; BIC: lower is better).
+        better; BIC: lower is better; permutation: the linear mixture's penalised log-likelihood).
     :param standard_errors: K -> standard error of the score difference to the best K (held-out only).
+    :param noise_gains: K -> the largest gain over K - 1 on a shuffled copy of the data (permutation only).
     :param models: K -> the fitted mixture (held-out: fitted on the training split).
     """
 
@@ -1344,7 +1345,12 @@ class KSelection:
     criterion: str
     scores: dict[int, float] = field(default_factory=dict)
     standard_errors: dict[int, float] = field(default_factory=dict)
+    noise_gains: dict[int, float] = field(default_factory=dict)
     models: dict[int, EMRewardMixture] = field(default_factory=dict)
+
+
+#: The ways :func:`select_k` chooses K.
+CRITERIA = ("heldout", "heldout_users", "permutation", "bic")
 
 
 def n_parameters(reward: RewardMixture) -> int:
@@ -1361,6 +1367,8 @@ def select_k(
     se_factor: float = 1.0,
     split_seed: int = 0,
     n_folds: int = 5,
+    n_permutations: int = 5,
+    margin: float = 2.0,
     **em_kwargs: Any,
 ) -> KSelection:
     """Choose the number of groups K.
@@ -1384,24 +1392,35 @@ def select_k(
     no mistakes, beta 1: K = 1 against 0.69). At 5 answers the users' marginal likelihoods differ by about their
     standard error. So it is not the default.
 
+    ``"permutation"``: a test of whether a K-th group explains the users better than chance. The single reward
+    (the K = 1 fit) gives a fixed feature map -- its last hidden layer and the raw inputs, summed over a segment
+    -- on which mixtures of K linear heads are cheap to fit (:func:`~egalitarian_rl.rewards.em_start.fit_linear_mixture`).
+    Each K is scored by that mixture's penalised log-likelihood, and the same on ``n_permutations`` copies of the data
+    whose answers are dealt to the users at random (each keeps their number of answers): within one group that
+    changes nothing, so the copies show what a K-th head gains by fitting noise. K grows while its gain over K - 1
+    beats the largest of the copies' gains by ``margin`` nats. Unlike the held-out criteria it scores every answer
+    of every user with its own user's other answers, which is what tells groups apart with 5 answers a user.
+
     ``"bic"``: each K is fitted on all data and scored by ``-2 * mixture LL + p * ln(N)``,
     ``p`` = all network parameters. With neural rewards ``p`` is large, so BIC favours small K
     strongly; prefer ``"heldout"`` unless the networks are tiny.
 
     :param dataset: comparisons by identified users.
     :param k_range: candidate K values.
-    :param criterion: ``"heldout"`` or ``"bic"``.
+    :param criterion: ``"heldout"``, ``"heldout_users"``, ``"permutation"`` or ``"bic"``.
     :param heldout_fraction: share of each user's comparisons held out (``"heldout"``).
     :param se_factor: how many standard errors below the best score still count as "as good".
     :param split_seed: seed of the held-out split (``"heldout"``) or of the user folds (``"heldout_users"``).
     :param n_folds: user folds (``"heldout_users"``), at least 2.
+    :param n_permutations: shuffled copies of the data (``"permutation"``), at least 1.
+    :param margin: nats by which a K-th head's gain must beat the copies' largest (``"permutation"``).
     :param em_kwargs: passed to :class:`EMRewardMixture` (``n_components`` is set per K).
     """
     ks = sorted({int(k) for k in k_range})
     if not ks:
         raise ValueError("k_range is empty")
-    if criterion not in ("heldout", "heldout_users", "bic"):
-        raise ValueError(f"criterion must be 'heldout', 'heldout_users' or 'bic', got {criterion!r}")
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     _check_users_have_comparisons(dataset, "select_k")
     if ks[0] < 1 or ks[-1] > dataset.n_users:
         raise ValueError(f"k_range must lie in 1..{dataset.n_users} (the number of users), got {ks}")
@@ -1417,6 +1436,8 @@ def select_k(
         return result
     if criterion == "heldout_users":
         return _select_k_by_heldout_users(dataset, ks, se_factor, split_seed, n_folds, em_kwargs)
+    if criterion == "permutation":
+        return _select_k_by_permutation(dataset, ks, n_permutations, margin, split_seed, em_kwargs)
 
     train, test = dataset.split_by_comparison(heldout_fraction, seed=split_seed)
     keep = train.users[train.comparisons_per_user() > 0]
@@ -1434,6 +1455,46 @@ def select_k(
         result.scores[k] = float(scores.sum() / len(test))
         result.models[k] = model
     return _one_standard_error_rule(result, per_user, len(test), se_factor)
+
+
+def _select_k_by_permutation(
+    dataset: PreferenceDataset, ks: list[int], n_permutations: int, margin: float, seed: int, em_kwargs: dict[str, Any]
+) -> KSelection:
+    """:func:`select_k`'s ``"permutation"`` criterion; ``result.models`` holds the K = 1 fit and the chosen K's."""
+    if n_permutations < 1:
+        raise ValueError(f"n_permutations must be >= 1, got {n_permutations}")
+    result = KSelection(k=ks[0], criterion="permutation")
+    single = EMRewardMixture(1, **em_kwargs).fit(dataset)
+    reward = single._require_fitted()
+    table = build_comparison_features(reward, dataset)
+    parts = [em_start.segment_hidden_sums(reward, table, [0], single.discount), em_start.segment_input_sums(table, single.discount)]
+    settings = em_start.LinearStartSettings(n_starts=max(1, single.linear_starts), ridge=single.linear_ridge, t0=single.linear_anneal)
+    features = torch.cat([part.hidden_sums[:, 0, :] for part in parts], dim=1)
+    z, _ = em_start.whiten(features, parts[0].pair_rows, settings.max_dim)
+    labels = torch.as_tensor(dataset.labels, dtype=torch.float64)
+    users = dataset.user_index()
+    rng = np.random.default_rng(seed)
+    # Comparisons dealt to users at random: every user keeps their count, any group structure is gone.
+    dealt = [users] + [rng.permutation(users) for _ in range(n_permutations)]
+
+    def objective(k: int, user_index: np.ndarray, copy: int) -> float:
+        fit_settings = settings if k > 1 else replace(settings, n_starts=1)
+        index = torch.as_tensor(user_index, dtype=torch.long)
+        fitted = em_start.fit_linear_mixture(z, parts[0].pair_rows, labels, index, dataset.n_users, k, fit_settings, seed=seed + copy)
+        return fitted.objective
+
+    previous = [objective(ks[0], user_index, c) for c, user_index in enumerate(dealt)]
+    result.scores[ks[0]] = previous[0]
+    for k in ks[1:]:
+        current = [objective(k, user_index, c) for c, user_index in enumerate(dealt)]
+        result.scores[k] = current[0]
+        gains = [now - before for now, before in zip(current, previous)]
+        result.noise_gains[k] = max(gains[1:])
+        if gains[0] <= max(gains[1:]) + margin:
+            break
+        result.k, previous = k, current
+    result.models[result.k] = single if result.k == 1 else EMRewardMixture(result.k, **em_kwargs).fit(dataset)
+    return result
 
 
 def _one_standard_error_rule(result: KSelection, per_user: dict[int, np.ndarray], n_answers: int, se_factor: float) -> KSelection:
