@@ -1402,9 +1402,10 @@ def select_k(
     of every user with its own user's other answers, which is what tells groups apart with 5 answers a user.
     Measured (2026-12-05, FairGrid 60/30/10, 5 answers a user, seed 0, ``benchmarks/em_noise.py --select-k
     criterion=permutation``, results in that module's docstring): K = 2 in every cell run, EM's ARI at or above the
-    oracle's, where ``"heldout"`` kept K = 1 (ARI 0) at mistake rate 0.2. It finds the 10% group too small to test
-    at 5 answers (K = 2, not 3), and it is not yet measured where ``"heldout"`` works (10+ answers), so it is not
-    the default.
+    oracle's, where ``"heldout"`` kept K = 1 (ARI 0) at mistake rate 0.2; on seed 1 at mistake rate 0.2 it kept
+    K = 1 too (the linear K = 2 mixture collapsed onto one head). It finds the 10% group too small to test at 5
+    answers (K = 2, not 3), and it is not yet measured where ``"heldout"`` works (10+ answers), so it is not the
+    default.
 
     ``"bic"``: each K is fitted on all data and scored by ``-2 * mixture LL + p * ln(N)``,
     ``p`` = all network parameters. With neural rewards ``p`` is large, so BIC favours small K
