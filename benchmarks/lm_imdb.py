@@ -29,6 +29,14 @@ Rule fixed before the run: the issue counts as met only if both win-rate lines h
 the six seeds take about 2 x 75 min here, so the run may span two sessions (``lm_imdb.json`` marks
 ``all_planned_seeds`` false until all six are in). ``lm_imdb.json``'s earlier runs are under ``history``.
 
+Result (2026-12-05; seeds 44-47 09:23-11:37 UTC, 48-49 resumed 11:53-12:14): FAIL on the minority, the majority holds.
+Held-out KL of the judged policies: rlhf 6.4, maxmin 6.4, per_sample_min 6.1. MaxMin (averaged ``worst_group``) vs
+RLHF: concise 0.556 (seeds 0.31, 0.57, 0.83, 0.65, 0.46, 0.52), positive_review 0.492 (0.67, 0.41, 0.42, 0.47, 0.47,
+0.51); ``per_sample_min`` 0.555 / 0.418; EM ARI 1.00; held-out concise accuracy single 0.56, mixture 0.73. At one KL
+the majority sits where runs 11-14's regression put it (0.45 predicted), and the minority's gain shrinks to 0.56
+(0.73 predicted): part of the earlier minority wins was where the arms stopped. On seed 49 RLHF and MaxMin both
+collapsed into stock replies (71% / 74% repeated) and tied.
+
 Run 14 (a replication): run 13's design unchanged on new seeds 41, 42 and 43, fixed in a commit
 before the run, with run 13's seeds resumed from their saved stages (``--seeds 38 39 40 41 42 43``), so
 ``lm_imdb.json`` holds all six. Why: run 11 passed and did not replicate (run 12), so run 13's pass is tested the same
