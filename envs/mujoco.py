@@ -111,6 +111,17 @@ def walker_upright(t: Transitions) -> np.ndarray:
 #: ``fast`` vs ``upright`` does not make a second body either (design trial 2026-11-25, seed 0, 100k
 #: steps, ``worst_group``, true returns fast / upright): single-reward RLHF 595 / 271 serves both
 #: groups (its forward hop stays upright enough), and MaxMin 217 / 142 is worse for both.
+#: Nor does ``fast`` vs "paced" (``reward_survive - |x_velocity - 0.5|``: stay up and go forward at
+#: 0.5 m/s, so a cheap compromise exists; design trial 2026-12-05, the ``hopper`` config with that
+#: group, ``rlhf`` and ``maxmin`` only, seeds 0-2, true returns fast / paced): RLHF 162 / 79, 1411 / 83,
+#: 89 / 589; MaxMin 438 / 366, 121 / 153, 24 / 524. Over seed pairs MaxMin wins the minority in 6 of
+#: 9 (0.67) but the majority in 3 of 9 (0.33): MaxMin learned a steady forward hop on seed 0 only,
+#: and EM found the groups on seed 1 with ARI 0.63 only. The same day on HalfCheetah-v5 (seed 0,
+#: 200k steps, normalised observations, true returns fast / minority): against ``gentle`` RLHF
+#: 3349 / -3708, MaxMin 2186 / -1945; against "efficient" (``-|a|^2`` alone) RLHF 3561 / -1245,
+#: MaxMin 1652 / -404. HalfCheetah's RLHF runs reliably near the majority's reach, so every minority
+#: that truly conflicts with speed costs the majority 35-55% at MaxMin's point, far more than the
+#: spread between RLHF seeds.
 WALKER_GROUPS = GroupRewardLibrary(
     {"fast": walker_fast, "steady": walker_steady, "upright": walker_upright},
     info_keys=("x_velocity", "reward_survive"),
