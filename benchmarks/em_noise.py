@@ -200,6 +200,7 @@ from egalitarian_rl.envs.gridworld import COMPROMISE, MAJORITY_GOAL, MINORITY_GO
 
 from benchmarks.common import BenchmarkParser, results_dir, run_in_processes, write_result
 from egalitarian_rl import envs
+from egalitarian_rl.io import write_atomic
 from egalitarian_rl.preferences import Population, PreferenceDataset, UserGroup, collect_preferences
 from egalitarian_rl.rewards import EMRewardMixture, adjusted_rand_index, select_k
 from egalitarian_rl.rewards.bradley_terry import TieModel, noisy_log_likelihood
@@ -567,13 +568,9 @@ def main() -> None:
     previous = json.loads(args.output.read_text()) if args.output.exists() and not args.fresh else {}
     if previous and previous.get("em_options", {}) != em_options:
         raise SystemExit(f"{args.output} holds runs with EM options {previous.get('em_options')}, not {em_options}: use --output")
-    if previous and previous.get("select_k_options", {}) != k_options:
-        raise SystemExit(
-            f"{args.output} holds runs with select_k options {previous.get('select_k_options', {})}, not {k_options}: use --output"
-        )
-    runs: list[dict] = previous.get("runs", [])
+    runs, superseded = stored_runs(previous, k_options)
     if backfill_oracles(runs):
-        save(args, runs, em_options, k_options)
+        save(args, runs, em_options, k_options, superseded)
     done = {tuple(r[key] for key in (*CELL_KEYS, "seed")) for r in runs}
     # Seeds innermost-last: every cell gets its first seed before any cell gets a second one,
     # so a partial run covers the grid evenly.
@@ -586,9 +583,33 @@ def main() -> None:
     for _, run in run_in_processes(run_one, calls, args.jobs):
         runs.append(run)
         print(json.dumps(run), flush=True)
-        save(args, runs, em_options, k_options)
+        save(args, runs, em_options, k_options, superseded)
     if runs:  # also when every run was already stored: the JSON, plot and RESULTS.md line follow this code
-        save(args, runs, em_options, k_options)
+        save(args, runs, em_options, k_options, superseded)
+
+
+def stored_runs(previous: dict[str, Any], k_options: dict[str, Any]) -> tuple[list[dict], list[dict]]:
+    """The runs of a stored result that hold under ``k_options``, and the superseded ones (kept in the file).
+
+    Only the runs whose K ``select_k`` chose (more than two groups) depend on its options. When the
+    stored options differ, those runs are set aside with the options they were run with, and set-aside
+    runs made with ``k_options`` come back; the fixed-K runs stay.
+
+    :param previous: the stored JSON (``{}`` for none).
+    :param k_options: this invocation's ``select_k`` options.
+    :return: ``(runs, superseded_runs)``.
+    """
+    runs: list[dict] = previous.get("runs", [])
+    superseded: list[dict] = previous.get("superseded_runs", [])
+    old_options = previous.get("select_k_options", {})
+    if not previous or old_options == k_options:
+        return runs, superseded
+    stale = [run for run in runs if len(SHARES[run["shares"]]) > 2]
+    print(f"{len(stale)} runs with K chosen by select_k {old_options or 'defaults'} set aside (superseded_runs)", flush=True)
+    kept = [run for run in runs if len(SHARES[run["shares"]]) <= 2]
+    superseded = superseded + [{**run, "select_k_options": old_options} for run in stale]
+    restored = [{k: v for k, v in run.items() if k != "select_k_options"} for run in superseded if run["select_k_options"] == k_options]
+    return kept + restored, [run for run in superseded if run["select_k_options"] != k_options]
 
 
 def print_issue_table(em_options: dict[str, Any]) -> None:
@@ -614,8 +635,13 @@ def default_output(quick: bool) -> Path:
     return results_dir(quick) / f"{NAME}.json"
 
 
-def save(args: argparse.Namespace, runs: list[dict], em_options: dict[str, Any], k_options: dict[str, Any]) -> None:
-    """Write the JSON (and, for the default output, the plot and the RESULTS.md line)."""
+def save(
+    args: argparse.Namespace, runs: list[dict], em_options: dict[str, Any], k_options: dict[str, Any], superseded: list[dict] | None = None
+) -> None:
+    """Write the JSON (and, for the default output, the plot and the RESULTS.md line).
+
+    :param superseded: runs whose K was chosen with earlier ``select_k`` options, kept but not summarised.
+    """
     rows = summarise(runs)
     accepted = acceptance(rows)
     result = {
@@ -631,6 +657,7 @@ def save(args: argparse.Namespace, runs: list[dict], em_options: dict[str, Any],
         "issue_table": ISSUE_TABLE,
         "em_options": em_options,
         "select_k_options": k_options,
+        **({"superseded_runs": superseded} if superseded else {}),
         "passed": bool(rows)
         and accepted["within_0.05_where_oracle_ge_0.8"] == accepted["cells_oracle_ge_0.8"]
         and accepted["within_0.15_everywhere"] == accepted["cells"],
@@ -646,8 +673,7 @@ def save(args: argparse.Namespace, runs: list[dict], em_options: dict[str, Any],
         },
     }
     if args.no_results_md or args.output != default_output(args.quick):
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(result, indent=2) + "\n")
+        write_atomic(args.output, lambda handle: handle.write((json.dumps(result, indent=2) + "\n").encode()))
         return
     plot(rows, results_dir(args.quick) / f"{NAME}.png")
     gaps, gaps_bt = [r["gap"] for r in rows], [r["gap_bt"] for r in rows]

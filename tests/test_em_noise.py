@@ -216,3 +216,20 @@ def test_benchmark_oracles_separate_the_tie_rule_from_the_tie_model():
     assert backfill_oracles([stored]) == 0  # nothing left to fill
     with pytest.raises(RuntimeError, match="differ from the stored run"):
         backfill_oracles([dict(zip(CELL_KEYS, cell), seed=0, oracle_ari=-1.0)])
+
+
+def test_benchmark_sets_aside_only_the_runs_whose_k_was_chosen_when_select_k_changes():
+    from benchmarks.em_noise import stored_runs
+
+    fixed = {"shares": "80/20", "seed": 0, "em_ari": 1.0}
+    chosen = {"shares": "60/30/10", "seed": 0, "em_ari": 0.0}
+    stored = {"runs": [fixed, chosen], "select_k_options": {}}
+    assert stored_runs(stored, {}) == ([fixed, chosen], [])
+    runs, superseded = stored_runs(stored, {"criterion": "permutation"})
+    assert runs == [fixed]
+    assert superseded == [{**chosen, "select_k_options": {}}]
+    # Going back to the first options brings its runs back; nothing is lost either way.
+    again = {"runs": [fixed, {**chosen, "em_ari": 0.5}], "superseded_runs": superseded, "select_k_options": {"criterion": "permutation"}}
+    runs, superseded = stored_runs(again, {})
+    assert runs == [fixed, chosen]
+    assert superseded == [{**chosen, "em_ari": 0.5, "select_k_options": {"criterion": "permutation"}}]
