@@ -116,7 +116,9 @@ def walker_upright(t: Transitions) -> np.ndarray:
 #: group, ``rlhf`` and ``maxmin`` only, seeds 0-2, true returns fast / paced): RLHF 162 / 79, 1411 / 83,
 #: 89 / 589; MaxMin 438 / 366, 121 / 153, 24 / 524. Over seed pairs MaxMin wins the minority in 6 of
 #: 9 (0.67) but the majority in 3 of 9 (0.33): MaxMin learned a steady forward hop on seed 0 only,
-#: and EM found the groups on seed 1 with ARI 0.63 only. The same day on HalfCheetah-v5 (seed 0,
+#: and EM found the groups on seed 1 with ARI 0.63 only; ``worst_group`` on averaged selections
+#: (``average: true, warmup: 10``, as on FairGrid) did no better (897 / -143, 122 / 120, 21 / 521:
+#: seed 0 now ran for the majority). The same day on HalfCheetah-v5 (seed 0,
 #: 200k steps, normalised observations, true returns fast / minority): against ``gentle`` RLHF
 #: 3349 / -3708, MaxMin 2186 / -1945; against "efficient" (``-|a|^2`` alone) RLHF 3561 / -1245,
 #: MaxMin 1652 / -404. HalfCheetah's RLHF runs reliably near the majority's reach, so every minority
