@@ -193,6 +193,14 @@ it too (10/0.1/1: EM 0.288, learned 0.324, exact 0.713; 5/0.2/2: 0.021, 0.157, 0
 file EM is within 0.15 of the learned oracle in 87; the three misses are 60/30/10 at 5 answers with K = 1. On that
 body learning the rewards from 5-20 noisy answers costs most of the exact oracle's lead.
 
+With K given, the 60/30/10 misses go (probe of 2026-12-05, ``runs/probe16/fixedk.py``, not in the JSON; the 6
+five-answer cells where ``select_k`` kept K = 1 on a seed, seeds 0-1, these EM options): EM with K = 3 reaches 0.33-0.77
+per run, cell means 0.44-0.68 against the exact oracle's 0.47-0.54, so every one of them is within 0.06 of the oracle
+or above it (5/0.2/1: 0.444 vs 0.498; 5/0.1/1: 0.638 vs 0.540). K = 2 is worse (0.03-0.66). What stands between
+EM and the 0.15 line on FairGrid is choosing K from 5 answers a user; none of ``"heldout"``, ``"heldout_users"`` or
+``"permutation"`` does it reliably, and taking the larger K of ``"heldout"`` and ``"permutation"`` (computed from the
+stored runs) still leaves 5 of the 18 cells at 5-10 answers beyond 0.15.
+
 Rows of ``benchmarks/results/em_noise.json``: one per cell with ``env``,
 ``comparisons_per_user``, ``mistake_rate``, ``beta``, ``shares``, ``em_ari`` and
 ``oracle_ari`` (means over the seeds that ran), the per-seed values, K, and held-out accuracy.
