@@ -197,7 +197,9 @@ With K given, the 60/30/10 misses go (2026-12-05, ``--shares 60/30/10 --comparis
 criterion=given --output runs/em_noise_given_k.json`` with these EM options, 18 runs, 3 min, not committed): with
 K = 3 all 9 five-answer cells are within 0.06 of the exact oracle or above it, cell means 0.44-0.84 against the
 oracle's 0.47-0.54 (5/0.2/1: 0.444 vs 0.498; 5/0.1/1: 0.637 vs 0.540), and above the learned-reward oracle in all 9.
-K = 2 is worse (0.03-0.66; a probe). What stands between
+K = 2 is worse (0.03-0.66; a probe). Dropping the one-standard-error rule (the best held-out score, read off the
+stored runs' ``k_scores``) does not help: the held-out score itself is best at K = 1 in 5 of seed 1's 9 five-answer
+runs, and at 10 answers it takes K = 4 in 13 of 18 runs (the rule: 8). What stands between
 EM and the 0.15 line on FairGrid is choosing K from 5 answers a user; none of ``"heldout"``, ``"heldout_users"`` or
 ``"permutation"`` does it reliably, and taking the larger K of ``"heldout"`` and ``"permutation"`` (computed from the
 stored runs) still leaves 5 of the 18 cells at 5-10 answers beyond 0.15.
