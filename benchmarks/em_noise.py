@@ -188,7 +188,7 @@ see 80% of the users, so it is slightly pessimistic; EM sees them all but must f
 0.34-0.53, which is told K = 3), and 10/0.1/1 (K = 4 on both seeds: 0.796 against 0.822). ``em_noise_hidden.json``
 (filled the same day by its own command, 11 min with ``--jobs 2``; ``linear_features`` hidden, HalfCheetah-v5 80/20
 all 36 cells x 5 seeds): on HalfCheetah EM is at or above the learned oracle in 24 of 36 cells, within 0.05 of it in
-30, worst 0.149 (5/0.1/5: 0.125 against 0.258); where it misses the exact oracle by most, the learned oracle misses
+30, worst 0.149 (5/0.2/1: 0.002 against 0.151); where it misses the exact oracle by most, the learned oracle misses
 it too (10/0.1/1: EM 0.288, learned 0.324, exact 0.713; 5/0.2/2: 0.021, 0.157, 0.299). Over all 90 cells of that
 file EM is within 0.15 of the learned oracle in 87; the three misses are 60/30/10 at 5 answers with K = 1. On that
 body learning the rewards from 5-20 noisy answers costs most of the exact oracle's lead.
