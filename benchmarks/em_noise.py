@@ -268,6 +268,8 @@ LEARNED_ORACLE_KEY = "oracle_learned_ari"
 LEARNED_ORACLE_FOLDS = 5
 #: EM options that only shape the search for groups; a one-member fit to a known group does not take them.
 START_OPTIONS = ("init", "linear_features")
+#: Every oracle column a run stores.
+ALL_ORACLE_KEYS = (*ORACLE_KEYS.values(), LEARNED_ORACLE_KEY)
 #: What identifies a cell of the grid (a run adds its ``seed``).
 CELL_KEYS = ("env", "comparisons_per_user", "mistake_rate", "beta", "shares")
 #: Logit scale standing in for a noiseless (infinite-beta) group in the tie-model oracles.
@@ -416,6 +418,11 @@ def oracle_aris(population: Population, data: PreferenceDataset) -> dict[str, fl
     }
 
 
+def k_is_chosen(shares: str) -> bool:
+    """Whether EM's K is chosen by ``select_k`` in cells with these ``shares`` (more than two groups), not fixed."""
+    return len(SHARES[shares]) > 2
+
+
 def learned_oracle_ari(data: PreferenceDataset, em_options: dict[str, Any], seed: int, folds: int = LEARNED_ORACLE_FOLDS) -> float:
     """ARI of the learned-reward oracle on ``data``: what the answers allow a method that must learn the rewards.
 
@@ -469,7 +476,7 @@ def backfill_oracles(runs: list[dict], em_options: dict[str, Any], jobs: int = 1
 
     :param jobs: runs filled at once, each in its own process.
     """
-    missing = [run for run in runs if not all(key in run for key in (*ORACLE_KEYS.values(), LEARNED_ORACLE_KEY))]
+    missing = [run for run in runs if not all(key in run for key in ALL_ORACLE_KEYS)]
     if missing:
         print(f"filling the oracles of {len(missing)} stored runs", flush=True)
     calls = [(run, em_options, threads) for run in missing]
@@ -504,7 +511,7 @@ def run_one(
     options = {"use_action": False, "use_next_state": True, "seed": seed, **em_options}
     start = time.perf_counter()
     k, k_scores, em = population.n_groups, None, None
-    if len(SHARES[shares]) > 2 and (k_options or {}).get("criterion") != "given":
+    if k_is_chosen(shares) and (k_options or {}).get("criterion") != "given":
         selection = select_k(data, range(1, 5), **(k_options or {}), **options)
         k = selection.k
         # per K: the score and its standard error (held-out criteria) or the shuffled copies' largest gain (permutation)
@@ -546,8 +553,7 @@ def summarise(runs: list[dict]) -> list[dict]:
         oracle_ari = [r["oracle_ari"] for r in cell]
         groups = sorted({name for r in cell for name in r["heldout_accuracy"]})
         # Every oracle's mean; a run stored before an oracle existed has no value for it.
-        keys = (*ORACLE_KEYS.values(), LEARNED_ORACLE_KEY)
-        oracles = {key: round(float(np.mean([r[key] for r in cell])), 4) for key in keys if all(key in r for r in cell)}
+        oracles = {key: round(float(np.mean([r[key] for r in cell])), 4) for key in ALL_ORACLE_KEYS if all(key in r for r in cell)}
         rows.append(
             {
                 **dict(zip(CELL_KEYS, key)),
@@ -700,9 +706,9 @@ def stored_runs(previous: dict[str, Any], k_options: dict[str, Any]) -> tuple[li
     old_options = previous.get("select_k_options", {})
     if not previous or old_options == k_options:
         return runs, superseded
-    stale = [run for run in runs if len(SHARES[run["shares"]]) > 2]
+    stale = [run for run in runs if k_is_chosen(run["shares"])]
     print(f"{len(stale)} runs with K chosen by select_k {old_options or 'defaults'} set aside (superseded_runs)", flush=True)
-    kept = [run for run in runs if len(SHARES[run["shares"]]) <= 2]
+    kept = [run for run in runs if not k_is_chosen(run["shares"])]
     superseded = superseded + [{**run, "select_k_options": old_options} for run in stale]
     restored = [{k: v for k, v in run.items() if k != "select_k_options"} for run in superseded if run["select_k_options"] == k_options]
     return kept + restored, [run for run in superseded if run["select_k_options"] != k_options]
