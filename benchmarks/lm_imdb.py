@@ -6,162 +6,28 @@ most, temperature 0.7), 60 simulated users per population (80/20 and 90/10 posit
 Bradley-Terry beta 5, 80 comparisons each), the single BT reward and a K=2 EM mixture (heads with
 64 hidden units on frozen MiniLM embeddings plus the log word count), then PPO (batch 16
 = 4 prompts x 4 completions, RLOO advantages scaled to unit std, LoRA r16, lr 5e-4, KL coefficient 0.1) until the
-mean KL of the last 3 batches reaches 5 nats per completion or 24 iterations are done, for each of ``rlhf``,
-``maxmin`` (``worst_group``, the paper's return-level rule) and ``maxmin_per_sample_min`` (the released code's
-rule, as on FairGrid) from the same start, the groups' learned scores z-scored with their
+mean KL of the last 3 batches reaches 5 nats per completion or 32 iterations are done, for each of ``rlhf``,
+``maxmin`` (``worst_group``, the paper's return-level rule, on averaged selections) and ``maxmin_per_sample_min``
+(the released code's rule, as on FairGrid) from the same start, the groups' learned scores z-scored with their
 statistics over the pool's 576 base completions; judged on all 48 held-out prompts (2 completions
 each) by the groups' TRUE scores. Prompts: IMDB review openings that read negative (VADER compound of the
 8 words at most -0.3, ``prompts.max_sentiment``; 3,677 of the 25,000 reviews).
 
-Pre-registered (run 15): run 13's design, with every arm judged at one KL from the base model
-(``evaluate.match_kl``), on six new seeds 44-49 judged together (``--seeds 44 45 46 47 48 49 --jobs 3``), fixed in a
-commit before the run. Training is unchanged (each arm stops once the mean KL of its last 3 training batches reaches 5
-nats, at most 32 iterations) but keeps every iteration's policy; each arm is then judged at the iteration whose KL on
-16 validation prompts (held out after the 48 judged ones, never judged; 2 completions each) is nearest the smallest
-last-iteration validation KL of the three arms. Why: the issue asks for the arms "from the same start with the same
-KL", and the training-batch budget stopped them 1-2 nats apart on held-out prompts (run 14: MaxMin 4.4 / 4.5 against
-RLHF's 6.8 / 5.9 on seeds 42-43). Over runs 11-14 (24 arm-seed pairs, both MaxMin rules; per-seed values in the
-``lm_imdb.json`` committed with runs 12 and 14, 4bfb5be and 47e36d8) the majority's win-rate rose by 0.063 per nat of
-the arm's held-out KL minus RLHF's (r 0.69; the minority's by 0.069, r 0.50); at equal KL the fit gives majority 0.45
-(bootstrap over seeds 0.39-0.50) and minority 0.73: the majority's line is a coin flip at equal KL, which this run
-measures directly instead of by regression.
-Rule fixed before the run: the issue counts as met only if both win-rate lines hold as the mean over all six seeds;
-the six seeds take about 2 x 75 min here, so the run may span two sessions (``lm_imdb.json`` marks
-``all_planned_seeds`` false until all six are in). ``lm_imdb.json``'s earlier runs are under ``history``.
+The run on record is run 15, pre-registered in f809bfe: six seeds (44-49) judged together, every arm judged at one KL
+from the base model (``evaluate.match_kl``). Training stops each arm once the mean KL of its last 3 training batches
+reaches 5 nats (at most 32 iterations) but keeps every iteration's policy; each arm is judged at the iteration whose KL
+on 16 validation prompts (held out after the 48 judged ones, never judged) is nearest the smallest last-iteration
+validation KL of the three arms. ``maxmin`` is ``worst_group`` trained on the running average of its selections
+(``train.aggregation_kwargs: {average: true, warmup: 4}``); ``per_sample_min`` is the secondary arm. Rule fixed before
+the run: the issue is met only if both win-rate lines hold as the mean over all six seeds (``lm_imdb.json`` marks
+``all_planned_seeds`` false until all six are in; the six take about 2 x 75 min here).
 
-Result (2026-12-05; seeds 44-47 09:23-11:37 UTC, 48-49 resumed 11:53-12:14): FAIL on the minority, the majority holds.
-Held-out KL of the judged policies: rlhf 6.4, maxmin 6.4, per_sample_min 6.1. MaxMin (averaged ``worst_group``) vs
-RLHF: concise 0.556 (seeds 0.31, 0.57, 0.83, 0.65, 0.46, 0.52), positive_review 0.492 (0.67, 0.41, 0.42, 0.47, 0.47,
-0.51); ``per_sample_min`` 0.555 / 0.418; EM ARI 1.00; held-out concise accuracy single 0.56, mixture 0.73. At one KL
-the majority sits where runs 11-14's regression put it (0.45 predicted), and the minority's gain shrinks to 0.56
-(0.73 predicted): part of the earlier minority wins was where the arms stopped. On seed 49 RLHF and MaxMin both
-collapsed into stock replies (71% / 74% repeated) and tied.
-
-Run 14 (a replication): run 13's design unchanged on new seeds 41, 42 and 43, fixed in a commit
-before the run, with run 13's seeds resumed from their saved stages (``--seeds 38 39 40 41 42 43``), so
-``lm_imdb.json`` holds all six. Why: run 11 passed and did not replicate (run 12), so run 13's pass is tested the same
-way. The issue counts as met only if both win-rate lines hold on seeds 41-43 alone (from ``seeds`` in the JSON) and on
-all six.
-
-Result (2026-12-05, 07:28-08:40 UTC, 72 min wall, a fresh-clone ``make test`` and ``make demo`` beside it): NOT
-REPLICATED, FAIL on the majority. MaxMin (averaged ``worst_group``) vs RLHF on seeds 41-43 alone: concise 0.671 (seeds
-0.92, 0.51, 0.59), positive_review 0.255 (seeds 0.33, 0.18, 0.26); all six seeds 0.777 / 0.405. ``per_sample_min``:
-0.682 / 0.329 alone, 0.754 / 0.385 over six. EM ARI 1.00; held-out concise accuracy single 0.51, mixture 0.76 (six
-seeds). The minority's line holds on every subset; the majority's does not. On seeds 42-43 MaxMin ended 1.5-2.4 nats
-closer to the base model than RLHF (held-out KL 4.4 / 4.5 against 6.8 / 5.9) and lost the majority (0.18 / 0.26); on
-seed 41 it matched RLHF's drift (8.2 against 7.9) and still lost it (0.33).
-
-Run 13: seeds 38, 39 and 40 (new), fixed in a commit before the run. Changed from runs 11-12
-(everything else kept): ``maxmin`` is ``worst_group`` trained on the running average of its selections
-(``train.aggregation_kwargs: {average: true, warmup: 4}``: the worst group is still chosen by the batch's mean learned
-reward, as in the paper, but each iteration trains on the share of iterations so far at which each group was the worst,
-the first 4 on equal weights; the same variant that reaches the max-min point on FairGrid, ``worst_group_average`` in
-``benchmarks/fairgrid_maxmin.py``), and every arm may train up to 32 iterations (was 24) before its 5-nat KL budget
-stops it. Why: in run 12 plain ``worst_group`` switched its whole weight between the groups from one iteration to the
-next, its updates partly undid each other, and it moved too slowly to reach the budget (21-24 iterations; seed 36 ended
-at KL 3.5 against RLHF's 6.5 and lost both groups); per seed, the KL gap to RLHF ordered the outcome. Averaged weights
-move by O(1/t), so the update direction is steady, and 32 iterations leave room for a slow arm to reach the budget.
-``per_sample_min`` stays the secondary arm. The issue counts as met only if both win-rate lines hold on seeds 38-40;
-runs 11-12 (the six-seed plain-``worst_group`` result, 0.580 / 0.419) move to ``history``.
-
-Result (2026-12-05, 06:20-07:27 UTC, 67 min wall, two short Hopper trials beside it): PASS on every line. MaxMin
-(``worst_group`` on averaged selections) vs RLHF concise 0.883 (seeds 0.96, 0.98, 0.71), positive_review 0.556 (seeds
-0.43, 0.73, 0.51); ``per_sample_min`` 0.826 / 0.441; EM ARI 1.00; held-out concise accuracy single 0.52, mixture
-0.75. The averaged rule reached the budget in 10-18 iterations (RLHF 8-22, ``per_sample_min`` 15-32; on seed 40
-``per_sample_min`` never reached it, KL 4.0, and lost both groups, 0.51 / 0.30). Held-out KL rlhf 6.1, maxmin 6.7.
-Caveat: MaxMin wins with short replies that lean on stock phrases ("Awesome movie review."): 44-71% of its replies
-repeat verbatim across prompts (RLHF 0-24%, long and sycophantic); the reports flag both.
-
-Run 12 (a replication): run 11's design unchanged on new seeds 35, 36 and 37, fixed in a commit
-before the run, with run 11's seeds resumed from their saved stages (``--seeds 32 33 34 35 36 37``). Why: run 11 is the
-first of eleven designs to pass, so a pass could be luck. The issue counted as met only if both win-rate lines held on
-seeds 35-37 alone and on all six.
-
-Run 11: seeds 32, 33 and 34, fixed in a commit before the run. Changed from run 9 (everything
-else kept; run 10's adaptive controller is gone): the KL coefficient is fixed at 0.1 again and each arm stops once
-the mean KL of its last 3 batches reaches 5 nats per completion (``ppo.kl_budget: 5.0``, ``kl_budget_window: 3``),
-with at most 24 iterations instead of 16, so that the arms are judged at about one distance from the base model.
-A budget that only stops training cannot loosen the brake as run 10's controller did. Why: in runs 8-9 the majority's
-win-rate followed how far each arm drifted (see run 10), and run 10 did not equalise it.
-
-Result (2026-12-05, 03:26-04:21 UTC, 55 min wall): PASS on every line. MaxMin (``worst_group``) vs RLHF concise
-0.740 (seeds 0.56, 0.89, 0.77), positive_review 0.482 (seeds 0.40, 0.50, 0.54); ``per_sample_min`` 0.609 / 0.474;
-EM ARI 1.00; held-out accuracy on the concise users single 0.50, mixture 0.73. The budget matched the arms: held-out
-KL rlhf 7.2, worst_group 7.2, per_sample_min 7.5 (the last batch before the stop jumps, so the judged policies sit
-1-3 nats above the 5-nat budget); iterations rlhf 8-13, worst_group 13-19, per_sample_min 11-22. Every arm leans on
-stock replies: replies repeated verbatim across prompts rlhf 43%, worst_group 70%, per_sample_min 65% (seed 32: all
-arms 70-84%, "Awesome." among them); the reports flag it.
-
-Run 10 (seeds 29-31), pre-registered to compare the arms at one KL budget through every arm's adaptive KL coefficient
-(``ppo.target_kl: 6.0``, ``kl_horizon: 16``; Ziegler et al.'s proportional controller, TRL's IMDB target).
-Result (2026-12-05, 01:51-02:48 UTC, 57 min wall): FAIL on both lines. MaxMin (``worst_group``) vs RLHF concise
-0.342 (seeds 0.24, 0.03, 0.76), positive_review 0.200 (seeds 0.28, 0.08, 0.24); ``per_sample_min`` 0.710 / 0.462;
-EM ARI 1.00; held-out accuracy on the concise users single 0.41, mixture 0.74. The controller cut every arm's
-coefficient by up to 20% an iteration while its KL was below 6 (RLHF seed 29: 0.1 -> 0.026 by iteration 7), so the
-brake was gone before the budget was reached: RLHF ended at KL 9.2 with 94-95% of its replies one stock reply on
-seeds 29-30, ``per_sample_min`` at KL 21.4 on seed 29.
-
-Run 9 (seeds 26-28, 2026-12-05, 00:27-01:43 UTC, 76 min wall beside a MuJoCo sweep): ``maxmin`` = ``worst_group``
-(the paper's rule) and ``per_sample_min`` the secondary arm, the other way round from runs 3-8, because in run 8
-``worst_group`` met both lines (0.811 / 0.506) and ``per_sample_min`` only the minority's. FAIL on the majority.
-MaxMin (``worst_group``) vs RLHF concise 0.731 (seeds 0.77, 0.68, 0.74, met), positive_review 0.399 (seeds 0.09,
-0.53, 0.58); ``per_sample_min`` 0.762 / 0.352; EM ARI 1.00. On seed 26 RLHF drifted to KL 9.9 while
-``worst_group`` moved 2.0 nats (majority 0.09); on seeds 27-28 the arms moved about as far and the majority got
-0.53 and 0.58.
-
-Run 8 (seeds 23-25, 2026-12-04, 22:58-23:55 UTC, 57 min wall): the negative openings (changed from run 7).
-Why: in runs 1-7 the majority's score (VADER of prompt and reply together) was nearly as high for a one-word
-positive reply as for a long one, so the two groups shared an optimum, the short positive stock reply, and
-single-reward RLHF reached it on its own (run 7, seed 20: "Awesome." in 73% of its replies). After an opening
-that reads negative a reply must carry the positivity itself: on five such openings "Awesome." scores 0.09-0.32
-and a 17-word enthusiastic reply 0.93-0.94, while an 8-word one scores 0.90-0.92. FAIL on the majority.
-MaxMin (``per_sample_min``) vs RLHF concise 0.679 (seeds 0.90, 0.23, 0.91, met), positive_review 0.408 (seeds
-0.14, 0.39, 0.70); ``worst_group`` (secondary arm) 0.811 / 0.506. RLHF kept longer replies (14.2 tokens) and
-raised positivity (base -0.47, RLHF 0.07, KL 9.7); MaxMin shortened them (8.9) with less positivity (-0.14),
-44% of them one stock reply repeated across prompts.
-
-Run 7 (seeds 20-22, 2026-12-04, 69 min wall): RLOO advantages scaled to unit std over the batch
-(``ppo.whiten_advantages: true``) and 16 PPO iterations instead of 11. FAIL on the minority: MaxMin vs
-RLHF concise 0.490 (seeds 0.17, 0.57, 0.73), positive_review 0.509 (met); KL 4.4 against 5.2. On seed 20
-RLHF collapsed into the stock reply "Awesome." (73% of its replies), near both groups' optimum.
-
-Run 6 (seeds 17-19): RLOO over 4 completions per prompt instead of GAE, lr 5e-4, the groups' learned
-scores z-scored over the pool (``LMPipeline.pool_normalizer``) instead of the first batch. Design
-trials on seed 0 before it (never reported; MaxMin vs RLHF, concise / positive_review): lr 2e-4:
-0.52 / 0.55; lr 5e-4: 0.62 / 0.54.
-
-History, kept in the JSON under ``history``:
-
-1. seeds 1-3, the model asked only to "continue" the review, 3 completions per prompt, 40
-   comparisons per user: failed (minority win-rate 0.53, majority 0.43). Every reply ran to the
-   32-token limit, so the concise users' answers carried almost no signal. The prompt, pool and
-   comparison count were then changed on trial seeds 0 and 10, which are never reported.
-2. seeds 4-6, this design with ``maxmin`` = ``worst_group`` and 1 evaluation completion: minority
-   0.628, majority 0.448 (target 0.45: failed); per_sample_min 0.632 / 0.483. worst_group picks
-   the group by a 16-completion batch mean whose noise is as large as the gaps, so its selections
-   flip at random. per_sample_min became ``maxmin`` (it already is on FairGrid) and evaluation
-   took 4 completions per prompt; seeds 4-6 are not reused.
-3. seeds 7-9, ``maxmin`` = per_sample_min, 4 evaluation completions: minority 0.545 (seeds 0.62,
-   0.59, 0.42), majority 0.457: failed. RLHF's own drift decided; see the reason under ``history``.
-4. seeds 11-13, majority ``positive_review``, 2 evaluation completions: minority 0.576 (seeds 0.53,
-   0.61, 0.59), majority 0.454: failed; the arms moved ~1 nat from the base model.
-5. seeds 14-16, reward heads with 64 hidden units: minority 0.329 (seeds 0.34, 0.44, 0.21), majority
-   0.490: failed. RLHF shortened its replies (14.5 tokens, base 21.7) while MaxMin stayed near the
-   base length (19.1) and moved less (KL 1.1 against 2.0).
-6. seeds 17-19, RLOO, lr 5e-4, pool scales: minority 0.640 (seeds 0.72, 0.54, 0.66), majority 0.384
-   (seeds 0.36, 0.46, 0.33): failed on the majority. MaxMin moved less than RLHF (KL 2.6 against 3.6).
-7. seeds 20-22, whitened RLOO advantages, 16 iterations: minority 0.490 (seeds 0.17, 0.57, 0.73), majority
-   0.509: failed on the minority. RLHF reached the groups' shared optimum ("Awesome.") on seed 20.
-8. seeds 23-25, openings that read negative: minority 0.679 (seeds 0.90, 0.23, 0.91), majority 0.408
-   (seeds 0.14, 0.39, 0.70): failed on the majority; worst_group (secondary) 0.811 / 0.506.
-9. seeds 26-28, ``maxmin`` = worst_group: minority 0.731 (seeds 0.77, 0.68, 0.74), majority 0.399 (seeds 0.09,
-   0.53, 0.58): failed on the majority; per_sample_min (secondary) 0.762 / 0.352. Decided by drift.
-10. seeds 29-31, every arm's KL coefficient adaptive (target 6 nats): minority 0.342, majority 0.200: failed; the
-    controller cut the brake before the budget was reached and the arms collapsed into stock replies.
-11. seeds 32-34, a 5-nat KL budget that only stops (at most 24 iterations): minority 0.740 (seeds 0.56, 0.89, 0.77),
-    majority 0.482 (seeds 0.40, 0.50, 0.54): passed; per_sample_min 0.609 / 0.474.
-12. seeds 35-37, run 11 replicated: minority 0.421 (seeds 0.60, 0.26, 0.40), majority 0.356 (seeds 0.48, 0.19,
-    0.40): failed (six seeds 0.580 / 0.419); plain worst_group did not reach the budget on seed 36.
+Result (2026-12-05): FAIL on the minority, the majority holds. Held-out KL of the judged policies rlhf 6.4, maxmin 6.4,
+per_sample_min 6.1; MaxMin vs RLHF concise 0.556 (seeds 0.31, 0.57, 0.83, 0.65, 0.46, 0.52), positive_review 0.492;
+``per_sample_min`` 0.555 / 0.418; EM ARI 1.00; held-out concise accuracy single 0.56, mixture 0.73. Runs 1-14, each
+with its design, the reason for it and its per-seed numbers, are in ``docs/lm_imdb_runs.md``; their results are kept
+under ``history`` in ``lm_imdb.json``, and each run's pre-registration is the benchmark's docstring at the commit the
+run names there.
 
 The win-rates in the JSON are the mean over seeds of each seed's win-rate over its 48 prompts
 (MaxMin seed s against RLHF seed s); every seed's own numbers are kept under ``seeds``.
@@ -171,7 +37,7 @@ Each seed runs in its own process (``--jobs``, one torch thread each) under
 The JSON is written each time a seed finishes. Three seeds in three processes share the two
 cores best (``--jobs 3``).
 
-    nohup .venv/bin/python -m benchmarks.lm_imdb --seeds 38 39 40 41 42 43 --jobs 3 > runs/lm_imdb.log 2>&1 &
+    nohup .venv/bin/python -m benchmarks.lm_imdb --seeds 44 45 46 47 48 49 --jobs 3 > runs/lm_imdb.log 2>&1 &
 
 Writes ``benchmarks/results/lm_imdb.json`` and a line in ``benchmarks/RESULTS.md``.
 

@@ -1386,11 +1386,7 @@ def select_k(
     With 5 answers a user, ``"heldout"`` scores one held-out answer with a group posterior from the
     other four, and on FairGrid 60/30/10 kept K = 1 (ARI 0) where K >= 2 recovered the groups.
     It costs ``n_folds`` fits per K. The same one-standard-error rule (paired over users) picks K.
-    Measured there (``benchmarks/results/em_noise_heldout_users.json``: the 9 five-answer 60/30/10 cells, seeds 0-1):
-    a little better than ``"heldout"``, not a fix. K = 1 (ARI 0) in 6 of 18 runs against 10, mean ARI 0.36 against
-    0.32, within 0.15 of the oracle in 4 of 9 cells against 3. It also lost where ``"heldout"`` kept K >= 2 (seed 0,
-    no mistakes, beta 1: K = 1 against 0.69). At 5 answers the users' marginal likelihoods differ by about their
-    standard error. So it is not the default.
+    On FairGrid 60/30/10 at 5 answers a little better than ``"heldout"``, not a fix (``docs/em_noise_findings.md``).
 
     ``"permutation"``: a test of whether a K-th group explains the users better than chance. The single reward
     (the K = 1 fit) gives a fixed feature map -- its last hidden layer and the raw inputs, summed over a segment
@@ -1400,13 +1396,9 @@ def select_k(
     changes nothing, so the copies show what a K-th head gains by fitting noise. K grows while its gain over K - 1
     beats the largest of the copies' gains by ``margin`` nats. Unlike the held-out criteria it scores every answer
     of every user with its own user's other answers, which is what tells groups apart with 5 answers a user.
-    Measured (2026-12-05, FairGrid 60/30/10, 5 answers a user, seed 0, ``benchmarks/em_noise.py --select-k
-    criterion=permutation``, results in that module's docstring): K = 2 in every cell run, EM's ARI at or above the
-    oracle's, where ``"heldout"`` kept K = 1 (ARI 0) at mistake rate 0.2; on seed 1 at mistake rate 0.2 it kept
-    K = 1 too (the linear K = 2 mixture collapsed onto one head). It finds the 10% group too small to test at 5
-    answers (K = 2, not 3). At 10 answers it is worse than ``"heldout"``: it stopped at K = 2 in 12 of 18 runs where
-    ``"heldout"`` took 3-4, because on the shuffled copies K = 3's step gains 12-25 nats (the linear mixture escapes
-    its collapsed start only from K = 3 on), more than the 10% group's real step. So it is not the default.
+    At 5 answers a user it keeps K >= 2 more often than ``"heldout"``; at 10 answers it stops too early, because on
+    the shuffled copies the linear mixture escapes its collapsed start only from K = 3 on, which inflates the null for
+    that step. Measured in ``docs/em_noise_findings.md``; not the default.
 
     ``"bic"``: each K is fitted on all data and scored by ``-2 * mixture LL + p * ln(N)``,
     ``p`` = all network parameters. With neural rewards ``p`` is large, so BIC favours small K
