@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -418,6 +419,17 @@ def test_select_k_heldout_and_bic(two_group_data):
     bic = select_k(train, [1, 2, 3], criterion="bic", **tiny)
     assert set(bic.scores) == {1, 2, 3} and bic.k == 2 and bic.models[2].n_components == 2
     assert bic.scores[2] < bic.scores[1] and bic.scores[2] < bic.scores[3]
+
+
+def test_select_k_warns_when_users_gave_too_few_answers_to_choose_k():
+    few = make_dataset(n_users=20, per_user=5)
+    tiny = dict(use_next_state=True, hidden_sizes=(4,), batch_size=32, final_epochs=2, max_iter=2)
+    with pytest.warns(UserWarning, match="median of 5 answers each; below 8 no criterion"):
+        select_k(few, [1, 2], criterion="bic", **tiny)
+    enough = make_dataset(n_users=20, per_user=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        select_k(enough, [1, 2], criterion="bic", **tiny)
 
 
 def test_select_k_by_heldout_users(two_group_data):

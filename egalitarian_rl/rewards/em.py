@@ -1351,6 +1351,8 @@ class KSelection:
 
 #: The ways :func:`select_k` chooses K.
 CRITERIA = ("heldout", "heldout_users", "permutation", "bic")
+#: Below this median number of answers a user, :func:`select_k` warns that its choice is unreliable.
+FEW_ANSWERS_PER_USER = 8
 
 
 def n_parameters(reward: RewardMixture) -> int:
@@ -1423,6 +1425,16 @@ def select_k(
     _check_users_have_comparisons(dataset, "select_k")
     if ks[0] < 1 or ks[-1] > dataset.n_users:
         raise ValueError(f"k_range must lie in 1..{dataset.n_users} (the number of users), got {ks}")
+    answers = float(np.median(dataset.comparisons_per_user()))
+    if answers < FEW_ANSWERS_PER_USER:
+        # Measured on FairGrid 60/30/10 at 5 answers: every criterion here often keeps K = 1 where EM given K = 3
+        # recovers the groups (docs/em_noise_findings.md). Say so rather than let a merged minority pass silently.
+        warnings.warn(
+            f"select_k: the users gave a median of {answers:g} answers each; below {FEW_ANSWERS_PER_USER} no criterion "
+            "here chooses K reliably and small groups are often merged. If you know the number of groups, fix it "
+            "(EMRewardMixture(K), or reward.n_members in a config).",
+            stacklevel=2,
+        )
     result = KSelection(k=ks[0], criterion=criterion)
     if criterion == "bic":
         for k in ks:
