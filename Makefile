@@ -60,6 +60,8 @@ ifeq ($(QUICK),1)
 	$(call quick-bench,em_scaling)
 	$(call quick-bench,maxmin_overhead)
 	$(call quick-bench,fairgrid_maxmin)
+	$(call quick-bench,frontier)
+	$(call quick-bench,online_loop)
 	$(call quick-bench,halfcheetah_maxmin)
 	$(call quick-bench,mujoco --jobs 2)
 	$(call quick-bench,maxmin_point)
@@ -74,6 +76,8 @@ else
 	$(BIN)/python -m benchmarks.em_scaling
 	$(BIN)/python -m benchmarks.maxmin_overhead
 	$(BIN)/python -m benchmarks.fairgrid_maxmin --seeds 0 1 2 3 4 --rules per_sample_min worst_group worst_group_average
+	$(BIN)/python -m benchmarks.frontier
+	$(BIN)/python -m benchmarks.online_loop
 	$(BIN)/python -m benchmarks.halfcheetah_maxmin
 	$(BIN)/python -m benchmarks.mujoco --jobs 2
 	$(BIN)/python -m benchmarks.maxmin_point

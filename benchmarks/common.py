@@ -15,6 +15,8 @@ import json
 import multiprocessing
 import os
 import platform
+import shlex
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from importlib.metadata import PackageNotFoundError, version
@@ -27,6 +29,8 @@ HERE = Path(__file__).resolve().parent
 RESULTS_MD = HERE / "RESULTS.md"
 #: Where ``--quick`` runs keep their resumable stages (relative, like every ``runs/`` folder).
 QUICK_RUNS = Path("runs/quick")
+#: The arguments the benchmark was run with, as :meth:`BenchmarkParser.parse_args` last saw them (``None``: ``sys.argv``).
+_arguments: list[str] | None = None
 
 
 def run_in_processes(function: Callable[..., Any], calls: Sequence[tuple], n_jobs: int = 1) -> Iterator[tuple[tuple, Any]]:
@@ -101,6 +105,8 @@ class BenchmarkParser(argparse.ArgumentParser):
         )
 
     def parse_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        global _arguments
+        _arguments = list(sys.argv[1:] if args is None else args)  # for the command written beside the results
         parsed = super().parse_args(args, namespace)
         if parsed.quick and self.quick_defaults:
             self.set_defaults(**self.quick_defaults)  # the quick values replace the defaults; parse again so given options win
@@ -139,21 +145,32 @@ def update_results_md(name: str, line_cells: list[str], quick: bool = False) -> 
             break
     else:
         lines.append(row)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    write_text_atomic("\n".join(lines) + "\n", path)
+
+
+def command(module: str) -> str:
+    """The command that ran this benchmark, as a user types it: ``python -m benchmarks.<module> <its arguments>``."""
+    return shlex.join(["python", "-m", f"benchmarks.{module}", *(sys.argv[1:] if _arguments is None else _arguments)])
 
 
 def write_result(name: str, result: dict[str, Any], summary: str, target: str, quick: bool = False) -> Path:
-    """Write ``results/<name>.json`` (with date and machine) and replace this benchmark's line in RESULTS.md.
+    """Write ``results/<name>.json`` (with date, machine and command) and replace this benchmark's line in RESULTS.md.
 
+    The line ends with the command that produced it, unless ``summary`` names its commands itself (a result gathered
+    by several invocations): every number in RESULTS.md comes with the command that reproduces it.
+
+    :param name: the benchmark, also its module under ``benchmarks``.
     :param result: the measurements; must hold a boolean ``passed``.
     :param summary: the key numbers in one line.
     :param target: the target in words, e.g. ``ratio <= 1.15``.
     :param quick: a ``--quick`` run: ``results/quick/<name>.json`` (marked ``"quick": true``) and ``results/quick/RESULTS.md``.
     """
     marked = {"quick": True} if quick else {}
-    result = {**result, **marked, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine_info()}
+    date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    result = {**result, **marked, "command": command(name), "date": date, "machine": machine_info()}
     path = write_text_atomic(json.dumps(result, indent=2) + "\n", results_dir(quick) / f"{name}.json")
+    if "python -m benchmarks." not in summary:
+        summary = f"{summary}. `{result['command']}`"
     update_results_md(name, [result["date"][:10], name, summary, target, "pass" if result["passed"] else "FAIL"], quick)
     return path
 

@@ -61,8 +61,6 @@ import argparse
 import ast
 import itertools
 import json
-import shlex
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -73,7 +71,7 @@ import numpy as np
 import torch
 from egalitarian_rl.envs.gridworld import COMPROMISE, MAJORITY_GOAL, MINORITY_GOAL, MOVES, SIZE
 
-from benchmarks.common import BenchmarkParser, results_dir, run_in_processes, write_result
+from benchmarks.common import BenchmarkParser, command, results_dir, run_in_processes, write_result
 from egalitarian_rl import envs
 from egalitarian_rl.io import write_atomic
 from egalitarian_rl.preferences import Population, PreferenceDataset, UserGroup, collect_preferences
@@ -520,7 +518,7 @@ def main() -> None:
         if (env, per_user, mistake_rate, beta, shares, seed) not in done
     ]
     for _, run in run_in_processes(run_one, calls, args.jobs):
-        runs.append(run)
+        runs.append({**run, "command": command(NAME)})  # RESULTS.md names every command behind the stored runs
         print(json.dumps(run), flush=True)
         save(args, runs, em_options, k_options, superseded)
     if runs:  # also when every run was already stored: the JSON, plot and RESULTS.md line follow this code
@@ -632,7 +630,7 @@ def save(
         f"within 0.05 in {davidson['within_0.05_where_oracle_ge_0.8']}/{davidson['cells_oracle_ge_0.8']}, "
         f"within 0.15 in {davidson['within_0.15_everywhere']}/{davidson['cells']}. "
         f"{learned_oracle_summary(rows)}"
-        f"`python -m benchmarks.em_noise {shlex.join(sys.argv[1:])}`"
+        f"Runs made by {'; '.join(f'`{c}`' for c in dict.fromkeys(r['command'] for r in runs if 'command' in r))}"
     )
     write_result(NAME, result, summary, "EM within 0.05 of oracle where oracle >= 0.8; within 0.15 everywhere", quick=args.quick)
 

@@ -12,22 +12,26 @@ Writes ``benchmarks/results/online_loop.json``, a line in ``benchmarks/RESULTS.m
 report under ``runs/bench_online_loop/``.
 
     .venv/bin/python -m benchmarks.online_loop [--seeds 0 1 2]
+
+``--quick``: seed 0, 2,048 PPO steps per policy and 2 online rounds of 1,024 steps, under
+``runs/quick/bench_online_loop``: ``results/quick/online_loop.json`` and a line in ``results/quick/RESULTS.md``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from typing import Any
 
-from benchmarks.common import write_result
+from benchmarks.common import BenchmarkParser, runs_dir, write_result
 from egalitarian_rl.cli import _config_path
 from egalitarian_rl.evaluation import build_metrics
 from egalitarian_rl.experiments import ExperimentConfig, Pipeline
 from egalitarian_rl.preferences import PreferenceDataset
 
 NAME = "online_loop"
+#: ``--quick``: PPO steps per offline policy, online rounds and PPO steps per round.
+QUICK_TIMESTEPS, QUICK_ROUNDS, QUICK_TIMESTEPS_PER_ROUND = 2048, 2, 1024
 MINORITY, MAJORITY = "minority", "majority"
 
 
@@ -50,13 +54,17 @@ def seed_row(pipeline: Pipeline, seed: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    quick = f"{QUICK_TIMESTEPS} PPO steps, {QUICK_ROUNDS} online rounds of {QUICK_TIMESTEPS_PER_ROUND} steps"
+    parser = BenchmarkParser(__doc__.split("\n\n")[0], quick=quick, quick_defaults={"seeds": [0]})
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="runs/bench_online_loop")
     args = parser.parse_args()
 
     config = ExperimentConfig.from_yaml(_config_path("fairgrid_online"))
-    config.seeds, config.out_dir = args.seeds, args.out
+    config.seeds, config.out_dir = args.seeds, str(runs_dir(args.out, args.quick))
+    if args.quick:
+        config.train.total_timesteps, config.online.rounds = QUICK_TIMESTEPS, QUICK_ROUNDS
+        config.online.timesteps_per_round = QUICK_TIMESTEPS_PER_ROUND
     start = time.perf_counter()
     pipeline = Pipeline(config, progress_bar=False)
     _, metrics = pipeline.run()
@@ -88,7 +96,7 @@ def main() -> None:
         f"{mean_return['maxmin'][MAJORITY]:.1f}, RLHF {mean_return['rlhf'][MINORITY]:.1f}/{mean_return['rlhf'][MAJORITY]:.1f}; "
         f"comparisons online vs offline per seed: {per_seed}"
     )
-    write_result(NAME, result, summary, "online minority win-rate vs RLHF >= 0.60 with online comparisons <= offline")
+    write_result(NAME, result, summary, "online minority win-rate vs RLHF >= 0.60 with online comparisons <= offline", quick=args.quick)
     print(summary)
 
 

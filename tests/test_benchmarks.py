@@ -25,6 +25,9 @@ def test_quick_run_writes_under_results_quick_only(tmp_path: Path, monkeypatch: 
     assert saved["quick"] is True and saved["steps"] == 100 and saved["repeats"] == 1  # given options beat the quick defaults
     quick_md = (tmp_path / "results" / "quick" / "RESULTS.md").read_text()
     assert quick_md.startswith(common.MD_HEADER) and "| wrapper_overhead | HalfCheetah-v5" in quick_md
+    # every line names the command that produced it, with the arguments it was given
+    assert saved["command"] == "python -m benchmarks.wrapper_overhead --quick --steps 100 --repeats 1"
+    assert f"`{saved['command']}`" in quick_md
     assert full_md.read_text() == before
     assert not (tmp_path / "results" / "wrapper_overhead.json").exists()
 
@@ -44,11 +47,14 @@ def test_quick_runs_go_under_runs_quick() -> None:
     assert common.runs_dir("runs/imdb_seed_7") == Path("runs/imdb_seed_7")
 
 
-def test_make_bench_quick_runs_every_benchmark() -> None:
-    """``make bench QUICK=1`` has one --quick line for every benchmark of the full list."""
+def test_make_bench_runs_every_benchmark() -> None:
+    """``make bench`` runs every benchmark module, and ``make bench QUICK=1`` has one --quick line for each."""
     recipe = REPO.joinpath("Makefile").read_text().split("\nbench:", 1)[1].split("\n\n", 1)[0]
     quick, full = recipe.split("\nelse\n", 1)
     assert re.findall(r"benchmarks\.(\w+)", full) == re.findall(r"quick-bench,(\w+)", quick)
+    helpers = {"__init__", "common", "impossibility_rewards"}
+    modules = {path.stem for path in (REPO / "benchmarks").glob("*.py")} - helpers
+    assert modules == set(re.findall(r"benchmarks\.(\w+)", full))
 
 
 def test_maxmin_point_equalises_the_groups_z_scored_step_rewards() -> None:
