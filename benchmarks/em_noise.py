@@ -300,7 +300,7 @@ def run_oracles(run: dict, em_options: dict[str, Any], threads: int | None = Non
     oracles = oracle_aris(population, data)
     if oracles["oracle_ari"] != run["oracle_ari"]:
         raise RuntimeError(f"regenerated data of run {[run[key] for key in (*CELL_KEYS, 'seed')]} differ from the stored run's")
-    return {**oracles, LEARNED_ORACLE_KEY: learned_oracle_ari(data, em_options, run["seed"])}
+    return {**oracles, LEARNED_ORACLE_KEY: learned_oracle_ari(data, options_for(run["env"], em_options), run["seed"])}
 
 
 def backfill_oracles(runs: list[dict], em_options: dict[str, Any], jobs: int = 1, threads: int | None = None) -> int:
@@ -340,6 +340,7 @@ def run_one(
     """
     if threads is not None:
         torch.set_num_threads(threads)
+    em_options = options_for(env, em_options)
     population, data = cell_data(env, per_user, mistake_rate, beta, shares, seed, behaviour)
     heldout = collect(env, population, HELDOUT_PER_USER, seed + 7919, behaviour)  # same users, fresh segments
     oracles = {**oracle_aris(population, data), LEARNED_ORACLE_KEY: learned_oracle_ari(data, em_options, seed)}
@@ -460,14 +461,24 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def _parse_options(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs as a dict (values as Python literals where they parse); ``ENV:KEY=VALUE`` for one env only."""
     options = {}
     for pair in pairs:
         key, _, value = pair.partition("=")
+        env, scoped, _ = key.rpartition(":")
+        if scoped and env not in GROUP_NAMES:
+            raise SystemExit(f"--em {pair}: {env!r} is not an env of this benchmark ({', '.join(GROUP_NAMES)})")
         try:
             options[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             options[key] = value
     return options
+
+
+def options_for(env: str, em_options: dict[str, Any]) -> dict[str, Any]:
+    """The EM options one env's runs use: the unscoped ones, then those given as ``<env>:KEY`` (which win)."""
+    shared = {key: value for key, value in em_options.items() if ":" not in key}
+    return shared | {key.partition(":")[2]: value for key, value in em_options.items() if key.partition(":")[0] == env}
 
 
 def main() -> None:
@@ -479,7 +490,13 @@ def main() -> None:
     parser.add_argument("--betas", type=float, nargs="+", default=[1.0, 2.0, 5.0])
     parser.add_argument("--shares", nargs="+", default=list(SHARES), choices=list(SHARES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--em", nargs="*", default=[], metavar="KEY=VALUE", help="EMRewardMixture options (e.g. noise_model=None)")
+    parser.add_argument(
+        "--em",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="EMRewardMixture options (e.g. ties=davidson); fairgrid:KEY=VALUE for one env only",
+    )
     parser.add_argument(
         "--select-k",
         nargs="*",
@@ -603,7 +620,8 @@ def save(
             "n_users": N_USERS,
             "segment_length": SEGMENT_LENGTH,
             "heldout_per_user": HELDOUT_PER_USER,
-            "em": "EMRewardMixture(K, use_action=False, use_next_state=True, seed=seed, **em_options); "
+            "em": "EMRewardMixture(K, use_action=False, use_next_state=True, seed=seed, **em_options) ('<env>:key' options "
+            "for that env only); "
             "K by select_k(1..4, **select_k_options) for 60/30/10",
             "oracle": "argmax over true groups of the users' answer likelihood under the true reward, beta and mistake rate",
             "oracles": "oracle_ari: the simulator's exact tie rule; oracle_bt_ari: 'equal' as the soft target 0.5; "

@@ -245,3 +245,14 @@ def test_benchmark_sets_aside_only_the_runs_whose_k_was_chosen_when_select_k_cha
     runs, superseded = stored_runs(again, {})
     assert runs == [fixed, chosen]
     assert superseded == [{**chosen, "em_ari": 0.5, "select_k_options": {"criterion": "permutation"}}]
+
+
+def test_benchmark_em_options_can_be_scoped_to_one_env():
+    """``--em fairgrid:linear_features=inputs``: an option for FairGrid's runs only (its heads read the cells visited)."""
+    from benchmarks.em_noise import _parse_options, options_for
+
+    options = _parse_options(["ties=davidson", "fairgrid:linear_features=inputs", "halfcheetah:use_action=True"])
+    assert options_for("fairgrid", options) == {"ties": "davidson", "linear_features": "inputs"}
+    assert options_for("halfcheetah", options) == {"ties": "davidson", "use_action": True}
+    with pytest.raises(SystemExit, match="'reacher' is not an env of this benchmark"):
+        _parse_options(["reacher:ties=hurdle"])
