@@ -61,7 +61,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import BenchmarkParser, results_dir, write_result
+from benchmarks.common import BenchmarkParser, command, results_dir, write_result
 from egalitarian_rl.preferences import Transitions, UserGroup
 from egalitarian_rl.preferences.dataset import PooledPreferenceDataset
 from egalitarian_rl.preferences.population import Population
@@ -280,7 +280,8 @@ def main() -> None:
         # Rows of other sizes are re-read at every save: a run of other sizes writing the file
         # meanwhile (e.g. the 1,000,000 row in another process) is kept, not overwritten.
         others = {**kept, **{n: r for n, r in ({} if args.fresh else _load_previous(result_path)).items() if n not in args.sizes}}
-        mine = {n: _row(n, settings, runs[n], skipped.get(n)) for n in args.sizes}
+        # each row keeps the command that measured it: RESULTS.md names every command behind the table
+        mine = {n: {**_row(n, settings, runs[n], skipped.get(n)), "command": command(NAME)} for n in args.sizes}
         return [{**others, **mine}[n] for n in sorted({**others, **mine})]
 
     def save() -> None:
@@ -323,7 +324,8 @@ def main() -> None:
         write_result(
             NAME,
             result,
-            f"EM K=3, L=25, obs 17 / act 6, pooled segments, median of runs: {timings}; doubling {ratio_text}",
+            f"EM K=3, L=25, obs 17 / act 6, pooled segments, median of runs: {timings}; doubling {ratio_text}. "
+            f"Rows made by {'; '.join(f'`{c}`' for c in dict.fromkeys(r['command'] for r in table if 'command' in r))}",
             f"10,000 <= {TARGET_SECONDS_10K:g} s; doubling <= x{TARGET_DOUBLING}; 1,000,000 <= {TARGET_SECONDS_1M:g} s",
             quick=args.quick,
         )
