@@ -429,11 +429,30 @@ def learned_oracle_summary(rows: list[dict]) -> str:
     if not rows or not all(LEARNED_ORACLE_KEY in r for r in rows):
         return ""
     gaps = [r[LEARNED_ORACLE_KEY] - r["em_ari"] for r in rows]
+    within = {limit: sum(g <= limit for g in gaps) for limit in (0.0, ACCEPT_CLOSE, ACCEPT_FAR)}
     return (
         f"Against the learned-reward oracle (told the true groups, learns their rewards from {LEARNED_ORACLE_FOLDS - 1} of "
-        f"{LEARNED_ORACLE_FOLDS} folds of users): EM at or above it in {sum(g <= 0 for g in gaps)}/{len(rows)} cells, "
-        f"within 0.05 in {sum(g <= ACCEPT_CLOSE for g in gaps)}/{len(rows)}, worst gap {max(gaps):+.3f}. "
+        f"{LEARNED_ORACLE_FOLDS} folds of users): EM at or above it in {within[0.0]}/{len(rows)} cells, "
+        f"within 0.05 in {within[ACCEPT_CLOSE]}/{len(rows)}, within 0.15 in {within[ACCEPT_FAR]}/{len(rows)}, worst gap {max(gaps):+.3f}. "
     )
+
+
+def issue_cells_summary(rows: list[dict]) -> str:
+    """RESULTS.md's sentence putting the issue's own measurements beside this grid's (seeds 0 and 1 of the same cells)."""
+    parts = []
+    for cell in ISSUE_TABLE:
+        key = ("fairgrid", cell["comparisons_per_user"], cell["mistake_rate"], cell["beta"], "80/20")
+        row = next((r for r in rows if tuple(r[k] for k in CELL_KEYS) == key), None)
+        if row is None or row["seeds"][:2] != [0, 1]:
+            parts.append(f"{cell['comparisons_per_user']}/{cell['mistake_rate']}/{cell['beta']:g} not in the grid")
+            continue
+        now = {name: ", ".join(f"{v:.2f}" for v in row[f"{name}_seeds"][:2]) for name in ("em_ari", "oracle_ari")}
+        before = {name: ", ".join(f"{v:.2f}" for v in cell[name]) for name in ("em_ari", "oracle_ari")}
+        parts.append(
+            f"{cell['comparisons_per_user']}/{cell['mistake_rate']}/{cell['beta']:g} EM {before['em_ari']} -> {now['em_ari']} "
+            f"(oracle {before['oracle_ari']} -> {now['oracle_ari']})"
+        )
+    return "The issue's cells (FairGrid 80/20, seeds 0-1, its numbers -> ours): " + "; ".join(parts) + ". "
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -654,6 +673,7 @@ def save(
         f"within 0.05 in {davidson['within_0.05_where_oracle_ge_0.8']}/{davidson['cells_oracle_ge_0.8']}, "
         f"within 0.15 in {davidson['within_0.15_everywhere']}/{davidson['cells']}. "
         f"{learned_oracle_summary(rows)}"
+        f"{issue_cells_summary(rows)}"
         f"Runs made by {'; '.join(f'`{c}`' for c in dict.fromkeys(r['command'] for r in runs if 'command' in r))}"
     )
     write_result(NAME, result, summary, "EM within 0.05 of oracle where oracle >= 0.8; within 0.15 everywhere", quick=args.quick)
