@@ -17,6 +17,8 @@ import os
 import platform
 import shlex
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from importlib.metadata import PackageNotFoundError, version
@@ -46,10 +48,26 @@ def run_in_processes(function: Callable[..., Any], calls: Sequence[tuple], n_job
         for arguments in calls:
             yield arguments, function(*arguments)
         return
-    with ProcessPoolExecutor(max_workers=n_jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=n_jobs, mp_context=spawn, initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(function, *arguments): arguments for arguments in calls}
         for future in as_completed(futures):
             yield futures[future], future.result()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Worker initializer: end the worker once the benchmark that started it is gone.
+
+    A benchmark stopped with ``kill`` (not Ctrl-C, which reaches the whole process group) would otherwise leave its
+    workers running for hours, loading the machine under the next benchmark's timings.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 MD_HEADER = """# Benchmark results

@@ -68,3 +68,48 @@ def test_maxmin_point_equalises_the_groups_z_scored_step_rewards() -> None:
     assert 0 < speed < 1 and z_major == pytest.approx(z_minor)
     # calm = -u at best on HalfCheetah: a minority already better off standing still than the majority moving fast
     assert equalising_speed("HalfCheetah-v5", {"majority": rewards["majority"], "minority": rewards["majority"] + 5}) == 0.0
+
+
+def _children(pid: int) -> list[int]:
+    """Live (not zombie) processes whose parent is ``pid``, from /proc."""
+    children = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if fields.get("PPid", "").strip() == str(pid) and not fields.get("State", "").startswith("Z"):
+            children.append(int(status.parent.name))
+    return children
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return not Path(f"/proc/{pid}/status").read_text().split("State:\t", 1)[1].startswith("Z")
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc").exists(), reason="reads /proc")
+def test_benchmark_workers_end_when_the_benchmark_is_killed() -> None:
+    """A benchmark killed with SIGKILL leaves no worker running (they would skew the next benchmark's timings)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = "import time\nfrom benchmarks.common import run_in_processes\nlist(run_in_processes(time.sleep, [(120,), (120,)], 2))"
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers := _children(parent.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(workers) >= 2, "the pool's workers never started"
+        time.sleep(3)  # the workers run their initializer before their first task
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    deadline = time.monotonic() + 15
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in workers)
