@@ -171,23 +171,28 @@ def command(module: str) -> str:
     return shlex.join(["python", "-m", f"benchmarks.{module}", *(sys.argv[1:] if _arguments is None else _arguments)])
 
 
-def write_result(name: str, result: dict[str, Any], summary: str, target: str, quick: bool = False) -> Path:
+def write_result(
+    name: str, result: dict[str, Any], summary: str, target: str, quick: bool = False, commands: Sequence[str] | None = None
+) -> Path:
     """Write ``results/<name>.json`` (with date, machine and command) and replace this benchmark's line in RESULTS.md.
 
-    The line ends with the command that produced it, unless ``summary`` names its commands itself (a result gathered
-    by several invocations): every number in RESULTS.md comes with the command that reproduces it.
+    Every number in RESULTS.md comes with the command that reproduces it: the line ends with ``commands`` (a result
+    stored over several invocations), else with this invocation's command, unless ``summary`` already names it.
 
     :param name: the benchmark, also its module under ``benchmarks``.
     :param result: the measurements; must hold a boolean ``passed``.
     :param summary: the key numbers in one line.
     :param target: the target in words, e.g. ``ratio <= 1.15``.
     :param quick: a ``--quick`` run: ``results/quick/<name>.json`` (marked ``"quick": true``) and ``results/quick/RESULTS.md``.
+    :param commands: every command behind the stored result (repeats dropped, order kept); ``None``: this one alone.
     """
     marked = {"quick": True} if quick else {}
     date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     result = {**result, **marked, "command": command(name), "date": date, "machine": machine_info()}
     path = write_text_atomic(json.dumps(result, indent=2) + "\n", results_dir(quick) / f"{name}.json")
-    if "python -m benchmarks." not in summary:
+    if commands is not None:
+        summary = f"{summary.rstrip('. ')}. Made by {'; '.join(f'`{c}`' for c in dict.fromkeys(commands))}"
+    elif "python -m benchmarks." not in summary:
         summary = f"{summary}. `{result['command']}`"
     update_results_md(name, [result["date"][:10], name, summary, target, "pass" if result["passed"] else "FAIL"], quick)
     return path

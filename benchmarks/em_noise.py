@@ -255,6 +255,11 @@ def oracle_aris(population: Population, data: PreferenceDataset) -> dict[str, fl
     }
 
 
+def em_kwargs(em_options: dict[str, Any], seed: int) -> dict[str, Any]:
+    """``EMRewardMixture`` keyword arguments of a run: the benchmark's fixed inputs, its seed, then ``em_options``."""
+    return {"use_action": False, "use_next_state": True, "seed": seed, **em_options}
+
+
 def k_is_chosen(shares: str) -> bool:
     """Whether EM's K is chosen by ``select_k`` in cells with these ``shares`` (more than two groups), not fixed."""
     return len(SHARES[shares]) > 2
@@ -271,8 +276,7 @@ def learned_oracle_ari(data: PreferenceDataset, em_options: dict[str, Any], seed
     """
     groups = data.user_groups
     fold_of = np.random.default_rng(seed).permutation(len(data.users)) % folds
-    options = {"use_action": False, "use_next_state": True, "seed": seed, **em_options}
-    options = {key: value for key, value in options.items() if key not in START_OPTIONS}
+    options = {key: value for key, value in em_kwargs(em_options, seed).items() if key not in START_OPTIONS}
     n_groups = int(groups.max()) + 1
     log_likelihood = np.full((len(data.users), n_groups), -np.inf)
     for fold in range(folds):
@@ -346,7 +350,7 @@ def run_one(
     population, data = cell_data(env, per_user, mistake_rate, beta, shares, seed, behaviour)
     heldout = collect(env, population, HELDOUT_PER_USER, seed + 7919, behaviour)  # same users, fresh segments
     oracles = {**oracle_aris(population, data), LEARNED_ORACLE_KEY: learned_oracle_ari(data, em_options, seed)}
-    options = {"use_action": False, "use_next_state": True, "seed": seed, **em_options}
+    options = em_kwargs(em_options, seed)
     start = time.perf_counter()
     k, k_scores, em = population.n_groups, None, None
     if k_is_chosen(shares) and (k_options or {}).get("criterion") != "given":
@@ -674,9 +678,9 @@ def save(
         f"within 0.15 in {davidson['within_0.15_everywhere']}/{davidson['cells']}. "
         f"{learned_oracle_summary(rows)}"
         f"{issue_cells_summary(rows)}"
-        f"Runs made by {'; '.join(f'`{c}`' for c in dict.fromkeys(r['command'] for r in runs if 'command' in r))}"
     )
-    write_result(NAME, result, summary, "EM within 0.05 of oracle where oracle >= 0.8; within 0.15 everywhere", quick=args.quick)
+    target = "EM within 0.05 of oracle where oracle >= 0.8; within 0.15 everywhere"
+    write_result(NAME, result, summary, target, quick=args.quick, commands=[r["command"] for r in runs if "command" in r])
 
 
 if __name__ == "__main__":
